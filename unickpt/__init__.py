@@ -1,0 +1,56 @@
+"""unickpt: one checkpoint library for PyTorch and JAX/Flax training runs.
+
+Framework-neutral, pickle-free, checksummed checkpoints committed atomically, plus the policy
+layer that decides where a run starts, when to save and what to keep.
+
+>>> import tempfile, numpy as np, unickpt
+>>> path = tempfile.mkdtemp() + "/step_10"
+>>> _ = unickpt.save(path, {"params": {"w": np.ones((2, 2), np.float32)}, "step": 10})
+>>> unickpt.load(path)["params"]["w"].dtype
+dtype('float32')
+"""
+
+__version__ = "0.1.0"
+
+from .api import Inspection, LeafInfo, SaveInfo, VerifyReport, inspect, load, save, verify
+from .errors import (
+    AdapterError,
+    BackgroundSaveError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    ConfigError,
+    CorruptCheckpointError,
+    FormatVersionError,
+    IncompatibleCheckpointError,
+    LockedError,
+    UnickptError,
+    UnsupportedLeafError,
+)
+from .tree import LazyArray, Piece, ShardedArray, format_path
+
+__all__ = [
+    "__version__",
+    "save",
+    "load",
+    "inspect",
+    "verify",
+    "SaveInfo",
+    "Inspection",
+    "LeafInfo",
+    "VerifyReport",
+    "ShardedArray",
+    "Piece",
+    "LazyArray",
+    "format_path",
+    "UnickptError",
+    "CheckpointNotFoundError",
+    "CheckpointExistsError",
+    "CorruptCheckpointError",
+    "FormatVersionError",
+    "IncompatibleCheckpointError",
+    "UnsupportedLeafError",
+    "ConfigError",
+    "LockedError",
+    "AdapterError",
+    "BackgroundSaveError",
+]

@@ -1,0 +1,116 @@
+"""Dtype names as written in the manifest, and their safetensors codes.
+
+Only dtypes on an explicit allow-list can be read back: a manifest can never make the reader
+construct an object dtype (or any dtype from an arbitrary string).
+"""
+
+from __future__ import annotations
+
+import re
+
+import ml_dtypes
+import numpy as np
+
+# numpy dtype name -> safetensors code.  Dtypes safetensors has no code for are stored as "U8"
+# (raw little-endian bytes); the manifest keeps the true dtype.
+_SAFETENSORS_CODES = {
+    "bool": "BOOL",
+    "uint8": "U8",
+    "int8": "I8",
+    "uint16": "U16",
+    "int16": "I16",
+    "uint32": "U32",
+    "int32": "I32",
+    "uint64": "U64",
+    "int64": "I64",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float32": "F32",
+    "float64": "F64",
+    "complex64": "C64",
+    "float8_e5m2": "F8_E5M2",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e8m0fnu": "F8_E8M0",
+}
+
+_NUMPY_NAMES = [
+    "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+    "float16", "float32", "float64", "complex64", "complex128", "longdouble", "clongdouble",
+]
+_ML_DTYPES_NAMES = [
+    "bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
+    "float8_e4m3b11fnuz", "float8_e3m4", "float8_e4m3", "float8_e8m0fnu", "float4_e2m1fn",
+    "float6_e2m3fn", "float6_e3m2fn", "int1", "int2", "int4", "uint1", "uint2", "uint4",
+]
+
+_BY_NAME: dict[str, np.dtype] = {}
+for _n in _NUMPY_NAMES:
+    _dt = np.dtype(_n)
+    _BY_NAME[_dt.name] = _dt
+for _n in _ML_DTYPES_NAMES:
+    if hasattr(ml_dtypes, _n):  # older ml_dtypes lack some of the newer types
+        _BY_NAME[_n] = np.dtype(getattr(ml_dtypes, _n))
+
+_TIME_RE = re.compile(r"^(datetime64|timedelta64)\[(Y|M|W|D|h|m|s|ms|us|ns|ps|fs|as)\]$")
+_FIXED_RE = re.compile(r"^([SUV])([0-9]{1,9})$")
+
+
+class UnsupportedDtype(TypeError):
+    """Raised for dtypes the format does not store (object, structured)."""
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """The manifest name of ``dtype`` (byte order is stored separately).
+
+    >>> dtype_name(np.dtype(">f4")), dtype_name(np.dtype(ml_dtypes.bfloat16))
+    ('float32', 'bfloat16')
+    """
+    if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
+        raise UnsupportedDtype(f"dtype {dtype!r} cannot be stored (object or structured dtype)")
+    if dtype.name in _BY_NAME and _BY_NAME[dtype.name] == dtype.newbyteorder("="):
+        return dtype.name
+    if dtype.kind in "mM":
+        name = dtype.newbyteorder("=").name
+        if _TIME_RE.match(name) is None:
+            raise UnsupportedDtype(f"dtype {dtype!r} (generic time unit) cannot be stored")
+        return name
+    if dtype.kind in "SUV":
+        n = dtype.itemsize // 4 if dtype.kind == "U" else dtype.itemsize
+        if dtype.kind == "V" and type(dtype) is not np.dtypes.VoidDType:
+            raise UnsupportedDtype(f"dtype {dtype!r} cannot be stored")
+        return f"{dtype.kind}{n}"
+    name = dtype.name
+    if np.dtype(dtype).newbyteorder("=") == np.dtype(np.longdouble):
+        return "longdouble"
+    if dtype.kind == "c" and dtype.newbyteorder("=") == np.dtype(np.clongdouble):
+        return "clongdouble"
+    if name not in _BY_NAME:
+        raise UnsupportedDtype(f"dtype {dtype!r} is not supported by the unickpt format")
+    return name
+
+
+def dtype_from_name(name: object) -> np.dtype:
+    """Parse a manifest dtype name; anything off the allow-list raises ``UnsupportedDtype``."""
+    if not isinstance(name, str):
+        raise UnsupportedDtype(f"dtype name must be a string, got {type(name).__name__}")
+    if name in _BY_NAME:
+        return _BY_NAME[name]
+    if _TIME_RE.match(name):
+        return np.dtype(name)
+    m = _FIXED_RE.match(name)
+    if m:
+        kind, n = m.group(1), int(m.group(2))
+        if n == 0 and kind != "V":
+            raise UnsupportedDtype(f"zero-width dtype {name!r}")
+        return np.dtype(f"{'<' if kind == 'U' else '|'}{kind}{n}")
+    raise UnsupportedDtype(f"unknown dtype {name!r}")
+
+
+def safetensors_code(name: str) -> str:
+    """The safetensors dtype code used for the array's bytes ("U8" when it has none)."""
+    return _SAFETENSORS_CODES.get(name, "U8")
+
+
+def stored_dtype(dtype: np.dtype) -> np.dtype:
+    """The little-endian dtype in which bytes are laid out on disk."""
+    return dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype

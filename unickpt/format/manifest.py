@@ -1,0 +1,341 @@
+"""The msgpack manifest: encoding of the tree structure and its validation on read.
+
+The manifest file is a msgpack map ``{"unickpt": <format version>, "xxh3": <u64>, "body":
+<bin>}`` whose ``body`` is itself msgpack (the manifest proper).  The outer map lets a reader
+check the version before decoding anything else and detect any corruption of the body.
+docs/FORMAT.md is the normative description; this module implements it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import xxhash
+
+from ..errors import CorruptCheckpointError, FormatVersionError
+from ..tree import Path, format_path
+from .dtypes import UnsupportedDtype, dtype_from_name
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.msgpack"
+MAX_MANIFEST_BYTES = 1 << 30  # 1 GiB: far above any real manifest, bounds a hostile one
+MAX_NDIM = 64
+MAX_DEPTH = 512
+_INT64_MIN, _UINT64_MAX = -(1 << 63), (1 << 64) - 1
+
+
+@dataclass
+class ArrayEntry:
+    """Where one array's bytes live and what they must hash to."""
+
+    file: str
+    name: str  # the safetensors tensor name
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in ``file``
+    nbytes: int
+    xxh3: int
+    byteorder: str = "<"  # "<" or ">": the byte order of the array as the user gave it
+    scalar: bool = False  # a numpy scalar (np.generic) rather than a 0-d array
+
+    def to_msg(self) -> dict:
+        d = {"file": self.file, "name": self.name, "dtype": self.dtype, "shape": list(self.shape),
+             "offset": self.offset, "nbytes": self.nbytes, "xxh3": self.xxh3}
+        if self.byteorder != "<":
+            d["byteorder"] = self.byteorder
+        if self.scalar:
+            d["scalar"] = True
+        return d
+
+
+@dataclass
+class ShardedEntry:
+    """A sharded array: its global shape/dtype and the array entries of its pieces."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    pieces: list[tuple[tuple[tuple[int, int], ...], int]]  # (index, array entry number)
+
+    def to_msg(self) -> dict:
+        return {"dtype": self.dtype, "shape": list(self.shape),
+                "pieces": [{"index": [list(b) for b in idx], "array": a} for idx, a in self.pieces]}
+
+
+@dataclass
+class FileEntry:
+    name: str
+    size: int
+    data_start: int
+
+
+@dataclass
+class Manifest:
+    """A decoded, validated manifest."""
+
+    format_version: int
+    library_version: str
+    tree: Any  # the encoded node (see encode_node)
+    arrays: list[ArrayEntry]
+    sharded: list[ShardedEntry]
+    files: list[FileEntry]
+    kinds: dict[Path, str] = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        body = {
+            "format_version": self.format_version,
+            "library_version": self.library_version,
+            "checksum": "xxh3_64",
+            "tree": self.tree,
+            "arrays": [a.to_msg() for a in self.arrays],
+            "sharded": [s.to_msg() for s in self.sharded],
+            "files": [{"name": f.name, "size": f.size, "data_start": f.data_start}
+                      for f in self.files],
+            "kinds": [[list(p), k] for p, k in self.kinds.items()],
+            "metadata": self.metadata,
+            "info": self.info,
+        }
+        raw = msgpack.packb(body, use_bin_type=True, strict_types=False)
+        return msgpack.packb({"unickpt": self.format_version, "xxh3": xxhash.xxh3_64_intdigest(raw),
+                              "body": raw}, use_bin_type=True)
+
+
+# --------------------------------------------------------------------------- tree nodes
+# A node is either a plain msgpack scalar (nil, bool, int within 64 bits, float64, str, bin),
+# or a two/three-element list whose first item is a one-letter tag:
+#   ["d", [k0, v0, k1, v1, ...]]   dict (keys str or int)
+#   ["l", [n0, n1, ...]]           list
+#   ["t", [n0, n1, ...]]           tuple
+#   ["a", i]                       array entry i
+#   ["s", i]                       sharded entry i
+#   ["i", "<decimal>"]             int outside the 64-bit range
+
+def decode_node(node: Any, ctx: _Ctx, path: Path = (), depth: int = 0) -> Any:
+    """Turn an encoded node back into a tree of values, calling ``ctx`` for arrays."""
+    if depth > MAX_DEPTH:
+        ctx.fail(f"tree deeper than {MAX_DEPTH} levels at {format_path(path)}")
+    if not isinstance(node, list):
+        if node is None or isinstance(node, (bool, int, float, str, bytes)):
+            return node
+        ctx.fail(f"unexpected {type(node).__name__} node at {format_path(path)}")
+    if len(node) != 2 or not isinstance(node[0], str):
+        ctx.fail(f"malformed node at {format_path(path)}")
+    tag, payload = node
+    if tag == "d":
+        if not isinstance(payload, list) or len(payload) % 2:
+            ctx.fail(f"malformed dict node at {format_path(path)}")
+        out: dict = {}
+        for i in range(0, len(payload), 2):
+            k = payload[i]
+            if isinstance(k, bool) or not isinstance(k, (str, int)):
+                ctx.fail(f"dict key of type {type(k).__name__} at {format_path(path)}")
+            if k in out:
+                ctx.fail(f"duplicate key {k!r} at {format_path(path)}")
+            out[k] = decode_node(payload[i + 1], ctx, (*path, k), depth + 1)
+        return out
+    if tag in ("l", "t"):
+        if not isinstance(payload, list):
+            ctx.fail(f"malformed sequence node at {format_path(path)}")
+        items = [decode_node(v, ctx, (*path, i), depth + 1) for i, v in enumerate(payload)]
+        return items if tag == "l" else tuple(items)
+    if tag == "a":
+        return ctx.array(_index(payload, len(ctx.manifest.arrays), ctx, path), path)
+    if tag == "s":
+        return ctx.sharded(_index(payload, len(ctx.manifest.sharded), ctx, path), path)
+    if tag == "i":
+        if not isinstance(payload, str) or len(payload) > 100_000:
+            ctx.fail(f"malformed big int at {format_path(path)}")
+        try:
+            return int(payload)
+        except ValueError:
+            ctx.fail(f"malformed big int at {format_path(path)}")
+    ctx.fail(f"unknown node tag {tag!r} at {format_path(path)}")
+
+
+def _index(payload: Any, n: int, ctx: _Ctx, path: Path) -> int:
+    if isinstance(payload, bool) or not isinstance(payload, int) or not 0 <= payload < n:
+        ctx.fail(f"array reference {payload!r} out of range at {format_path(path)}")
+    return payload
+
+
+class _Ctx:
+    """Callbacks used by :func:`decode_node`; the reader supplies the array factories."""
+
+    def __init__(self, manifest: Manifest, where: object, array, sharded):
+        self.manifest, self.where = manifest, where
+        self.array, self.sharded = array, sharded
+
+    def fail(self, msg: str):
+        raise CorruptCheckpointError(f"{self.where}: corrupt manifest: {msg}", path=self.where)
+
+
+# --------------------------------------------------------------------------- reading
+def read_manifest_bytes(raw: bytes, where: object) -> Manifest:
+    """Decode and validate manifest bytes; every problem is a ``CorruptCheckpointError``."""
+
+    def fail(msg: str):
+        raise CorruptCheckpointError(f"{where}: corrupt manifest: {msg}", path=where)
+
+    try:
+        outer = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        fail(f"not a msgpack document ({type(e).__name__}: {e})")
+    if not isinstance(outer, dict) or "unickpt" not in outer:
+        fail("not a unickpt manifest (no 'unickpt' version field)")
+    version = outer["unickpt"]
+    if isinstance(version, bool) or not isinstance(version, int):
+        fail("format version is not an integer")
+    if version != FORMAT_VERSION:
+        raise FormatVersionError(
+            f"{where}: format version {version} is not readable by this unickpt "
+            f"(reads version {FORMAT_VERSION}); upgrade unickpt to read it", path=where)
+    body = outer.get("body")
+    if not isinstance(body, bytes):
+        fail("missing body")
+    if outer.get("xxh3") != xxhash.xxh3_64_intdigest(body):
+        fail("manifest checksum mismatch (the manifest file is damaged)")
+    try:
+        m = msgpack.unpackb(body, raw=False, strict_map_key=False,
+                            use_list=True)
+    except Exception as e:
+        fail(f"body is not msgpack ({type(e).__name__})")
+    if not isinstance(m, dict):
+        fail("body is not a map")
+    return _validate(m, fail)
+
+
+def _validate(m: dict, fail) -> Manifest:
+    def need(d: dict, key: str, typ, what: str):
+        v = d.get(key)
+        if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+            fail(f"{what}: field {key!r} missing or of the wrong type")
+        return v
+
+    files = []
+    names = set()
+    for f in need(m, "files", list, "manifest"):
+        if not isinstance(f, dict):
+            fail("file entry is not a map")
+        name = need(f, "name", str, "file entry")
+        if not _safe_file_name(name):
+            fail(f"file name {name!r} is not a plain file name inside the checkpoint")
+        if name in names:
+            fail(f"file {name!r} listed twice")
+        names.add(name)
+        size, start = need(f, "size", int, name), need(f, "data_start", int, name)
+        if not 0 <= start <= size:
+            fail(f"file {name!r}: data_start {start} outside its size {size}")
+        files.append(FileEntry(name, size, start))
+    file_by_name = {f.name: f for f in files}
+
+    arrays = []
+    spans: dict[str, list[tuple[int, int, int]]] = {}
+    for i, a in enumerate(need(m, "arrays", list, "manifest")):
+        if not isinstance(a, dict):
+            fail(f"array entry {i} is not a map")
+        fname = need(a, "file", str, f"array {i}")
+        if fname not in file_by_name:
+            fail(f"array {i} refers to unlisted file {fname!r}")
+        try:
+            dt = dtype_from_name(need(a, "dtype", str, f"array {i}"))
+        except UnsupportedDtype as e:
+            fail(f"array {i}: {e}")
+        shape = _shape(need(a, "shape", list, f"array {i}"), fail, f"array {i}")
+        nbytes, offset = need(a, "nbytes", int, f"array {i}"), need(a, "offset", int, f"array {i}")
+        if math.prod(shape) * dt.itemsize != nbytes:
+            fail(f"array {i}: nbytes {nbytes} does not match shape {shape} of {dt.name}")
+        fe = file_by_name[fname]
+        if offset < fe.data_start or offset + nbytes > fe.size:
+            fail(f"array {i}: bytes [{offset}, {offset + nbytes}) lie outside file {fname!r}")
+        xxh = need(a, "xxh3", int, f"array {i}")
+        if not 0 <= xxh <= _UINT64_MAX:
+            fail(f"array {i}: checksum out of range")
+        bo = a.get("byteorder", "<")
+        if bo not in ("<", ">"):
+            fail(f"array {i}: byteorder {bo!r}")
+        spans.setdefault(fname, []).append((offset, offset + nbytes, i))
+        arrays.append(ArrayEntry(fname, need(a, "name", str, f"array {i}"), a["dtype"],
+                                 shape, offset, nbytes, xxh, bo, bool(a.get("scalar", False))))
+    for fname, sp in spans.items():
+        sp.sort()
+        for (_s0, e0, i0), (s1, _e1, i1) in zip(sp, sp[1:]):
+            if s1 < e0:
+                fail(f"arrays {i0} and {i1} overlap in file {fname!r}")
+
+    sharded = []
+    for i, s in enumerate(need(m, "sharded", list, "manifest")):
+        if not isinstance(s, dict):
+            fail(f"sharded entry {i} is not a map")
+        try:
+            dt = dtype_from_name(need(s, "dtype", str, f"sharded {i}"))
+        except UnsupportedDtype as e:
+            fail(f"sharded {i}: {e}")
+        gshape = _shape(need(s, "shape", list, f"sharded {i}"), fail, f"sharded {i}")
+        pieces = []
+        covered = 0
+        for p in need(s, "pieces", list, f"sharded {i}"):
+            if not isinstance(p, dict):
+                fail(f"sharded {i}: piece is not a map")
+            idx = need(p, "index", list, f"sharded {i} piece")
+            if len(idx) != len(gshape) or not all(
+                    isinstance(b, list) and len(b) == 2 and all(
+                        isinstance(x, int) and not isinstance(x, bool) for x in b) for b in idx):
+                fail(f"sharded {i}: malformed piece index")
+            bounds = tuple((int(a0), int(b0)) for a0, b0 in idx)
+            if any(not 0 <= a0 <= b0 <= n for (a0, b0), n in zip(bounds, gshape)):
+                fail(f"sharded {i}: piece index {bounds} outside global shape {gshape}")
+            ai = p.get("array")
+            if isinstance(ai, bool) or not isinstance(ai, int) or not 0 <= ai < len(arrays):
+                fail(f"sharded {i}: piece refers to a missing array")
+            ae = arrays[ai]
+            if ae.shape != tuple(b - a0 for a0, b in bounds) or ae.dtype != s["dtype"]:
+                fail(f"sharded {i}: piece array {ai} does not match its index/dtype")
+            covered += math.prod(b - a0 for a0, b in bounds)
+            pieces.append((bounds, ai))
+        if covered != math.prod(gshape):
+            fail(f"sharded {i}: pieces cover {covered} of {math.prod(gshape)} elements")
+        sharded.append(ShardedEntry(s["dtype"], gshape, pieces))
+
+    kinds = {}
+    for item in m.get("kinds", []) or []:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], list)
+                and isinstance(item[1], str)):
+            fail("malformed kinds entry")
+        kinds[tuple(item[0])] = item[1]
+    metadata, info = m.get("metadata", {}), m.get("info", {})
+    if not isinstance(metadata, dict) or not isinstance(info, dict):
+        fail("metadata/info must be maps")
+    return Manifest(
+        format_version=need(m, "format_version", int, "manifest"),
+        library_version=str(m.get("library_version", "")),
+        tree=m.get("tree"),
+        arrays=arrays, sharded=sharded, files=files, kinds=kinds, metadata=metadata, info=info)
+
+
+def _shape(v: list, fail, what: str) -> tuple[int, ...]:
+    if len(v) > MAX_NDIM:
+        fail(f"{what}: {len(v)} dimensions (limit {MAX_NDIM})")
+    if not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < (1 << 62) for x in v):
+        fail(f"{what}: shape {v!r} is not a list of non-negative integers")
+    if math.prod(v) >= (1 << 62):
+        fail(f"{what}: shape {v!r} is absurdly large")
+    return tuple(v)
+
+
+def _safe_file_name(name: str) -> bool:
+    return (bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
+            and "\x00" not in name and os.path.basename(name) == name and len(name) < 256)
+
+
+def check_int_range(x: int) -> bool:
+    """Whether a Python int fits a msgpack integer (else it is stored as a decimal string)."""
+    return _INT64_MIN <= x <= _UINT64_MAX
+
+
+__all__ = ["Manifest", "ArrayEntry", "ShardedEntry", "FileEntry", "FORMAT_VERSION",
+           "MANIFEST_NAME", "read_manifest_bytes", "decode_node", "check_int_range"]

@@ -1,0 +1,219 @@
+"""Files -> state tree.  Everything read from disk is validated before it is trusted.
+
+Arrays are either memory-mapped (zero copy, read-only) or read straight into a freshly
+allocated array of the final dtype and shape (one copy, checksummed as it is read).
+"""
+
+from __future__ import annotations
+
+import mmap as _mmap
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError
+from ..tree import Path, Piece, ShardedArray, format_path
+from .dtypes import dtype_from_name
+from .manifest import (
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    ArrayEntry,
+    Manifest,
+    _Ctx,
+    decode_node,
+    read_manifest_bytes,
+)
+
+READ_CHUNK = 64 << 20
+TEMP_PREFIX = ".unickpt-"
+
+
+def is_committed(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a committed checkpoint directory (cheap: no manifest decoding)."""
+    p = os.fspath(path)
+    return (not os.path.basename(p.rstrip(os.sep)).startswith(TEMP_PREFIX)
+            and os.path.isfile(os.path.join(p, MANIFEST_NAME)))
+
+
+class CheckpointReader:
+    """Open one committed checkpoint: validated manifest, lazily opened data files.
+
+    >>> import tempfile, unickpt
+    >>> d = tempfile.mkdtemp()
+    >>> _ = unickpt.save(d + "/ck", {"w": np.arange(3.0)})
+    >>> CheckpointReader(d + "/ck").tree()["w"].tolist()
+    [0.0, 1.0, 2.0]
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        if not os.path.isdir(self.path):
+            raise CheckpointNotFoundError(f"no checkpoint at {self.path}: not a directory")
+        if os.path.basename(self.path.rstrip(os.sep)).startswith(TEMP_PREFIX):
+            raise CheckpointNotFoundError(
+                f"{self.path} is an uncommitted (temporary) checkpoint directory left by an "
+                "interrupted save; it is not a checkpoint and will be cleaned up")
+        mpath = os.path.join(self.path, MANIFEST_NAME)
+        try:
+            with open(mpath, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > MAX_MANIFEST_BYTES:
+                    raise CorruptCheckpointError(
+                        f"{self.path}: manifest is {size} bytes (limit {MAX_MANIFEST_BYTES})",
+                        path=self.path)
+                raw = f.read(size)
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(
+                f"no checkpoint at {self.path}: {MANIFEST_NAME} is missing (not a unickpt "
+                "checkpoint, or an uncommitted one)") from None
+        self.manifest: Manifest = read_manifest_bytes(raw, self.path)
+        self._files: dict[str, tuple[int, _mmap.mmap | None]] = {}
+        self._lock = threading.Lock()
+        # array index -> tree path, for naming leaves in errors (found without reading data)
+        self.array_paths: dict[int, Path] = {}
+        self._decode(lambda i, p: self.array_paths.setdefault(i, p),
+                     lambda i, p: [self.array_paths.setdefault(a, (*p, f"<piece {k}>"))
+                                   for k, (_, a) in enumerate(self.manifest.sharded[i].pieces)])
+
+    # ---------------------------------------------------------------- files
+    def _file(self, name: str) -> tuple[int, _mmap.mmap | None]:
+        with self._lock:
+            if name in self._files:
+                return self._files[name]
+            fe = next(f for f in self.manifest.files if f.name == name)
+            fpath = os.path.join(self.path, name)
+            try:
+                fd = os.open(fpath, os.O_RDONLY)
+            except FileNotFoundError:
+                raise CorruptCheckpointError(
+                    f"{self.path}: array file {name!r} is missing; restore from another "
+                    "checkpoint", path=self.path,
+                    leaves=[format_path(self.array_paths.get(i, ()))
+                            for i, a in enumerate(self.manifest.arrays) if a.file == name]
+                ) from None
+            actual = os.fstat(fd).st_size
+            if actual != fe.size:
+                os.close(fd)
+                raise CorruptCheckpointError(
+                    f"{self.path}: array file {name!r} is {actual} bytes, the manifest says "
+                    f"{fe.size} (truncated or replaced); restore from another checkpoint",
+                    path=self.path)
+            head = os.pread(fd, 8, 0)
+            if len(head) != 8 or int.from_bytes(head, "little") + 8 != fe.data_start:
+                os.close(fd)
+                raise CorruptCheckpointError(
+                    f"{self.path}: array file {name!r} has a damaged safetensors header",
+                    path=self.path)
+            mm = _mmap.mmap(fd, 0, access=_mmap.ACCESS_READ) if actual else None
+            self._files[name] = (fd, mm)
+            return fd, mm
+
+    def close(self) -> None:
+        """Close file descriptors (memory-mapped arrays stay valid)."""
+        with self._lock:
+            for fd, _mm in self._files.values():
+                os.close(fd)
+            self._files.clear()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- arrays
+    def _leaf_name(self, i: int) -> str:
+        return format_path(self.array_paths.get(i, (f"<array {i}>",)))
+
+    def _corrupt(self, i: int, what: str) -> CorruptCheckpointError:
+        name = self._leaf_name(i)
+        return CorruptCheckpointError(
+            f"{self.path}: leaf {name}: {what}; the checkpoint is damaged, restore from an "
+            "earlier one (or run `unickpt verify` for a full report)", path=self.path,
+            leaves=[name])
+
+    def read_array(self, i: int, *, mmap: bool = False, verify: bool = True) -> np.ndarray:
+        """Return array ``i`` of the manifest, as the dtype it was saved with."""
+        e: ArrayEntry = self.manifest.arrays[i]
+        dt = dtype_from_name(e.dtype)
+        fd, mm = self._file(e.file)
+        if mmap:
+            if e.nbytes == 0:
+                a = np.empty(e.shape, dt)
+            else:
+                a = np.frombuffer(mm, dtype=dt, count=e.nbytes // dt.itemsize,
+                                  offset=e.offset).reshape(e.shape)
+            if verify and xxhash.xxh3_64_intdigest(memoryview(mm)[e.offset:e.offset + e.nbytes]
+                                                   if e.nbytes else b"") != e.xxh3:
+                raise self._corrupt(i, "checksum mismatch")
+        else:
+            a = np.empty(e.shape, dt)
+            buf = memoryview(a.reshape(-1).view(np.uint8)) if e.nbytes else memoryview(b"")
+            h = xxhash.xxh3_64()
+            pos = 0
+            while pos < e.nbytes:
+                n = os.preadv(fd, [buf[pos:pos + READ_CHUNK]], e.offset + pos)
+                if n <= 0:
+                    raise self._corrupt(i, "unexpected end of file")
+                if verify:
+                    h.update(buf[pos:pos + n])
+                pos += n
+            if verify and h.intdigest() != e.xxh3:
+                raise self._corrupt(i, "checksum mismatch")
+        if e.byteorder == ">":
+            a = a.astype(dt.newbyteorder(">"))
+        return a[()] if e.scalar else a
+
+    def verify_all(self, progress: Callable[[int], None] | None = None) -> list[str]:
+        """Check every array; returns the names of bad leaves (empty when all is well)."""
+        bad = []
+        for i, e in enumerate(self.manifest.arrays):
+            try:
+                fd, mm = self._file(e.file)
+                got = xxhash.xxh3_64()
+                for s in range(0, e.nbytes, READ_CHUNK):
+                    got.update(memoryview(mm)[e.offset + s:e.offset + min(e.nbytes, s + READ_CHUNK)])
+                if got.intdigest() != e.xxh3:
+                    bad.append(self._leaf_name(i))
+            except CorruptCheckpointError as err:
+                if not err.leaves:
+                    raise
+                bad.extend(x for x in err.leaves if x not in bad)
+            if progress is not None:
+                progress(e.nbytes)
+        return bad
+
+    # ---------------------------------------------------------------- tree
+    def _decode(self, array: Callable[[int, Path], Any], sharded: Callable[[int, Path], Any]):
+        return decode_node(self.manifest.tree, _Ctx(self.manifest, self.path, array, sharded))
+
+    def tree(self, *, mmap: bool = False, verify: bool | None = None,
+             assemble: bool = True, workers: int = 4) -> Any:
+        """Decode the whole tree.  Sharded arrays are assembled unless ``assemble=False``."""
+        verify = (not mmap) if verify is None else verify
+        n = len(self.manifest.arrays)
+        arrays: list[Any] = [None] * n
+        big = [i for i in range(n) if self.manifest.arrays[i].nbytes >= (1 << 20)]
+        small = [i for i in range(n) if self.manifest.arrays[i].nbytes < (1 << 20)]
+        for i in small:
+            arrays[i] = self.read_array(i, mmap=mmap, verify=verify)
+        if len(big) > 1 and workers > 1 and not mmap:
+            with ThreadPoolExecutor(workers, thread_name_prefix="unickpt-read") as ex:
+                for i, a in zip(big, ex.map(lambda j: self.read_array(j, verify=verify), big)):
+                    arrays[i] = a
+        else:
+            for i in big:
+                arrays[i] = self.read_array(i, mmap=mmap, verify=verify)
+
+        def shard(i: int, _p: Path) -> Any:
+            s = self.manifest.sharded[i]
+            sa = ShardedArray(s.shape, dtype_from_name(s.dtype),
+                              [Piece(idx, arrays[a]) for idx, a in s.pieces])
+            return sa.assemble() if assemble else sa
+
+        return self._decode(lambda i, _p: arrays[i], shard)

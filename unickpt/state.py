@@ -1,0 +1,262 @@
+"""Live state <-> neutral state tree, through adapters.
+
+Saving walks the user's state: plain containers are recursed into, neutral leaves are kept,
+objects claimed by an adapter are converted by it, objects implementing the unickpt object
+protocol (``_unickpt_to_tree_`` / ``_unickpt_prepare_restore_``, e.g. :class:`unickpt.RNG`)
+convert themselves, and any other object with ``state_dict()`` / ``load_state_dict()`` (the
+Stateful convention) is stored through its state dict.
+
+Restoring is two-phase: every part of the target is checked against the checkpoint first and
+all problems are collected into one :class:`~unickpt.IncompatibleCheckpointError`; only when
+everything fits are the changes applied.  A failed restore therefore never leaves a model
+half-loaded.
+
+>>> import numpy as np
+>>> tree, kinds = to_tree({"w": np.zeros(2), "epoch": 3})
+>>> restore_tree({"w": np.ones(2), "epoch": 0}, tree)["epoch"]
+3
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+from .adapters import adapter_for
+from .errors import IncompatibleCheckpointError, UnsupportedLeafError
+from .tree import LazyArray, Path, ShardedArray, format_path, is_scalar_leaf
+
+__all__ = ["SaveContext", "RestoreContext", "to_tree", "restore_tree", "is_stateful"]
+
+
+def is_stateful(obj: Any) -> bool:
+    """Whether ``obj`` follows the Stateful convention (``state_dict`` + ``load_state_dict``)."""
+    return callable(getattr(obj, "state_dict", None)) and callable(
+        getattr(obj, "load_state_dict", None))
+
+
+class SaveContext:
+    """Passed to adapters while converting a state.
+
+    Attributes:
+        root: the whole state being saved (adapters may look across it, e.g. an optimizer
+            finding the module that owns its parameters to key its state by name).
+        snapshot: True for async saves: every array must be a host copy.
+        kinds: tree path -> kind string of each adapter-converted object (stored in the
+            manifest so tools and migration know what a subtree was).
+    """
+
+    def __init__(self, root: Any, *, snapshot: bool = False):
+        self.root = root
+        self.snapshot = snapshot
+        self.kinds: dict[Path, str] = {}
+
+    def to_tree(self, obj: Any, path: Path = ()) -> Any:
+        """Convert ``obj`` (found at ``path``) into a neutral tree."""
+        t = type(obj)
+        if t is dict:
+            return {k: self.to_tree(v, (*path, k)) for k, v in obj.items()}
+        if t is list:
+            return [self.to_tree(v, (*path, i)) for i, v in enumerate(obj)]
+        if t is tuple:
+            return tuple(self.to_tree(v, (*path, i)) for i, v in enumerate(obj))
+        if is_scalar_leaf(obj):
+            return obj
+        if isinstance(obj, np.ndarray):
+            return obj.copy() if self.snapshot else obj
+        if isinstance(obj, np.generic):
+            return obj
+        if isinstance(obj, LazyArray):
+            return obj.materialize(path) if self.snapshot else obj
+        if isinstance(obj, ShardedArray):
+            return obj
+        hook = getattr(obj, "_unickpt_to_tree_", None)
+        if hook is not None and not isinstance(obj, type):
+            self.kinds[path] = getattr(obj, "_unickpt_kind_", type(obj).__qualname__)
+            return hook(self, path)
+        found = adapter_for(obj)
+        if found is not None:
+            adapter, kind = found
+            self.kinds[path] = f"{adapter.name}:{kind}"
+            return adapter.to_tree(obj, self, path)
+        if is_stateful(obj):
+            self.kinds[path] = f"stateful:{type(obj).__module__}.{type(obj).__qualname__}"
+            return self.to_tree(obj.state_dict(), path)
+        raise UnsupportedLeafError(
+            f"cannot save {format_path(path)}: {t.__module__}.{t.__qualname__} is not a "
+            "state-tree leaf, no adapter claims it and it has no state_dict()/"
+            "load_state_dict(); convert it, or install/register an adapter for its framework")
+
+
+class RestoreContext:
+    """Collects problems while planning a restore, and lets adapters recurse.
+
+    Attributes:
+        strict: missing/unexpected entries are errors (shape/dtype mismatches always are).
+        select: if given, only paths under these prefixes are restored.
+        checkpoint: the checkpoint's path, for messages.
+    """
+
+    def __init__(self, *, strict: bool = True, select: Iterable[Path] | None = None,
+                 checkpoint: object = None, kinds: dict[Path, str] | None = None):
+        self.strict = strict
+        self.select = None if select is None else [tuple(p) for p in select]
+        self.checkpoint = checkpoint
+        self.kinds = kinds or {}
+        self.missing_paths: list[str] = []
+        self.unexpected_paths: list[str] = []
+        self.mismatched: list[tuple[str, str]] = []
+        self.warnings: list[str] = []
+
+    # -- problem reporting (adapters call these)
+    def missing(self, path: Path) -> None:
+        if self.strict:
+            self.missing_paths.append(format_path(path))
+
+    def unexpected(self, path: Path) -> None:
+        if self.strict:
+            self.unexpected_paths.append(format_path(path))
+
+    def mismatch(self, path: Path, why: str) -> None:
+        self.mismatched.append((format_path(path), why))
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing_paths or self.unexpected_paths or self.mismatched)
+
+    def _selected(self, path: Path) -> str:
+        """"all", "some" (an ancestor of a selected path) or "none"."""
+        if self.select is None:
+            return "all"
+        for s in self.select:
+            if path[:len(s)] == s:
+                return "all"
+        if any(s[:len(path)] == path for s in self.select):
+            return "some"
+        return "none"
+
+    # -- planning
+    def plan(self, target: Any, tree: Any, path: Path = ()) -> Callable[[], Any]:
+        """Check ``tree`` against ``target``; return a thunk producing the restored value."""
+        sel = self._selected(path)
+        if sel == "none":
+            return lambda: target
+        t = type(target)
+        if t is dict:
+            return self._plan_dict(target, tree, path)
+        if t in (list, tuple):
+            if not isinstance(tree, (list, tuple)) or hasattr(tree, "_fields"):
+                self.mismatch(path, f"target is a {t.__name__}, checkpoint has "
+                                    f"{_describe(tree)}")
+                return lambda: target
+            if len(tree) != len(target):
+                self.mismatch(path, f"length {len(target)} in target, {len(tree)} in checkpoint")
+                return lambda: target
+            thunks = [self.plan(v, tree[i], (*path, i)) for i, v in enumerate(target)]
+            return lambda: t(f() for f in thunks)
+        hook = getattr(target, "_unickpt_prepare_restore_", None)
+        if hook is not None and not isinstance(target, type):
+            return hook(tree, self, path)
+        found = adapter_for(target)
+        if found is not None:
+            return found[0].prepare_restore(target, tree, self, path)
+        if isinstance(target, (np.ndarray, np.generic)):
+            return self._plan_array(target, tree, path)
+        if is_scalar_leaf(target):
+            if not is_scalar_leaf(tree):
+                self.mismatch(path, f"target is a {t.__name__}, checkpoint has {_describe(tree)}")
+                return lambda: target
+            return lambda: tree
+        if is_stateful(target):
+            inner = self.plan(target.state_dict(), tree, path)
+
+            def apply_stateful() -> Any:
+                target.load_state_dict(inner())
+                return target
+
+            return apply_stateful
+        self.mismatch(path, f"cannot restore into {t.__module__}.{t.__qualname__}: no adapter "
+                            "claims it and it has no load_state_dict()")
+        return lambda: target
+
+    def _plan_dict(self, target: dict, tree: Any, path: Path) -> Callable[[], Any]:
+        if not isinstance(tree, dict):
+            self.mismatch(path, f"target is a dict, checkpoint has {_describe(tree)}")
+            return lambda: target
+        thunks: dict[Any, Callable[[], Any]] = {}
+        for k, v in target.items():
+            p = (*path, k)
+            if self._selected(p) == "none":
+                thunks[k] = (lambda v=v: v)
+            elif k in tree:
+                thunks[k] = self.plan(v, tree[k], p)
+            else:
+                self.missing(p)
+                thunks[k] = (lambda v=v: v)
+        for k in tree:
+            if k not in target and self._selected((*path, k)) != "none":
+                self.unexpected((*path, k))
+        return lambda: {k: f() for k, f in thunks.items()}
+
+    def _plan_array(self, target: np.ndarray | np.generic, tree: Any,
+                    path: Path) -> Callable[[], Any]:
+        if isinstance(tree, ShardedArray):
+            tree_shape, tree_dtype = tuple(tree.shape), tree.dtype
+        elif isinstance(tree, (np.ndarray, np.generic)):
+            tree_shape, tree_dtype = tree.shape, tree.dtype
+        else:
+            self.mismatch(path, f"target is an array, checkpoint has {_describe(tree)}")
+            return lambda: target
+        if tuple(tree_shape) != tuple(target.shape) or tree_dtype != target.dtype:
+            self.mismatch(path, f"target {target.dtype}{list(target.shape)}, checkpoint "
+                                f"{tree_dtype}{list(tree_shape)}")
+            return lambda: target
+        if isinstance(target, np.generic):
+            return lambda: np.asarray(tree)[()]
+        if isinstance(tree, ShardedArray):
+            return tree.assemble
+        # Copy: checkpoint arrays may be read-only memory maps of the file.
+        return lambda: np.array(tree, copy=True)
+
+    def raise_if_problems(self) -> None:
+        if not self.ok:
+            raise IncompatibleCheckpointError(
+                "checkpoint does not match the restore target",
+                missing=self.missing_paths, unexpected=self.unexpected_paths,
+                mismatched=self.mismatched, checkpoint=self.checkpoint)
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, (np.ndarray, ShardedArray)):
+        return f"an array {x.dtype}{list(x.shape)}"
+    if isinstance(x, np.generic):
+        return f"a numpy {x.dtype} scalar"
+    if x is None:
+        return "None"
+    return f"a {type(x).__name__}"
+
+
+def to_tree(state: Any, *, snapshot: bool = False) -> tuple[Any, dict[Path, str]]:
+    """Convert a live state into ``(neutral tree, kinds)``."""
+    ctx = SaveContext(state, snapshot=snapshot)
+    return ctx.to_tree(state, ()), ctx.kinds
+
+
+def restore_tree(target: Any, tree: Any, *, strict: bool = True,
+                 select: Iterable[Path] | None = None, checkpoint: object = None,
+                 kinds: dict[Path, str] | None = None,
+                 warn: Callable[[str], None] | None = None) -> Any:
+    """Restore ``tree`` into ``target``: check everything, then apply.  Returns the new state."""
+    ctx = RestoreContext(strict=strict, select=select, checkpoint=checkpoint, kinds=kinds)
+    apply = ctx.plan(target, tree, ())
+    ctx.raise_if_problems()
+    result = apply()
+    if warn is not None:
+        for w in ctx.warnings:
+            warn(w)
+    return result
