@@ -38,7 +38,7 @@ def _train(model, opt, steps, seed=0):
     for _ in range(steps):
         x = torch.randn(6, 3, generator=g)
 
-        def closure():
+        def closure(x=x):
             opt.zero_grad()
             loss = model(x).pow(2).mean()
             loss.backward()

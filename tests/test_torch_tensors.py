@@ -8,10 +8,10 @@ import torch
 from _torch_helpers import assert_bitwise_equal
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from unickpt_torch.tensors import from_numpy, numpy_dtype, to_numpy
 
 import unickpt
 from unickpt.state import restore_tree, to_tree
-from unickpt_torch.tensors import from_numpy, numpy_dtype, to_numpy
 
 BIT_VIEW = [torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz,
             torch.float8_e5m2fnuz, torch.float8_e8m0fnu]
