@@ -178,3 +178,28 @@ def test_saving_never_changes_training(tmp_path):
     assert_bitwise_equal(dict(model.state_dict()), params)
     assert repr(opt.state_dict()) == opt_before
     assert model.training
+
+
+def test_adapter_kinds_and_protocol():
+    from unickpt.adapters import Adapter, adapter_for
+
+    a = TorchAdapter()
+    assert isinstance(a, Adapter)
+    o = _opt()
+    cases = {torch.zeros(1): "torch.Tensor", torch.nn.Parameter(torch.zeros(1)): "torch.Tensor",
+             torch.nn.Linear(1, 1): "torch.nn.Module", o: "torch.optim.Optimizer",
+             L.StepLR(o, 1): "torch.optim.lr_scheduler.LRScheduler",
+             L.ReduceLROnPlateau(o): "torch.optim.lr_scheduler.LRScheduler",
+             torch.amp.GradScaler("cpu"): "torch.amp.GradScaler",
+             torch.Generator(): "torch.Generator"}
+    for obj, kind in cases.items():
+        assert a.kind_of(obj) == kind
+        assert adapter_for(obj)[1] == kind
+    assert a.kind_of(torch.device("cpu")) is None
+
+
+def test_plain_dataloader_is_refused_with_the_path():
+    loader = torch.utils.data.DataLoader([1, 2, 3])
+    with pytest.raises(unickpt.UnsupportedLeafError,
+                       match=r"cannot save data: torch.utils.data.dataloader.DataLoader"):
+        to_tree({"data": loader})
