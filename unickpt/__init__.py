@@ -23,9 +23,11 @@ from .errors import (
     FormatVersionError,
     IncompatibleCheckpointError,
     LockedError,
+    RunRootError,
     UnickptError,
     UnsupportedLeafError,
 )
+from .manager import CheckpointInfo, CheckpointManager, Restored, StartDecision
 from .tree import LazyArray, Piece, ShardedArray, format_path
 
 __all__ = [
@@ -53,4 +55,9 @@ __all__ = [
     "LockedError",
     "AdapterError",
     "BackgroundSaveError",
+    "RunRootError",
+    "CheckpointManager",
+    "StartDecision",
+    "Restored",
+    "CheckpointInfo",
 ]
