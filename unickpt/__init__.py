@@ -27,7 +27,9 @@ from .errors import (
     UnickptError,
     UnsupportedLeafError,
 )
+from .factory import ManagerProtocol, create_manager
 from .manager import CheckpointInfo, CheckpointManager, Restored, StartDecision
+from .rng import RNG
 from .tree import LazyArray, Piece, ShardedArray, format_path
 
 __all__ = [
@@ -60,4 +62,7 @@ __all__ = [
     "StartDecision",
     "Restored",
     "CheckpointInfo",
+    "ManagerProtocol",
+    "create_manager",
+    "RNG",
 ]
