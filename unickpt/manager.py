@@ -36,6 +36,7 @@ from typing import Any
 from . import __version__
 from .background import BackgroundSaver
 from .errors import (
+    CheckpointExistsError,
     CheckpointNotFoundError,
     ConfigError,
     CorruptCheckpointError,
@@ -371,6 +372,12 @@ class CheckpointManager:
                 "steps must increase (resume from it, or use on_existing='archive' with "
                 "resume='never' to start over)")
         plain_metrics = _plain_metrics(metrics, step)
+        final = os.path.join(self.root, format_step(step))
+        # Not committed (else it would be in _steps), so not ours: never write into it.
+        if self.storage.is_dir(final) or self.storage.is_file(final):
+            raise CheckpointExistsError(
+                f"save(step={step}): {final} exists but is not a committed checkpoint (left "
+                "by another tool?); move or delete it, unickpt never writes into it")
         t0 = time.perf_counter()
         if self._saver is not None:
             self._wait_background()  # at most one save in flight: its snapshot is freed first
