@@ -4,20 +4,22 @@ Everything that makes resumption hard is here: dropout (global RNG), a shuffled 
 position is saved, an optimizer with state, an LR schedule, gradient accumulation and
 clipping.  ``train`` resumes from the latest checkpoint under ``root`` if there is one.
 
-Run as a script (``python _torch_trainer.py CONFIG_JSON ROOT``) it trains in a subprocess that
-the tests SIGKILL; on completion it writes its final state to ``ROOT/final``.
+Run as a script (``python _torch_trainer.py CONFIG_JSON ROOT [KILL_AFTER]``) it trains in a
+subprocess that the tests SIGKILL; on completion it writes its final state to ``ROOT.final``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 import unickpt
@@ -72,23 +74,10 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
         self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
 
 
-class TorchRNG:
-    """The global torch RNG as a Stateful leaf (what ``unickpt.RNG()`` captures for torch)."""
-
-    def state_dict(self) -> dict[str, Any]:
-        from unickpt_torch.rng import capture_global
-
-        return capture_global()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        from unickpt_torch.rng import restore_global
-
-        for w in restore_global(state):
-            raise AssertionError(w)
-
-
 def build(cfg: Config, init_seed: int) -> dict[str, Any]:
     """All training objects; ``init_seed`` differs between runs to prove restore overrides."""
+    random.seed(init_seed)  # every global RNG is seeded; unickpt.RNG() carries all of them
+    np.random.seed(init_seed)
     torch.manual_seed(init_seed)
     data_g = torch.Generator().manual_seed(cfg.seed)
     x = torch.randn(cfg.n_samples, 5, generator=data_g)
@@ -128,7 +117,7 @@ def build(cfg: Config, init_seed: int) -> dict[str, Any]:
 
 def checkpoint_state(objs: dict[str, Any], step: int) -> dict[str, Any]:
     state = {"model": objs["model"], "optimizer": objs["optimizer"],
-             "sampler": objs["sampler"], "rng": TorchRNG(), "step": step}
+             "sampler": objs["sampler"], "rng": unickpt.RNG(), "step": step}
     if objs["scheduler"] is not None:
         state["scheduler"] = objs["scheduler"]
     return state
@@ -153,41 +142,37 @@ def train(cfg: Config, root: str, *, stop_at: int | None = None,
     torch.set_num_threads(1)  # intra-op parallelism may reorder float reductions
     try:
         objs = build(cfg, init_seed)
-        state = checkpoint_state(objs, 0)
-        step = 0
-        latest = _latest(root)
-        if latest is not None:
-            from unickpt.state import restore_tree
-
-            state = restore_tree(state, unickpt.load(latest))
-            step = state["step"]
-        model, opt, sched = objs["model"], objs["optimizer"], objs["scheduler"]
-        loss_fn = torch.nn.MSELoss()
-        batches = iter(objs["loader"])
-        while step < cfg.steps:
-            model.train()
-            for _ in range(cfg.accum):
-                try:
-                    xb, yb = next(batches)
-                except StopIteration:
-                    batches = iter(objs["loader"])
-                    xb, yb = next(batches)
-                (loss_fn(model(xb), yb) / cfg.accum).backward()
-            if cfg.clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            opt.step()
-            if sched is not None:
-                sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            if step % cfg.save_every == 0:
-                unickpt.save(os.path.join(root, f"step_{step}"), checkpoint_state(objs, step))
-            if cfg.step_sleep:
-                time.sleep(cfg.step_sleep)
-            if kill_after is not None and step == kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if stop_at is not None and step == stop_at:
-                return None
+        with unickpt.CheckpointManager(root, resume="auto", save_every=cfg.save_every,
+                                       keep_last=2) as mgr:
+            restored = mgr.restore(checkpoint_state(objs, 0))
+            step = restored.state["step"]
+            assert step == restored.step
+            model, opt, sched = objs["model"], objs["optimizer"], objs["scheduler"]
+            loss_fn = torch.nn.MSELoss()
+            batches = iter(objs["loader"])
+            while step < cfg.steps:
+                model.train()
+                for _ in range(cfg.accum):
+                    try:
+                        xb, yb = next(batches)
+                    except StopIteration:
+                        batches = iter(objs["loader"])
+                        xb, yb = next(batches)
+                    (loss_fn(model(xb), yb) / cfg.accum).backward()
+                if cfg.clip is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+                opt.step()
+                if sched is not None:
+                    sched.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                mgr.save(step, checkpoint_state(objs, step))
+                if cfg.step_sleep:
+                    time.sleep(cfg.step_sleep)
+                if kill_after is not None and step == kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if stop_at is not None and step == stop_at:
+                    return None
         tree, _ = to_tree(checkpoint_state(objs, step), snapshot=True)
         return tree
     finally:
@@ -200,5 +185,5 @@ if __name__ == "__main__":
     root = sys.argv[2]
     kill = int(sys.argv[3]) if len(sys.argv) > 3 else None
     final = train(cfg, root, kill_after=kill)
-    unickpt.save(os.path.join(root, "final"), final, overwrite=True)
+    unickpt.save(root + ".final", final, overwrite=True)
     print(json.dumps(asdict(cfg)))

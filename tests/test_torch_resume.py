@@ -141,7 +141,7 @@ def test_sigkilled_trainer_resumes_bit_for_bit(tmp_path):
     _, err = p.communicate(timeout=120)
     assert p.returncode == -signal.SIGKILL, err.decode()
     assert _latest(root).endswith("step_6")
-    assert not os.path.exists(os.path.join(root, "final"))
+    assert not os.path.exists(root + ".final")
     # 2. the resumed trainer is SIGKILLed from outside at an arbitrary moment (possibly
     #    mid-save), once it has written a checkpoint past step 6
     slow = replace(cfg, step_sleep=0.05)
@@ -156,6 +156,20 @@ def test_sigkilled_trainer_resumes_bit_for_bit(tmp_path):
     p = _run_child(cfg, root)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 0, err.decode()
-    final = unickpt.load(os.path.join(root, "final"))
+    final = unickpt.load(root + ".final")
     assert final["step"] == cfg.steps
     assert_bitwise_equal(final, ref)
+
+
+@pytest.mark.slow
+def test_quickstart_example_reports_bitwise_identical(tmp_path):
+    example = os.path.join(os.path.dirname(HERE), "examples", "torch_quickstart.py")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "adapters"),
+         os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, example, "--root", str(tmp_path), "--steps", "100"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "killed with SIGKILL at step 55" in out.stdout
+    assert "resumed from step 40 (epoch 0, sample 1280)" in out.stdout
+    assert out.stdout.rstrip().endswith("bitwise identical to the uninterrupted run")
