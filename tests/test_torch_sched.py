@@ -169,9 +169,11 @@ def test_saving_never_changes_training(tmp_path):
     rng_before = torch.get_rng_state().clone()
     gen_before = gen.get_state().clone()
     state = {"model": model, "optimizer": opt, "scheduler": sched, "gen": gen,
-             "rng": {"torch": TorchAdapter().capture_rng()}}
+             "rng": unickpt.RNG()}
     unickpt.save(tmp_path / "a", state)
     to_tree(state, snapshot=True)
+    with unickpt.CheckpointManager(tmp_path / "run", async_save=True) as mgr:
+        assert mgr.save(1, state)
     assert torch.equal(torch.get_rng_state(), rng_before)
     assert torch.equal(gen.get_state(), gen_before)
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
@@ -203,3 +205,32 @@ def test_plain_dataloader_is_refused_with_the_path():
     with pytest.raises(unickpt.UnsupportedLeafError,
                        match=r"cannot save data: torch.utils.data.dataloader.DataLoader"):
         to_tree({"data": loader})
+
+
+def test_async_save_snapshots_before_returning(tmp_path):
+    model = torch.nn.Linear(3, 3)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    exp_avg = opt.state[model.weight]["exp_avg"].clone()
+    with unickpt.CheckpointManager(tmp_path, async_save=True) as mgr:
+        assert mgr.save(1, {"model": model, "optimizer": opt})
+        with torch.no_grad():  # training goes on while the checkpoint is written
+            model.weight.add_(1.0)
+            opt.state[model.weight]["exp_avg"].mul_(0.0)
+    tree = unickpt.load(tmp_path / "step_1")
+    assert tree["model"]["weight"].tobytes() == expected["weight"].numpy().tobytes()
+    assert tree["optimizer"]["state"]["weight"]["exp_avg"].tobytes() == exp_avg.numpy().tobytes()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="simulates a machine without CUDA")
+def test_rng_leaf_from_a_gpu_machine_restores_on_cpu_with_a_warning():
+    torch.manual_seed(3)
+    tree, _ = to_tree({"rng": unickpt.RNG()})
+    x = torch.rand(2)
+    tree["rng"]["torch"]["cuda"] = [np.zeros(16, np.uint8)] * 4  # saved on a 4-GPU machine
+    with pytest.warns(UserWarning, match=r"torch CUDA RNG of 4 device\(s\) not restored: CUDA "
+                                         r"is not available"):
+        restore_tree({"rng": unickpt.RNG()}, tree)
+    assert torch.equal(torch.rand(2), x)
