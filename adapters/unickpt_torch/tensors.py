@@ -40,8 +40,8 @@ import torch
 from unickpt.errors import UnsupportedLeafError
 from unickpt.tree import LazyArray, Path, ShardedArray, format_path
 
-__all__ = ["numpy_dtype", "to_numpy", "from_numpy", "copy_into", "host_arrays",
-           "array_spec", "check_array"]
+__all__ = ["numpy_dtype", "to_numpy", "from_numpy", "new_tensor", "copy_into", "host_arrays",
+           "host_array", "array_spec", "check_array"]
 
 # torch dtypes numpy has no native type for: (ml_dtypes type, same-size integer carrier)
 _BIT_VIEWS: dict[torch.dtype, tuple[Any, torch.dtype]] = {
@@ -155,7 +155,10 @@ def array_spec(a: Any) -> tuple[tuple[int, ...], np.dtype] | None:
 def check_array(target: torch.Tensor, a: Any) -> str | None:
     """Why ``a`` cannot be copied into ``target`` (None when it can)."""
     spec = array_spec(a)
-    want = f"{numpy_dtype(target.dtype)}{list(target.shape)}"
+    try:
+        want = f"{numpy_dtype(target.dtype)}{list(target.shape)}"
+    except UnsupportedLeafError as e:
+        return str(e)
     if spec is None:
         kind = "None" if a is None else f"a {type(a).__name__}"
         return f"target is a tensor {want}, checkpoint has {kind}"
