@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -21,6 +23,9 @@ class TinyLM(torch.nn.Module):
         if tie:
             self.head.weight = self.embed.weight
         self.register_buffer("scratch", torch.zeros(2), persistent=False)
+
+    def forward(self, ids):
+        return self.head(self.norm(self.embed(ids)))
 
 
 def _trained(seed=0, tie=True):
@@ -151,3 +156,25 @@ def test_module_restored_from_non_module_tree_is_a_mismatch():
     with pytest.raises(unickpt.IncompatibleCheckpointError,
                        match="model: target is a torch module, checkpoint has a int"):
         restore_tree({"model": torch.nn.Linear(1, 1)}, {"model": 3})
+
+
+def test_compiled_and_data_parallel_wrappers_are_transparent(tmp_path):
+    m = _trained(0)
+    wrapped = torch.nn.DataParallel(m)
+    assert next(iter(wrapped.state_dict())).startswith("module.")
+    opt = torch.optim.SGD(wrapped.parameters(), lr=0.1, momentum=0.9)
+    wrapped(torch.tensor([1, 2])).sum().backward()
+    opt.step()
+    unickpt.save(tmp_path / "c", {"model": wrapped, "optimizer": opt})
+    tree = unickpt.load(tmp_path / "c")
+    assert "embed.weight" in tree["model"] and "embed.weight" in tree["optimizer"]["state"]
+    plain = _trained(1)
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
+    restore_tree({"model": plain, "optimizer": plain_opt}, tree)
+    assert_bitwise_equal(dict(plain.state_dict()), dict(m.state_dict()))
+    assert_bitwise_equal(plain_opt.state_dict(), opt.state_dict())
+    with warnings.catch_warnings():  # torch's own import-time deprecation noise
+        warnings.simplefilter("ignore", DeprecationWarning)
+        compiled = torch.compile(_trained(2))
+    restore_tree({"model": compiled}, tree, select=[("model",)])
+    assert_bitwise_equal(dict(compiled._orig_mod.state_dict()), dict(m.state_dict()))

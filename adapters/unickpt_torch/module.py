@@ -13,6 +13,9 @@ Layout (see docs/torch.md, the migration tools rely on it)::
   target stay ties; an untied target gets the stored tensor copied into each alias.
 * Non-tensor "extra state" (``get_extra_state``) is stored under its ``state_dict`` key as
   a neutral tree and handed back through ``set_extra_state``.
+* Wrappers that only add a name prefix (``torch.compile``'s ``_orig_mod.``, DataParallel /
+  DistributedDataParallel's ``module.``) are unwrapped, so a checkpoint of a compiled or
+  data-parallel model restores into the plain model and the other way round.
 """
 
 from __future__ import annotations
@@ -26,10 +29,22 @@ from unickpt.tree import Path
 
 from .tensors import check_array, copy_into, host_arrays
 
-__all__ = ["ALIASES", "module_to_tree", "prepare_module_restore", "named_tensors"]
+__all__ = ["ALIASES", "module_to_tree", "prepare_module_restore", "named_tensors", "unwrap"]
 
 ALIASES = "__aliases__"
 _EXTRA = "_extra_state"
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The model inside ``torch.compile`` / DataParallel / DistributedDataParallel wrappers."""
+    while True:
+        inner = getattr(module, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if inner is None and isinstance(module, (torch.nn.DataParallel,
+                                                 torch.nn.parallel.DistributedDataParallel)):
+            inner = module.module
+        if not isinstance(inner, torch.nn.Module):
+            return module
+        module = inner
 
 
 def named_tensors(module: torch.nn.Module) -> tuple[dict[str, Any], dict[str, str]]:
@@ -38,7 +53,7 @@ def named_tensors(module: torch.nn.Module) -> tuple[dict[str, Any], dict[str, st
     Uses ``state_dict(keep_vars=True)`` so identity reveals shared tensors and the keys are
     exactly what torch itself would save (persistent buffers only, custom hooks honoured).
     """
-    sd = module.state_dict(keep_vars=True)
+    sd = unwrap(module).state_dict(keep_vars=True)
     canonical: dict[str, Any] = {}
     aliases: dict[str, str] = {}
     first: dict[int, str] = {}
@@ -74,7 +89,8 @@ def prepare_module_restore(module: torch.nn.Module, tree: Any, ctx: Any,
     if not isinstance(tree, dict):
         ctx.mismatch(path, f"target is a torch module, checkpoint has a {type(tree).__name__}")
         return lambda: module
-    sd = module.state_dict(keep_vars=True)
+    inner = unwrap(module)
+    sd = inner.state_dict(keep_vars=True)
     stored = {k: v for k, v in tree.items() if k != ALIASES}
     saved_aliases = tree.get(ALIASES, {})
     if not isinstance(saved_aliases, dict):
@@ -114,7 +130,7 @@ def prepare_module_restore(module: torch.nn.Module, tree: Any, ctx: Any,
         for target, src in copies:
             copy_into(target, src)
         for name, thunk in extras:
-            _owner(module, name).set_extra_state(thunk())
+            _owner(inner, name).set_extra_state(thunk())
         return module
 
     return apply
