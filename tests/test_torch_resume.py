@@ -144,14 +144,16 @@ def test_sigkilled_trainer_resumes_bit_for_bit(tmp_path):
     assert not os.path.exists(root + ".final")
     # 2. the resumed trainer is SIGKILLed from outside at an arbitrary moment (possibly
     #    mid-save), once it has written a checkpoint past step 6
-    slow = replace(cfg, step_sleep=0.05)
+    slow = replace(cfg, step_sleep=0.25)
     p = _run_child(slow, root)
     deadline = time.monotonic() + 120
-    while _latest(root).endswith("step_6") and time.monotonic() < deadline:
+    while p.poll() is None and _latest(root).endswith("step_6") and time.monotonic() < deadline:
         time.sleep(0.01)
+    assert p.poll() is None, p.communicate()[1].decode()  # still training: kill it now
     p.send_signal(signal.SIGKILL)
     p.communicate(timeout=60)
     assert p.returncode == -signal.SIGKILL
+    assert not os.path.exists(root + ".final")
     # 3. resume to the end in a fresh process
     p = _run_child(cfg, root)
     _, err = p.communicate(timeout=120)
