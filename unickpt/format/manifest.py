@@ -24,7 +24,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.msgpack"
 MAX_MANIFEST_BYTES = 1 << 30  # 1 GiB: far above any real manifest, bounds a hostile one
 MAX_NDIM = 64
-MAX_DEPTH = 512
+MAX_DEPTH = 256  # tree nesting; the writer refuses deeper trees
 _INT64_MIN, _UINT64_MAX = -(1 << 63), (1 << 64) - 1
 
 
@@ -59,10 +59,14 @@ class ShardedEntry:
     dtype: str
     shape: tuple[int, ...]
     pieces: list[tuple[tuple[tuple[int, int], ...], int]]  # (index, array entry number)
+    byteorder: str = "<"  # of the global array as the user gave it
 
     def to_msg(self) -> dict:
-        return {"dtype": self.dtype, "shape": list(self.shape),
-                "pieces": [{"index": [list(b) for b in idx], "array": a} for idx, a in self.pieces]}
+        d = {"dtype": self.dtype, "shape": list(self.shape),
+             "pieces": [{"index": [list(b) for b in idx], "array": a} for idx, a in self.pieces]}
+        if self.byteorder != "<":
+            d["byteorder"] = self.byteorder
+        return d
 
 
 @dataclass
@@ -206,6 +210,10 @@ def read_manifest_bytes(raw: bytes, where: object) -> Manifest:
         fail(f"body is not msgpack ({type(e).__name__})")
     if not isinstance(m, dict):
         fail("body is not a map")
+    if m.get("format_version") != version:
+        fail(f"body format_version {m.get('format_version')!r} differs from the outer {version}")
+    if "tree" not in m:
+        fail("field 'tree' missing")
     return _validate(m, fail)
 
 
@@ -296,15 +304,25 @@ def _validate(m: dict, fail) -> Manifest:
             if ae.shape != tuple(b - a0 for a0, b in bounds) or ae.dtype != s["dtype"]:
                 fail(f"sharded {i}: piece array {ai} does not match its index/dtype")
             covered += math.prod(b - a0 for a0, b in bounds)
+            for other, _ in pieces:  # pieces must not overlap (else holes hide in the sum)
+                if all(max(a0, c0) < min(b0, d0) for (a0, b0), (c0, d0) in zip(bounds, other)):
+                    fail(f"sharded {i}: pieces {other} and {bounds} overlap")
             pieces.append((bounds, ai))
         if covered != math.prod(gshape):
             fail(f"sharded {i}: pieces cover {covered} of {math.prod(gshape)} elements")
-        sharded.append(ShardedEntry(s["dtype"], gshape, pieces))
+        sbo = s.get("byteorder", "<")
+        if sbo not in ("<", ">"):
+            fail(f"sharded {i}: byteorder {sbo!r}")
+        sharded.append(ShardedEntry(s["dtype"], gshape, pieces, sbo))
 
     kinds = {}
-    for item in m.get("kinds", []) or []:
+    kinds_raw = m.get("kinds", [])
+    if not isinstance(kinds_raw, list):
+        fail("kinds must be a list")
+    for item in kinds_raw:
         if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], list)
-                and isinstance(item[1], str)):
+                and isinstance(item[1], str) and all(
+                    isinstance(k, (str, int)) and not isinstance(k, bool) for k in item[0])):
             fail("malformed kinds entry")
         kinds[tuple(item[0])] = item[1]
     metadata, info = m.get("metadata", {}), m.get("info", {})

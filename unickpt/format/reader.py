@@ -71,6 +71,10 @@ class CheckpointReader:
             raise CheckpointNotFoundError(
                 f"no checkpoint at {self.path}: {MANIFEST_NAME} is missing (not a unickpt "
                 "checkpoint, or an uncommitted one)") from None
+        except IsADirectoryError:
+            raise CheckpointNotFoundError(
+                f"no checkpoint at {self.path}: {MANIFEST_NAME} is a directory, not a file "
+                "(not a unickpt checkpoint)") from None
         self.manifest: Manifest = read_manifest_bytes(raw, self.path)
         self._files: dict[str, tuple[int, _mmap.mmap | None]] = {}
         self._lock = threading.Lock()
@@ -92,17 +96,14 @@ class CheckpointReader:
             except FileNotFoundError:
                 raise CorruptCheckpointError(
                     f"{self.path}: array file {name!r} is missing; restore from another "
-                    "checkpoint", path=self.path,
-                    leaves=[format_path(self.array_paths.get(i, ()))
-                            for i, a in enumerate(self.manifest.arrays) if a.file == name]
-                ) from None
+                    "checkpoint", path=self.path, leaves=self._leaves_in(name)) from None
             actual = os.fstat(fd).st_size
             if actual != fe.size:
                 os.close(fd)
                 raise CorruptCheckpointError(
                     f"{self.path}: array file {name!r} is {actual} bytes, the manifest says "
                     f"{fe.size} (truncated or replaced); restore from another checkpoint",
-                    path=self.path)
+                    path=self.path, leaves=self._leaves_in(name))
             head = os.pread(fd, 8, 0)
             if len(head) != 8 or int.from_bytes(head, "little") + 8 != fe.data_start:
                 os.close(fd)
@@ -112,6 +113,9 @@ class CheckpointReader:
             mm = _mmap.mmap(fd, 0, access=_mmap.ACCESS_READ) if actual else None
             self._files[name] = (fd, mm)
             return fd, mm
+
+    def _leaves_in(self, name: str) -> list[str]:
+        return [self._leaf_name(i) for i, a in enumerate(self.manifest.arrays) if a.file == name]
 
     def close(self) -> None:
         """Close file descriptors (memory-mapped arrays stay valid)."""
@@ -212,7 +216,8 @@ class CheckpointReader:
 
         def shard(i: int, _p: Path) -> Any:
             s = self.manifest.sharded[i]
-            sa = ShardedArray(s.shape, dtype_from_name(s.dtype),
+            dt = dtype_from_name(s.dtype)
+            sa = ShardedArray(s.shape, dt.newbyteorder(">") if s.byteorder == ">" else dt,
                               [Piece(idx, arrays[a]) for idx, a in s.pieces])
             return sa.assemble() if assemble else sa
 
