@@ -152,15 +152,19 @@ def test_safetensors_reads_plain_numeric_arrays_equal(tmp_path):
 
 
 def test_data_is_aligned_and_header_padded(tmp_path):
-    tree = {"a": np.ones(3, np.int8), "b": np.ones(3, np.float64), "c": np.ones(3, np.int16),
-            "d": np.ones(1, np.complex128)}
+    tree = {"a": np.ones(3, np.int8), "u": np.array(["abc"], "U3"), "v": np.zeros(1, "V3"),
+            "b": np.ones(3, np.float64), "c": np.ones(3, np.int16),
+            "d": np.ones(1, np.complex128), "s": np.array([b"x"], "S3"), "e": np.ones(5, np.int32)}
     unickpt.save(tmp_path / "ck", tree)
     with CheckpointReader(tmp_path / "ck") as r:
         (fe,) = r.manifest.files
         assert fe.data_start % 64 == 0
         offs = [(e.offset, e.nbytes, dtype_from_name(e.dtype).itemsize)
                 for e in r.manifest.arrays]
-    assert all(o % min(isz, 64) == 0 for o, _, isz in offs)
+    assert all(o % min(isz & -isz, 64) == 0 for o, _, isz in offs)  # natural alignment
+    spans = sorted((o, o + n) for o, n, _ in offs)
+    assert all(e0 == s1 for (_, e0), (s1, _) in zip(spans, spans[1:]))  # no gaps (safetensors)
+    assert spans[-1][1] == fe.size
     assert sorted(o for o, _, _ in offs)[0] == fe.data_start  # no gap before the first array
 
 

@@ -135,3 +135,12 @@ def safetensors_code(name: str) -> str:
 def stored_dtype(dtype: np.dtype) -> np.dtype:
     """The little-endian dtype in which bytes are laid out on disk."""
     return dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype
+
+
+def has_byteorder(dtype: np.dtype) -> bool:
+    """Whether ``dtype`` can be big-endian (multi-byte builtin numbers, times and ``U``).
+
+    ``ml_dtypes`` types cannot: numpy turns a byte-swapped bfloat16 into a plain void dtype.
+    """
+    return (dtype.itemsize > 1 and dtype.kind in "iufcmMU"
+            and dtype.newbyteorder(">").kind == dtype.kind)

@@ -165,14 +165,21 @@ def _tensor_names(jobs: list[_Job]) -> list[str]:
     return names
 
 
+def _align(itemsize: int) -> int:
+    return min(itemsize & -itemsize, HEADER_ALIGN) if itemsize else HEADER_ALIGN
+
+
 def layout(jobs: list[_Job], file: str = DATA_FILE) -> tuple[bytes, int]:
     """Assign offsets and build the safetensors header.  Returns ``(header bytes, file size)``.
 
-    Arrays are placed by decreasing item size so every array starts at a multiple of its own
-    item size (natural alignment for zero-copy memory maps) without gaps, which safetensors
+    Arrays are placed by decreasing alignment so every array starts at a multiple of its own
+    alignment (natural alignment for zero-copy memory maps) without gaps, which safetensors
     forbids; the header is padded with spaces so the data section starts 64-byte aligned.
     """
-    order = sorted(range(len(jobs)), key=lambda i: -stored_dtype(jobs[i].dtype).itemsize)
+    # By decreasing power-of-two alignment (the lowest set bit of the item size, at most 64):
+    # every array's size is a multiple of its own alignment and of all that follow, so each
+    # array starts naturally aligned even with odd item sizes such as U3 (12) or V3.
+    order = sorted(range(len(jobs)), key=lambda i: -_align(stored_dtype(jobs[i].dtype).itemsize))
     names = _tensor_names(jobs)
     header: dict[str, Any] = {"__metadata__": {"format": "unickpt", "unickpt_format":
                                                str(FORMAT_VERSION)}}

@@ -67,11 +67,6 @@ def dtypes() -> st.SearchStrategy[np.dtype]:
     return st.sampled_from(ARRAY_DTYPES)
 
 
-def _swappable(dt: np.dtype) -> bool:
-    """Whether ``dt`` has a byte order that can be flipped (multi-byte builtin numeric/str)."""
-    return dt.itemsize > 1 and dt.kind in "iufcmMU" and dt.newbyteorder(">").byteorder == ">"
-
-
 _shapes = st.one_of(
     st.just(()),                                   # 0-d
     st.sampled_from([(0,), (3, 0), (0, 2, 2)]),    # empty
@@ -110,7 +105,7 @@ def arrays(draw, dtype: np.dtype | None = None) -> np.ndarray:
         a = np.asfortranarray(a)
     elif layout == "transposed" and a.ndim > 1:
         a = np.ascontiguousarray(a.T).T  # same values' layout reversed: a non-C view
-    elif layout == "big" and _swappable(dt):
+    elif layout == "big" and _dtypes.has_byteorder(dt):
         a = a.astype(dt.newbyteorder(">"))  # same values, big-endian bytes in memory
     return a
 
@@ -154,7 +149,7 @@ def sharded_arrays(draw) -> ShardedArray:
     dt = draw(dtypes())
     shape = draw(st.lists(st.integers(1, 5), min_size=1, max_size=3).map(tuple))
     whole = _filled(draw, dt, shape)
-    if _swappable(dt) and draw(st.booleans()):
+    if _dtypes.has_byteorder(dt) and draw(st.booleans()):
         whole = whole.astype(dt.newbyteorder(">"))
         dt = whole.dtype
     cuts = sorted(draw(st.sets(st.integers(1, shape[0] - 1), max_size=3))) if shape[0] > 1 else []
