@@ -276,3 +276,70 @@ def test_expected_array_helper_matches_loaded_lazy_array(tmp_path):
     unickpt.save(tmp_path / "ck", [lz])
     (got,) = unickpt.load(tmp_path / "ck")
     assert got.dtype.str == ">f8" and got.tobytes() == expected_array(lz).tobytes()
+
+
+# ------------------------------------------------------------------ strategies themselves
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 50).flatmap(lambda n: st.tuples(st.just(n), ust.interruption_schedules(n))))
+def test_interruption_schedules_are_sorted_unique_and_in_range(case):
+    n, steps = case
+    assert steps == sorted(set(steps)) and all(0 <= k <= n for k in steps)
+
+
+def test_interruption_schedules_reach_the_edges():
+    from hypothesis import find
+
+    assert find(ust.interruption_schedules(20), lambda s: {0, 1, 19, 20} <= set(s)) \
+        == [0, 1, 19, 20]
+    assert find(ust.interruption_schedules(20), lambda s: True) == []
+    assert find(ust.interruption_schedules(0), lambda s: s) == [0]
+    with pytest.raises(ValueError, match="total_steps must be >= 0"):
+        ust.interruption_schedules(-1)
+
+
+def test_state_trees_cover_every_leaf_kind():
+
+    kinds = {
+        "big-endian array": lambda x: isinstance(x, np.ndarray) and x.dtype.byteorder == ">",
+        "fortran array": lambda x: isinstance(x, np.ndarray) and x.ndim > 1
+        and x.flags.f_contiguous and not x.flags.c_contiguous,
+        "strided view": lambda x: isinstance(x, np.ndarray) and not x.flags.contiguous,
+        "empty array": lambda x: isinstance(x, np.ndarray) and x.size == 0,
+        "0-d array": lambda x: isinstance(x, np.ndarray) and x.ndim == 0,
+        "ml_dtypes float": lambda x: isinstance(x, np.ndarray)
+        and x.dtype.name.startswith(("bfloat16", "float8", "float4", "float6")),
+        "ml_dtypes int": lambda x: isinstance(x, np.ndarray)
+        and x.dtype.name in ("int1", "int2", "int4", "uint1", "uint2", "uint4"),
+        "long double": lambda x: isinstance(x, np.ndarray) and x.dtype.kind in "fc"
+        and x.dtype.itemsize >= 16 and x.dtype != np.complex128,
+        "datetime": lambda x: isinstance(x, np.ndarray) and x.dtype.kind in "mM",
+        "unicode": lambda x: isinstance(x, np.ndarray) and x.dtype.kind == "U",
+        "numpy scalar": lambda x: isinstance(x, np.generic),
+        "sharded": lambda x: isinstance(x, ShardedArray) and len(x.pieces) > 1,
+        "lazy": lambda x: isinstance(x, LazyArray),
+        "huge int": lambda x: type(x) is int and abs(x) > 1 << 64,
+        "nan payload": lambda x: isinstance(x, float) and x != x
+        and struct.pack("<d", x) != struct.pack("<d", float("nan")),
+        "negative zero": lambda x: isinstance(x, float) and struct.pack("<d", x)
+        == struct.pack("<d", -0.0),
+    }
+    seen: set[str] = set()
+    tree_kinds: set[str] = set()
+
+    @settings(max_examples=600, database=None, derandomize=True, deadline=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(ust.leaves(), ust.state_trees())
+    def sample(leaf, tree):
+        seen.update(name for name, pred in kinds.items() if pred(leaf))
+        if isinstance(tree, dict) and any(type(k) is int for k in tree):
+            tree_kinds.add("int key")
+        if isinstance(tree, dict) and any(k in ("/", ".", "") for k in tree):
+            tree_kinds.add("awkward key")
+        if isinstance(tree, tuple):
+            tree_kinds.add("tuple")
+        if isinstance(tree, list) and any(isinstance(v, (list, tuple, dict)) for v in tree):
+            tree_kinds.add("nested")
+
+    sample()
+    assert seen == set(kinds), set(kinds) - seen
+    assert tree_kinds == {"int key", "awkward key", "tuple", "nested"}
