@@ -297,6 +297,14 @@ def test_interruption_schedules_reach_the_edges():
         ust.interruption_schedules(-1)
 
 
+def test_strategies_draw_from_the_whole_dtype_allow_list():
+    from unickpt.format import dtypes
+
+    names = {dtype_name(d) for d in ust.ARRAY_DTYPES}
+    assert set(dtypes._BY_NAME) <= names
+    assert {"datetime64[as]", "timedelta64[Y]", "U3", "S4", "V3"} <= names
+
+
 def test_state_trees_cover_every_leaf_kind():
 
     kinds = {
@@ -310,8 +318,6 @@ def test_state_trees_cover_every_leaf_kind():
         and x.dtype.name.startswith(("bfloat16", "float8", "float4", "float6")),
         "ml_dtypes int": lambda x: isinstance(x, np.ndarray)
         and x.dtype.name in ("int1", "int2", "int4", "uint1", "uint2", "uint4"),
-        "long double": lambda x: isinstance(x, np.ndarray) and x.dtype.kind in "fc"
-        and x.dtype.itemsize >= 16 and x.dtype != np.complex128,
         "datetime": lambda x: isinstance(x, np.ndarray) and x.dtype.kind in "mM",
         "unicode": lambda x: isinstance(x, np.ndarray) and x.dtype.kind == "U",
         "numpy scalar": lambda x: isinstance(x, np.generic),
@@ -326,19 +332,29 @@ def test_state_trees_cover_every_leaf_kind():
     seen: set[str] = set()
     tree_kinds: set[str] = set()
 
+    def walk(x, depth=0):
+        yield x, depth
+        if isinstance(x, dict):
+            for v in x.values():
+                yield from walk(v, depth + 1)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                yield from walk(v, depth + 1)
+
     @settings(max_examples=600, database=None, derandomize=True, deadline=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(ust.leaves(), ust.state_trees())
-    def sample(leaf, tree):
-        seen.update(name for name, pred in kinds.items() if pred(leaf))
-        if isinstance(tree, dict) and any(type(k) is int for k in tree):
-            tree_kinds.add("int key")
-        if isinstance(tree, dict) and any(k in ("/", ".", "") for k in tree):
-            tree_kinds.add("awkward key")
-        if isinstance(tree, tuple):
-            tree_kinds.add("tuple")
-        if isinstance(tree, list) and any(isinstance(v, (list, tuple, dict)) for v in tree):
-            tree_kinds.add("nested")
+    @given(ust.state_trees())
+    def sample(tree):
+        for node, depth in walk(tree):
+            seen.update(name for name, pred in kinds.items() if pred(node))
+            if isinstance(node, dict) and any(type(k) is int for k in node):
+                tree_kinds.add("int key")
+            if isinstance(node, dict) and any(k in ("/", ".", "") for k in node):
+                tree_kinds.add("awkward key")
+            if isinstance(node, tuple):
+                tree_kinds.add("tuple")
+            if depth >= 2:
+                tree_kinds.add("nested")
 
     sample()
     assert seen == set(kinds), set(kinds) - seen
