@@ -133,6 +133,22 @@ def test_manifest_is_a_directory(tmp_path):
         unickpt.verify(path)
 
 
+def test_fifo_or_device_in_place_of_a_file_does_not_hang(tmp_path):
+    path = _sample(tmp_path)
+    os.remove(os.path.join(path, DATA))
+    os.mkfifo(os.path.join(path, DATA))
+    with pytest.raises(unickpt.CorruptCheckpointError, match="is not a regular file"):
+        unickpt.load(path)
+    os.remove(os.path.join(path, DATA))
+    os.symlink("/dev/zero", os.path.join(path, DATA))
+    with pytest.raises(unickpt.CorruptCheckpointError, match="is not a regular file"):
+        unickpt.load(path)
+    os.remove(os.path.join(path, MANIFEST_NAME))
+    os.mkfifo(os.path.join(path, MANIFEST_NAME))
+    with pytest.raises(unickpt.CheckpointNotFoundError, match="is not a regular file"):
+        unickpt.load(path)
+
+
 def test_missing_manifest_and_missing_directory(tmp_path):
     path = _sample(tmp_path)
     with pytest.raises(unickpt.CheckpointNotFoundError, match="not a directory"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import mmap as _mmap
 import os
+import stat
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,7 @@ from .manifest import (
 )
 
 READ_CHUNK = 64 << 20
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 TEMP_PREFIX = ".unickpt-"
 
 
@@ -60,13 +62,20 @@ class CheckpointReader:
                 "interrupted save; it is not a checkpoint and will be cleaned up")
         mpath = os.path.join(self.path, MANIFEST_NAME)
         try:
-            with open(mpath, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
+            # O_NONBLOCK: a FIFO planted as the manifest must not hang the reader
+            with open(os.open(mpath, os.O_RDONLY | _NONBLOCK), "rb") as f:
+                st = os.fstat(f.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    raise CheckpointNotFoundError(
+                        f"no checkpoint at {self.path}: {MANIFEST_NAME} is not a regular file")
+                size = st.st_size
                 if size > MAX_MANIFEST_BYTES:
                     raise CorruptCheckpointError(
                         f"{self.path}: manifest is {size} bytes (limit {MAX_MANIFEST_BYTES})",
                         path=self.path)
                 raw = f.read(size)
+        except CheckpointNotFoundError:
+            raise
         except FileNotFoundError:
             raise CheckpointNotFoundError(
                 f"no checkpoint at {self.path}: {MANIFEST_NAME} is missing (not a unickpt "
@@ -92,12 +101,18 @@ class CheckpointReader:
             fe = next(f for f in self.manifest.files if f.name == name)
             fpath = os.path.join(self.path, name)
             try:
-                fd = os.open(fpath, os.O_RDONLY)
+                fd = os.open(fpath, os.O_RDONLY | _NONBLOCK)
             except FileNotFoundError:
                 raise CorruptCheckpointError(
                     f"{self.path}: array file {name!r} is missing; restore from another "
                     "checkpoint", path=self.path, leaves=self._leaves_in(name)) from None
-            actual = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                os.close(fd)
+                raise CorruptCheckpointError(
+                    f"{self.path}: array file {name!r} is not a regular file", path=self.path,
+                    leaves=self._leaves_in(name))
+            actual = st.st_size
             if actual != fe.size:
                 os.close(fd)
                 raise CorruptCheckpointError(
