@@ -151,6 +151,17 @@ def test_safetensors_reads_plain_numeric_arrays_equal(tmp_path):
             assert got.dtype == v.dtype and np.array_equal(got, v)
 
 
+def test_a_leaf_named_like_the_safetensors_metadata_key_keeps_the_file_valid(tmp_path):
+    tree = {"__metadata__": np.arange(3, dtype=np.int32), "a": {"b": np.ones(1)},
+            "a/b": np.zeros(1)}  # also two paths that join to the same tensor name
+    unickpt.save(tmp_path / "ck", tree)
+    with safetensors.safe_open(str(tmp_path / "ck/arrays.safetensors"), framework="np") as f:
+        assert f.metadata() == {"format": "unickpt", "unickpt_format": "1"}
+        assert sorted(f.keys()) == ["__metadata__#2", "a/b", "a/b#2"]
+        assert f.get_tensor("__metadata__#2").tolist() == [0, 1, 2]
+    assert_bitwise_equal(tree, unickpt.load(tmp_path / "ck"))
+
+
 def test_data_is_aligned_and_header_padded(tmp_path):
     tree = {"a": np.ones(3, np.int8), "u": np.array(["abc"], "U3"), "v": np.zeros(1, "V3"),
             "b": np.ones(3, np.float64), "c": np.ones(3, np.int16),

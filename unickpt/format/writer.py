@@ -153,7 +153,7 @@ def _check_utf8(s: str, path: Path) -> None:
 
 
 def _tensor_names(jobs: list[_Job]) -> list[str]:
-    names, used = [], set()
+    names, used = [], {"__metadata__"}  # reserved by safetensors for the header metadata
     for j in jobs:
         base = "/".join(str(k) for k in j.path) or "<root>"
         name, n = base, 1

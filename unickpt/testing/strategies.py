@@ -138,7 +138,8 @@ def python_scalars() -> st.SearchStrategy[Any]:
 def keys() -> st.SearchStrategy[str | int]:
     """Dict keys: awkward strings ("/", ".", "", non-ASCII, look-alikes of ints) and ints."""
     awkward = st.sampled_from(["/", ".", "..", "", "a/b", "a.b", "7", "-1", " ", "ü", "键",
-                               "🙂", "<root>", "<piece 0>", "x#2", "\x00", "\"q\""])
+                               "🙂", "<root>", "<piece 0>", "x#2", "\x00", "\"q\"",
+                               "__metadata__"])
     return st.one_of(awkward, st.text(max_size=6),
                      st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1))
 
