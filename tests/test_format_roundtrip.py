@@ -352,10 +352,12 @@ def test_state_trees_cover_every_leaf_kind():
             for v in x:
                 yield from walk(v, depth + 1)
 
-    @settings(max_examples=600, database=None, derandomize=True, deadline=None,
+    @settings(max_examples=250, database=None, derandomize=True, deadline=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(ust.state_trees())
-    def sample(tree):
+    @given(ust.state_trees(), st.lists(ust.leaves(), min_size=3, max_size=3))
+    def sample(tree, more):
+        for leaf in more:
+            seen.update(name for name, pred in kinds.items() if pred(leaf))
         for node, depth in walk(tree):
             seen.update(name for name, pred in kinds.items() if pred(node))
             if isinstance(node, dict) and any(type(k) is int for k in node):

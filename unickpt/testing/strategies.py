@@ -173,8 +173,11 @@ def lazy_arrays() -> st.SearchStrategy[LazyArray]:
 
 def leaves() -> st.SearchStrategy[Any]:
     """Any single leaf of a state tree."""
-    return st.one_of(python_scalars(), arrays(), numpy_scalars(), lazy_arrays(),
-                     sharded_arrays())
+    # Pick the kind first (uniformly) so that arrays are not crowded out by the many
+    # branches of python_scalars(); arrays get two shares, being the leaves that matter most.
+    kinds = [arrays(), arrays(), numpy_scalars(), lazy_arrays(), sharded_arrays(),
+             python_scalars()]
+    return st.sampled_from(kinds).flatmap(lambda s: s)
 
 
 def state_trees(max_leaves: int = 12) -> st.SearchStrategy[Any]:
