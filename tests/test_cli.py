@@ -74,6 +74,12 @@ def test_inspect_json(ck):
     assert doc["info"] == {"step": 3}
 
 
+def test_inspect_root_leaf(tmp_path):
+    unickpt.save(tmp_path / "r", np.arange(3, dtype=np.int16))
+    r = _run("inspect", str(tmp_path / "r"))
+    assert r.exit_code == 0 and "<root>: int16[3] 6 B" in r.output
+
+
 def test_inspect_unreadable_exits_2(tmp_path):
     r = _run("inspect", str(tmp_path / "missing"))
     assert r.exit_code == 2
@@ -172,6 +178,18 @@ def test_diff_json_and_bit_level_equality(tmp_path):
     assert leaves["x"]["ndiff"] == 1 and leaves["x"]["first_index"] == [0]
     assert leaves["x"]["max_abs_diff"] == 0.0
     assert leaves["f"]["status"] == "differs"
+
+
+def test_diff_of_a_corrupt_checkpoint_exits_2_naming_the_leaf(ck, tmp_path):
+    other = str(tmp_path / "b")
+    unickpt.save(other, _tree())
+    with unickpt.format.CheckpointReader(other) as rd:
+        e = rd.manifest.arrays[1]
+    with open(os.path.join(other, "arrays.safetensors"), "r+b") as f:
+        f.seek(e.offset)
+        f.write(b"\x01")
+    r = _run("diff", ck, other)
+    assert r.exit_code == 2 and "leaf params/bf: checksum mismatch" in r.output
 
 
 def test_diff_unreadable_exits_2(ck, tmp_path):

@@ -126,17 +126,19 @@ def _skeleton(r: CheckpointReader) -> Any:
 def _add_nodes(node: Tree, x: Any) -> None:
     items = (x.items() if isinstance(x, dict) else enumerate(x))
     for k, v in items:
-        key = format_path((k,))
-        if isinstance(v, (dict, list, tuple)):
-            kind = {dict: "dict", list: "list", tuple: "tuple"}[type(v)]
-            child = node.add(f"[bold]{escape(key)}[/] [dim]{kind}({len(v)})[/]")
-            _add_nodes(child, v)
-        elif isinstance(v, _Ref):
-            node.add(f"[bold]{escape(key)}[/]: {v.label()}")
-        else:
-            text = repr(v)
-            text = text if len(text) <= 80 else text[:77] + "..."
-            node.add(f"[bold]{escape(key)}[/]: [green]{type(v).__name__}[/] = {escape(text)}")
+        _add_node(node, format_path((k,)), v)
+
+
+def _add_node(node: Tree, key: str, v: Any) -> None:
+    if isinstance(v, (dict, list, tuple)):
+        kind = {dict: "dict", list: "list", tuple: "tuple"}[type(v)]
+        _add_nodes(node.add(f"[bold]{escape(key)}[/] [dim]{kind}({len(v)})[/]"), v)
+    elif isinstance(v, _Ref):
+        node.add(f"[bold]{escape(key)}[/]: {v.label()}")
+    else:
+        text = repr(v)
+        text = text if len(text) <= 80 else text[:77] + "..."
+        node.add(f"[bold]{escape(key)}[/]: [green]{type(v).__name__}[/] = {escape(text)}")
 
 
 @app.command("inspect")
@@ -178,7 +180,7 @@ def inspect_cmd(
     if isinstance(skeleton, (dict, list, tuple)):
         _add_nodes(root, skeleton)
     else:
-        _add_nodes(root, {"<root>": skeleton})
+        _add_node(root, "<root>", skeleton)
     out.print(root)
     for title, d in (("kinds", summary.kinds), ("metadata", summary.metadata),
                      ("info", summary.info)):
@@ -348,7 +350,8 @@ def diff_cmd(
     from .api import load
 
     try:
-        ta, tb = load(a), load(b)
+        # memory-mapped (pages, not copies, for big checkpoints) but checksummed
+        ta, tb = load(a, mmap=True, verify=True), load(b, mmap=True, verify=True)
     except (UnickptError, OSError) as e:
         raise _unreadable(e) from None
     diffs = diff_trees(ta, tb)
