@@ -255,6 +255,9 @@ def test_huge_header_length_in_array_file(tmp_path):
         assert tracemalloc.get_traced_memory()[1] < 8 << 20
     finally:
         tracemalloc.stop()
+    with pytest.raises(unickpt.CorruptCheckpointError, match="4 damaged leaves") as ei:
+        unickpt.verify(path)
+    assert "w" in ei.value.leaves
 
 
 def test_missing_array_file_names_every_leaf(tmp_path):

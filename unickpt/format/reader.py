@@ -124,7 +124,7 @@ class CheckpointReader:
                 os.close(fd)
                 raise CorruptCheckpointError(
                     f"{self.path}: array file {name!r} has a damaged safetensors header",
-                    path=self.path)
+                    path=self.path, leaves=self._leaves_in(name))
             mm = _mmap.mmap(fd, 0, access=_mmap.ACCESS_READ) if actual else None
             self._files[name] = (fd, mm)
             return fd, mm
