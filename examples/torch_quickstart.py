@@ -175,6 +175,10 @@ def main() -> int:
     base = args.root or tempfile.mkdtemp(prefix="unickpt-quickstart-")
     crash_at = args.crash_at or int(args.steps * 0.55)
     ref_root, run_root = os.path.join(base, "reference"), os.path.join(base, "interrupted")
+    if os.path.exists(ref_root) or os.path.exists(run_root):
+        # Both runs resume from what they find: old checkpoints would skip the training.
+        print(f"{base} already holds a quickstart run; pass an empty or new --root")
+        return 2
     t0 = time.perf_counter()
     print(f"1. reference run: {args.steps} steps without interruption")
     if _worker(ref_root, args.steps, None).returncode != 0:
