@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 import unickpt
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RESUME_EXAMPLES = int(os.environ.get("UNICKPT_TORCH_RESUME_EXAMPLES", "250"))
+RESUME_EXAMPLES = int(os.environ.get("UNICKPT_TORCH_RESUME_EXAMPLES", "300"))
 
 
 @pytest.fixture(autouse=True)
