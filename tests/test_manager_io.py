@@ -265,3 +265,25 @@ def test_create_manager_errors(tmp_path, spec, msg, cause):
     with pytest.raises(ConfigError, match=msg) as ei:
         unickpt.create_manager(spec, tmp_path)
     assert isinstance(ei.value.__cause__, cause)
+
+
+# ---------------------------------------------------------------- the example
+EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       "examples", "numpy_resume.py")
+
+
+def test_example_killed_and_resumed_matches_uninterrupted_run(tmp_path):
+    def run(root, *extra):
+        return subprocess.run([sys.executable, EXAMPLE, str(root), *extra],
+                              capture_output=True, text=True, env=ENV, timeout=120)
+
+    crashed = run(tmp_path / "a", "--crash-at", "37")
+    assert crashed.returncode == -9 and "crashing at step 37" in crashed.stdout
+    resumed = run(tmp_path / "a")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "start: step 30" in resumed.stdout
+    clean = run(tmp_path / "b")
+    assert "start: step 0" in clean.stdout
+    digest = [ln for ln in clean.stdout.splitlines() if ln.startswith("done:")]
+    assert digest and digest == [ln for ln in resumed.stdout.splitlines()
+                                 if ln.startswith("done:")]

@@ -79,6 +79,9 @@ def flatten(tree: Any, kinds: dict[Path, str] | None = None) -> tuple[Any, list[
         return len(jobs) - 1
 
     def enc(x: Any, path: Path) -> Any:
+        # numpy scalars first: np.float64 subclasses float and would lose its dtype below
+        if isinstance(x, np.generic):
+            return ["a", add_array(np.asarray(x), path, scalar=True)]
         if x is None or isinstance(x, (bool, str, bytes)):
             return x
         if isinstance(x, int):
@@ -89,8 +92,6 @@ def flatten(tree: Any, kinds: dict[Path, str] | None = None) -> tuple[Any, list[
             return ["a", add_array(x, path)]
         if isinstance(x, LazyArray):
             return ["a", add_array(x, path)]
-        if isinstance(x, np.generic):
-            return ["a", add_array(np.asarray(x), path, scalar=True)]
         if isinstance(x, ShardedArray):
             idx = [add_array(p.data if isinstance(p.data, LazyArray) else np.asarray(p.data),
                              (*path, f"<piece {i}>")) for i, p in enumerate(x.pieces)]
