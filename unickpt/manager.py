@@ -458,14 +458,20 @@ class CheckpointManager:
                       keep_best=cfg.keep_best, best_metric=cfg.best_metric,
                       best_mode=cfg.best_mode,
                       protected=() if self._resumed_step is None else (self._resumed_step,))
-        for s in to_delete(kept):
-            name = format_step(s)
-            # Rename out of the step_N namespace first: a crash mid-delete leaves trash that
-            # no reader looks at, never a step_N with half its files.
-            trash = os.path.join(self.root, f"{TRASH_PREFIX}{name}.{uuid.uuid4().hex[:8]}")
-            self.storage.move(os.path.join(self.root, name), trash)
+        doomed = to_delete(kept)
+        if not doomed:
+            return
+        # Rename out of the step_N namespace first (durably, one fsync for the batch): a
+        # crash mid-delete then leaves trash that no reader looks at, never a step_N with
+        # half its files.  A crash before that fsync leaves the checkpoints whole.
+        pairs = [(os.path.join(self.root, format_step(s)),
+                  os.path.join(self.root, f"{TRASH_PREFIX}{format_step(s)}."
+                                          f"{uuid.uuid4().hex[:8]}")) for s in doomed]
+        self.storage.move_many(pairs)
+        for s in doomed:
             self._steps.discard(s)
             self._metrics.pop(s, None)
+        for _, trash in pairs:
             try:
                 self.storage.remove_tree(trash)
             except OSError as e:
