@@ -22,18 +22,13 @@ from __future__ import annotations
 import logging
 import math
 import os
-import platform
-import socket
-import sys
 import threading
 import time
 import uuid
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
-from . import __version__
 from .background import BackgroundSaver
 from .errors import (
     CheckpointExistsError,
@@ -42,7 +37,6 @@ from .errors import (
     CorruptCheckpointError,
     RunRootError,
     UnickptError,
-    UnsupportedLeafError,
 )
 from .format.reader import CheckpointReader, is_committed
 from .format.writer import WriteStats, flatten, write_tree
@@ -59,6 +53,13 @@ from .policy import (
     should_save,
     to_delete,
 )
+from .records import (
+    CheckpointInfo,
+    Restored,
+    StartDecision,
+    checkpoint_info,
+    plain_metrics,
+)
 from .run_root import RootLock, clean_leftovers, read_info, scan, write_pointer
 from .state import restore_tree, to_tree
 from .storage import LocalStorage, Storage, staged
@@ -66,82 +67,6 @@ from .storage import LocalStorage, Storage, staged
 __all__ = ["CheckpointManager", "StartDecision", "Restored", "CheckpointInfo"]
 
 log = logging.getLogger("unickpt")
-_FRAMEWORKS = ("torch", "jax", "jaxlib", "flax", "optax", "orbax.checkpoint")
-
-
-@dataclass(frozen=True)
-class StartDecision:
-    """The single startup decision of a run (see :meth:`CheckpointManager.resolve_start`).
-
-    Attributes:
-        resume: whether a checkpoint is loaded.
-        step: its step; 0 on a cold start.
-        path: the checkpoint directory, or None.
-        reason: why (for logs).
-        archived_to: the ``run_<K>`` directory old checkpoints were moved into, or None.
-        archived: the names of the moved checkpoints.
-    """
-
-    resume: bool
-    step: int
-    path: str | None
-    reason: str
-    archived_to: str | None = None
-    archived: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Restored:
-    """What :meth:`CheckpointManager.restore` did.
-
-    ``state`` is the restored state: the same objects for mutable framework objects loaded
-    in place (modules, optimizers, Stateful objects), new values for immutable ones (numpy
-    arrays in a dict, Python scalars, JAX arrays).  On a cold start it is the given state,
-    untouched, and ``step`` is 0.
-    """
-
-    step: int
-    state: Any
-    resumed: bool
-    path: str | None
-    metadata: dict = field(default_factory=dict)
-    metrics: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """One committed checkpoint as listed by :meth:`CheckpointManager.checkpoints`."""
-
-    step: int
-    path: str
-    time: float
-    size: int
-    metrics: dict = field(default_factory=dict)
-
-
-def _framework_versions() -> dict[str, str]:
-    # Only frameworks the process already imported: recording must never import one.
-    out = {}
-    for name in _FRAMEWORKS:
-        mod = sys.modules.get(name)
-        if mod is not None:
-            out[name] = str(getattr(mod, "__version__", "unknown"))
-    return out
-
-
-def _plain_metrics(metrics: Mapping[str, Any] | None, step: int) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in (metrics or {}).items():
-        if not isinstance(k, str):
-            raise UnsupportedLeafError(f"save(step={step}): metric name {k!r} must be a str")
-        if hasattr(v, "item") and getattr(v, "size", 1) == 1:
-            v = v.item()  # numpy / framework scalars
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise UnsupportedLeafError(
-                f"save(step={step}): metric {k!r} is {type(v).__name__}, not a number; put "
-                "other data in metadata=")
-        out[k] = v
-    return out
 
 
 def _as_select(select: Iterable[Any] | None) -> list[tuple] | None:
@@ -371,7 +296,7 @@ class CheckpointManager:
                 f"save(step={step}): {self.root} already holds the newer {format_step(newest)}; "
                 "steps must increase (resume from it, or use on_existing='archive' with "
                 "resume='never' to start over)")
-        plain_metrics = _plain_metrics(metrics, step)
+        clean_metrics = plain_metrics(metrics, step)
         final = os.path.join(self.root, format_step(step))
         # Not committed (else it would be in _steps), so not ours: never write into it.
         if self.storage.is_dir(final) or self.storage.is_file(final):
@@ -385,35 +310,20 @@ class CheckpointManager:
             tree, kinds = to_tree(state, snapshot=True)
             prepared = flatten(tree)  # validates every leaf here, in the caller's thread
             self._last_saved_step, self._last_save_time = step, now
-            self._saver.submit(lambda: self._write(step, prepared, kinds, plain_metrics,
+            self._saver.submit(lambda: self._write(step, prepared, kinds, clean_metrics,
                                                    metadata, t0), format_step(step))
             return True
         tree, kinds = to_tree(state)
         prepared = flatten(tree)
-        self._write(step, prepared, kinds, plain_metrics, metadata, t0)
+        self._write(step, prepared, kinds, clean_metrics, metadata, t0)
         self._last_saved_step, self._last_save_time = step, now
         return True
 
     def _info(self, step: int, metrics: dict, t0: float, stats: WriteStats) -> dict:
-        seconds = time.perf_counter() - t0
-        cfg = self.config
-        return {
-            "step": step,
-            "time": time.time(),
-            "metrics": metrics,
-            "unickpt_version": __version__,
-            "frameworks": _framework_versions(),
-            "python": platform.python_version(),
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "save_seconds": seconds,
-            "nbytes": stats.nbytes,
-            "narrays": stats.narrays,
-            "bandwidth": stats.nbytes / seconds if seconds > 0 else 0.0,
-            "async": cfg.async_save,
-            "resumed_from": self._resumed_step,
-            "retention": cfg.retention_options(),
-        }
+        return checkpoint_info(step, metrics, time.perf_counter() - t0, stats,
+                               async_save=self.config.async_save,
+                               resumed_from=self._resumed_step,
+                               retention=self.config.retention_options())
 
     def _write(self, step: int, prepared: Any, kinds: dict, metrics: dict,
                metadata: Mapping[str, Any] | None, t0: float) -> None:
