@@ -287,3 +287,11 @@ def test_example_killed_and_resumed_matches_uninterrupted_run(tmp_path):
     digest = [ln for ln in clean.stdout.splitlines() if ln.startswith("done:")]
     assert digest and digest == [ln for ln in resumed.stdout.splitlines()
                                  if ln.startswith("done:")]
+
+
+def test_dropped_manager_releases_its_lock(tmp_path):
+    m = CheckpointManager(tmp_path)
+    m.resolve_start()
+    del m  # no close(): the lock must not outlive the object
+    with CheckpointManager(tmp_path) as m2:
+        m2.resolve_start()

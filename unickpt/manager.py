@@ -26,6 +26,7 @@ import threading
 import time
 import uuid
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -112,6 +113,9 @@ class CheckpointManager:
         self._last_save_time = time.monotonic()
         self._closed = False
         self._saver = BackgroundSaver(self.root) if self.config.async_save else None
+        # A manager dropped without close() must not keep its root locked for the rest of
+        # the process (notebooks re-create managers); the finalizer holds only the lock.
+        weakref.finalize(self, self._lock.release)
 
     # ------------------------------------------------------------------ context manager
     def __enter__(self) -> CheckpointManager:
