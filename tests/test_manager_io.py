@@ -295,3 +295,35 @@ def test_dropped_manager_releases_its_lock(tmp_path):
     del m  # no close(): the lock must not outlive the object
     with CheckpointManager(tmp_path) as m2:
         m2.resolve_start()
+
+
+class FullDisk(LocalStorage):
+    def __init__(self, fail: str):
+        self.fail = fail
+
+    def commit(self, temp, final, *, replace=False):
+        if self.fail == "commit":
+            raise OSError(28, "No space left on device")
+        super().commit(temp, final, replace=replace)
+
+    def write_atomic(self, path, data):
+        if self.fail == "pointer":
+            raise OSError(122, "Disk quota exceeded")
+        super().write_atomic(path, data)
+
+
+def test_disk_full_during_save_is_reported_with_the_step(tmp_path):
+    storage = FullDisk("")
+    with CheckpointManager(tmp_path, storage=storage, keep_last=1) as m:
+        m.save(1, big_state(1, mb=1))
+        storage.fail = "commit"
+        with pytest.raises(OSError, match="No space left on device while saving .*step_2: "
+                                          "nothing was committed") as ei:
+            m.save(2, big_state(2, mb=1))
+        assert ei.value.errno == 28
+        storage.fail = "pointer"
+        assert m.save(3, big_state(3, mb=1)) is True  # committed; the pointer is advisory
+    assert sorted(n for n in os.listdir(tmp_path) if not n.startswith(".unickpt.")) == \
+        ["latest", "step_3"]
+    assert (tmp_path / "latest").read_text() == "step_1\n"  # stale, and the scan wins
+    assert CheckpointManager(tmp_path).latest().step == 3

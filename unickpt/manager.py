@@ -339,16 +339,24 @@ class CheckpointManager:
             recorded.update(self._info(step, metrics, t0, stats))
             return recorded
 
-        with staged(self.storage, final) as tmp:
-            write_tree(tmp, None, metadata=dict(metadata or {}), info=info, kinds=kinds,
-                       prepared=prepared)
-            with self._mutex:
-                self.storage.commit(tmp, final)
+        try:
+            with staged(self.storage, final) as tmp:
+                write_tree(tmp, None, metadata=dict(metadata or {}), info=info, kinds=kinds,
+                           prepared=prepared)
+                with self._mutex:
+                    self.storage.commit(tmp, final)
+        except OSError as e:  # disk full, quota, I/O error: say which save and what is left
+            raise OSError(e.errno, f"{e.strerror or e} while saving {final}: nothing was "
+                                   "committed and earlier checkpoints are intact") from e
         with self._mutex:
             self._steps.add(step)
             self._metrics[step] = metrics
             if step == max(self._steps):
-                write_pointer(self.storage, self.root, name)
+                try:
+                    write_pointer(self.storage, self.root, name)
+                except OSError as e:  # the pointer is informational: readers scan
+                    log.warning("unickpt: %s is committed but the latest pointer could not "
+                                "be updated: %s", final, e)
             self._apply_retention()
         total = time.perf_counter() - t0
         nbytes = recorded.get("nbytes", 0)
