@@ -217,7 +217,7 @@ def test_no_schedule_saves_every_call_and_resumed_step_is_noop(tmp_path):
         r = m.restore(state(0))
         assert m.save(r.step, r.state) is False
         assert m.save(1, state(1)) is False  # already saved: a no-op
-        with pytest.raises(ConfigError, match="already holds the newer step_2"):
+        with pytest.raises(ConfigError, match="already has the newer step_2"):
             m.save(0, state(0))
 
 

@@ -327,3 +327,22 @@ def test_disk_full_during_save_is_reported_with_the_step(tmp_path):
         ["latest", "step_3"]
     assert (tmp_path / "latest").read_text() == "step_1\n"  # stale, and the scan wins
     assert CheckpointManager(tmp_path).latest().step == 3
+
+
+def test_async_step_order_and_metadata_snapshot(tmp_path):
+    meta = {"tags": ["a"]}
+    with CheckpointManager(tmp_path, async_save=True) as m:
+        m.save(10, big_state(10, mb=1), metadata=meta)
+        meta["tags"].append("changed later")
+        with pytest.raises(ConfigError, match="already has the newer step_10"):
+            m.save(5, big_state(5, mb=1))  # step 10 may still be in flight: still refused
+    assert unickpt.inspect(tmp_path / "step_10").metadata == {"tags": ["a"]}
+
+
+def test_external_resume_does_not_constrain_new_steps(tmp_path):
+    with CheckpointManager(tmp_path / "pre") as m:
+        m.save(7000, {"w": np.ones(2)})
+    with CheckpointManager(tmp_path / "ft", resume=str(tmp_path / "pre" / "step_7000")) as m:
+        r = m.restore({"w": np.zeros(2)})
+        assert r.step == 7000 and r.state["w"].tolist() == [1.0, 1.0]
+        assert m.save(1, r.state) is True  # fine-tuning counts its own steps

@@ -40,7 +40,7 @@ from .errors import (
     UnickptError,
 )
 from .format.reader import CheckpointReader, is_committed
-from .format.writer import WriteStats, flatten, write_tree
+from .format.writer import WriteStats, _plain, flatten, write_tree
 from .policy import (
     RESUME_MODES,
     TRASH_PREFIX,
@@ -215,9 +215,7 @@ class CheckpointManager:
             path = external[0] if external else (
                 os.path.join(self.root, plan.name) if plan.name else None)
             if plan.resume and external is None:
-                self._resumed_step = plan.step
-            if plan.resume:
-                self._last_saved_step = plan.step
+                self._resumed_step = self._last_saved_step = plan.step
             reason = plan.reason
             if archived_to:
                 reason += f"; archived {len(plan.archive)} checkpoints into {archived_to}"
@@ -288,7 +286,8 @@ class CheckpointManager:
         cfg = self.config
         now = time.monotonic()
         with self._mutex:
-            newest = max(self._steps) if self._steps else None
+            # the newest committed step, or the one in flight (an async save not yet done)
+            newest = max(self._steps | ({self._last_saved_step} - {None}), default=None)
             decision = should_save(step, save_every=cfg.save_every,
                                    save_every_seconds=cfg.save_every_seconds, force=force,
                                    now=now, last_save_time=self._last_save_time,
@@ -297,10 +296,12 @@ class CheckpointManager:
             return False
         if newest is not None and step < newest:
             raise ConfigError(
-                f"save(step={step}): {self.root} already holds the newer {format_step(newest)}; "
+                f"save(step={step}): {self.root} already has the newer {format_step(newest)}; "
                 "steps must increase (resume from it, or use on_existing='archive' with "
                 "resume='never' to start over)")
         clean_metrics = plain_metrics(metrics, step)
+        # checked and copied now: the caller may change its dict while an async save runs
+        clean_metadata = _plain(dict(metadata or {}), "metadata")
         final = os.path.join(self.root, format_step(step))
         # Not committed (else it would be in _steps), so not ours: never write into it.
         if self.storage.is_dir(final) or self.storage.is_file(final):
@@ -315,11 +316,11 @@ class CheckpointManager:
             prepared = flatten(tree)  # validates every leaf here, in the caller's thread
             self._last_saved_step, self._last_save_time = step, now
             self._saver.submit(lambda: self._write(step, prepared, kinds, clean_metrics,
-                                                   metadata, t0), format_step(step))
+                                                   clean_metadata, t0), format_step(step))
             return True
         tree, kinds = to_tree(state)
         prepared = flatten(tree)
-        self._write(step, prepared, kinds, clean_metrics, metadata, t0)
+        self._write(step, prepared, kinds, clean_metrics, clean_metadata, t0)
         self._last_saved_step, self._last_save_time = step, now
         return True
 
@@ -329,8 +330,8 @@ class CheckpointManager:
                                resumed_from=self._resumed_step,
                                retention=self.config.retention_options())
 
-    def _write(self, step: int, prepared: Any, kinds: dict, metrics: dict,
-               metadata: Mapping[str, Any] | None, t0: float) -> None:
+    def _write(self, step: int, prepared: Any, kinds: dict, metrics: dict, metadata: dict,
+               t0: float) -> None:
         name = format_step(step)
         final = os.path.join(self.root, name)
         recorded: dict = {}
@@ -341,7 +342,7 @@ class CheckpointManager:
 
         try:
             with staged(self.storage, final) as tmp:
-                write_tree(tmp, None, metadata=dict(metadata or {}), info=info, kinds=kinds,
+                write_tree(tmp, None, metadata=metadata, info=info, kinds=kinds,
                            prepared=prepared)
                 with self._mutex:
                     self.storage.commit(tmp, final)
