@@ -346,3 +346,12 @@ def test_external_resume_does_not_constrain_new_steps(tmp_path):
         r = m.restore({"w": np.zeros(2)})
         assert r.step == 7000 and r.state["w"].tolist() == [1.0, 1.0]
         assert m.save(1, r.state) is True  # fine-tuning counts its own steps
+
+
+def test_create_manager_module_with_missing_dependency(tmp_path, monkeypatch):
+    (tmp_path / "needs_dep_zz.py").write_text("import not_installed_dep_zz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match="importing 'needs_dep_zz' failed: it needs "
+                                          "'not_installed_dep_zz'") as ei:
+        unickpt.create_manager("needs_dep_zz:Manager", tmp_path / "run")
+    assert isinstance(ei.value.__cause__, ModuleNotFoundError)
