@@ -69,3 +69,22 @@ def test_ls_unknown_rules_and_stale_pointer(tmp_path, capsys):
 def test_ls_not_a_root(tmp_path, capsys):
     assert ls(str(tmp_path / "nope")) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_ls_is_a_cli_command(tmp_path):
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    import unickpt
+
+    with unickpt.CheckpointManager(tmp_path, keep_last=1) as mgr:
+        mgr.save(1, {"w": np.zeros(2)})
+        mgr.save(2, {"w": np.ones(2)})
+    out = subprocess.run([sys.executable, "-m", "unickpt", "ls", str(tmp_path), "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    import json
+
+    steps = [c["step"] for c in json.loads(out)["checkpoints"]]
+    assert steps == [2]

@@ -168,3 +168,20 @@ def ls(root: str, json_out: bool = False) -> int:
         console.print(f"archived run {format_run(r['run'])}: {r['checkpoints']} checkpoints"
                       + (f", newest step {r['newest']}" if r["newest"] is not None else ""))
     return 0
+
+
+def _register() -> None:
+    import typer
+
+    from .cli import app
+
+    @app.command("ls")
+    def ls_command(
+        root: str = typer.Argument(..., help="The run root (holding step_<N> checkpoints)."),
+        json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    ) -> None:
+        """List a run root: checkpoints, the retention rule keeping each, leftovers, archives."""
+        raise typer.Exit(ls(root, json_out))
+
+
+_register()
