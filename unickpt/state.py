@@ -72,8 +72,11 @@ class SaveContext:
             return obj.materialize(path) if self.snapshot else obj
         if isinstance(obj, ShardedArray):
             return obj
-        hook = getattr(obj, "_unickpt_to_tree_", None)
+        # Looked up on the type: objects with a catch-all __getattr__ (nnx.Rngs) would
+        # otherwise hand back something callable for any name.
+        hook = getattr(type(obj), "_unickpt_to_tree_", None)
         if hook is not None and not isinstance(obj, type):
+            hook = obj._unickpt_to_tree_
             self.kinds[path] = getattr(obj, "_unickpt_kind_", type(obj).__qualname__)
             return hook(self, path)
         found = adapter_for(obj)
@@ -159,8 +162,9 @@ class RestoreContext:
                 return lambda: target
             thunks = [self.plan(v, tree[i], (*path, i)) for i, v in enumerate(target)]
             return lambda: t(f() for f in thunks)
-        hook = getattr(target, "_unickpt_prepare_restore_", None)
+        hook = getattr(type(target), "_unickpt_prepare_restore_", None)
         if hook is not None and not isinstance(target, type):
+            hook = target._unickpt_prepare_restore_
             return hook(tree, self, path)
         found = adapter_for(target)
         if found is not None:
