@@ -202,6 +202,10 @@ def plan_array(target: Any, tree: Any, ctx: Any, path: Path) -> Callable[[], Any
         assert src is not None
         read = src[2]
     sharding = getattr(target, "sharding", None)
+    if isinstance(target, jax.Array) and not target.committed:
+        # An uncommitted target (e.g. made by jnp.zeros) gets an uncommitted array, so jit may
+        # still move it next to committed (sharded) arguments as it could before the restore.
+        sharding = None
     return lambda: build_array(tshape, tdtype, sharding, read)
 
 
@@ -212,7 +216,7 @@ def build_array(shape: tuple[int, ...], dtype: np.dtype, sharding: Any,
     Devices holding the same region (replicas) share one host read; host memory in flight is
     one region at a time, never the whole global array (unless one device holds it all).
     """
-    if sharding is None:
+    if sharding is None:  # the default device, uncommitted
         return jax.device_put(read(tuple(slice(0, n) for n in shape)))
     index_map = sharding.addressable_devices_indices_map(shape)
     groups: dict[tuple, list] = {}
@@ -223,6 +227,9 @@ def build_array(shape: tuple[int, ...], dtype: np.dtype, sharding: Any,
         region = read(tuple(slice(a, b) for a, b in idx))
         for d in devs:
             per_device[d] = jax.device_put(region, d)
+        # Transfers are asynchronous and keep ``region`` alive until done: wait, so that
+        # only one region is in host memory at a time.
+        jax.block_until_ready([per_device[d] for d in devs])
         del region
     arrays = [per_device[d] for d in index_map]
     if len(arrays) == 1 and len(sharding.device_set) == 1:
