@@ -9,10 +9,10 @@ ocp = pytest.importorskip("orbax.checkpoint")
 import jax.numpy as jnp  # noqa: E402
 import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
+from unickpt_jax.orbax import convert, export_orbax, import_orbax  # noqa: E402
 
 import unickpt  # noqa: E402
 from unickpt.tree import Piece, ShardedArray  # noqa: E402
-from unickpt_jax.orbax import convert, export_orbax, import_orbax  # noqa: E402
 
 
 def bits(x):
