@@ -314,6 +314,20 @@ def test_int64_into_int32_target_without_x64(tmp_path):
     assert type(out["n"]) is np.int64 and out["n"] == 2**40
 
 
+def test_python_scalars_into_0d_arrays_exact_or_refused(tmp_path):
+    unickpt.save(tmp_path / "c", {"a": 7, "b": 2**40, "c": 0.1, "d": 0.5, "e": True})
+    ck = unickpt.load(tmp_path / "c")
+    out = restore_tree({"a": jnp.zeros((), jnp.int32), "d": jnp.zeros(()), "e": jnp.zeros(
+        (), bool)}, ck, strict=False)
+    assert out["a"].dtype == jnp.int32 and int(out["a"]) == 7
+    assert float(out["d"]) == 0.5 and bool(out["e"]) is True
+    with pytest.raises(unickpt.IncompatibleCheckpointError) as e:
+        restore_tree({"b": jnp.zeros((), jnp.int32), "c": jnp.zeros(())}, ck, strict=False)
+    assert e.value.mismatched == [
+        ("b", "checkpoint value 1099511627776 does not fit the target's int32 exactly"),
+        ("c", "checkpoint value 0.1 does not fit the target's float32 exactly")]
+
+
 X64_SCRIPT = textwrap.dedent("""
     import sys, jax, jax.numpy as jnp, numpy as np, optax, unickpt
     from unickpt.state import restore_tree

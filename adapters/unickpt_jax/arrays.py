@@ -173,6 +173,15 @@ def plan_array(target: Any, tree: Any, ctx: Any, path: Path) -> Callable[[], Any
     """Plan restoring an array ``tree`` into a ``jax.Array``/``ShapeDtypeStruct`` target."""
     if is_key_dtype(target.dtype):
         return plan_key(target, tree, ctx, path)
+    if isinstance(tree, (bool, int, float)) and tuple(target.shape) == ():
+        # A Python scalar (e.g. a step saved as an int) into a 0-d array: exact or refused.
+        scalar = np.asarray(tree)
+        cast = _exact_cast(scalar, np.dtype(target.dtype)) if scalar.dtype != object else None
+        if cast is None:
+            ctx.mismatch(path, f"checkpoint value {tree!r} does not fit the target's "
+                               f"{np.dtype(target.dtype)} exactly")
+            return lambda: target
+        tree = cast
     src = _source(tree)
     if src is None:
         ctx.mismatch(path, f"target is an array {target.dtype}{list(target.shape)}, "
