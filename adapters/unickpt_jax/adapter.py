@@ -19,6 +19,8 @@ Kinds (recorded in the manifest as ``jax:<kind>``):
 
 from __future__ import annotations
 
+import importlib
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -28,7 +30,21 @@ from unickpt.errors import UnsupportedLeafError
 from unickpt.tree import Path, format_path
 
 from . import arrays, pytrees
-from . import nnx as nnx_mod
+
+
+class _NoNnx:
+    """Stands in for :mod:`unickpt_jax.nnx` while flax.nnx is not imported (no NNX objects
+    can exist then, and importing flax costs about a second)."""
+
+    @staticmethod
+    def kind_of(obj: Any) -> None:
+        return None
+
+
+def _nnx() -> Any:
+    if "flax.nnx" in sys.modules:
+        return importlib.import_module(".nnx", __package__)
+    return _NoNnx
 
 
 class JaxAdapter:
@@ -41,7 +57,7 @@ class JaxAdapter:
             return "PRNGKey" if arrays.is_key_dtype(obj.dtype) else "Array"
         if isinstance(obj, jax.ShapeDtypeStruct):
             return "ShapeDtypeStruct"
-        kind = nnx_mod.kind_of(obj)
+        kind = _nnx().kind_of(obj)
         if kind is not None:
             return kind
         if pytrees.is_node(obj):
@@ -57,6 +73,7 @@ class JaxAdapter:
             raise UnsupportedLeafError(
                 f"cannot save {format_path(path)}: a jax.ShapeDtypeStruct has no values (it is "
                 "only a restore target); save the concrete array instead")
+        nnx_mod = _nnx()
         if nnx_mod.kind_of(obj) is not None:
             return nnx_mod.to_tree(obj, ctx, path)
         return pytrees.node_to_tree(obj, ctx, path, lambda c, p: self._child(c, ctx, p))
@@ -73,6 +90,7 @@ class JaxAdapter:
                         path: Path) -> Callable[[], Any]:
         if isinstance(target, (jax.Array, jax.ShapeDtypeStruct)):
             return arrays.plan_array(target, tree, ctx, path)
+        nnx_mod = _nnx()
         if nnx_mod.kind_of(target) is not None:
             return nnx_mod.prepare_restore(target, tree, ctx, path)
         return pytrees.plan_node(target, tree, ctx, path)
