@@ -368,3 +368,25 @@ def test_adapter_claims_and_rng():
     assert adapter_for(Pair(jnp.ones(1), 1))[1] == f"pytree:{__name__}.Pair"
     assert adapter_for(np.zeros(1)) is None
     assert adapter.capture_rng() is None and adapter.restore_rng({}) == []
+
+
+def test_nnx_select_and_other_optimizer(tmp_path):
+    model, opt = make(0)
+    train_step(model, opt, jnp.ones((4, 3)))
+    unickpt.save(tmp_path / "c", {"model": model, "opt": opt})
+    ck = unickpt.load(tmp_path / "c")
+    m2, o2 = make(9)
+    l2_before = bits(m2.l2.kernel[...])
+    restore_tree({"model": m2, "opt": o2}, ck, select=[("model", "l1")])
+    assert bits(m2.l1.kernel[...]) == bits(model.l1.kernel[...])
+    assert bits(m2.l2.kernel[...]) == l2_before and int(o2.step[...]) == 0
+    sgd = nnx.Optimizer(m2, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
+    with pytest.raises(unickpt.IncompatibleCheckpointError) as e:
+        restore_tree({"opt": sgd}, ck, strict=True, select=[("opt",)])
+    # unexpected subtrees are named once, at their root (as for plain dicts)
+    assert e.value.unexpected == ["opt/opt_state/0/count", "opt/opt_state/0/mu",
+                                  "opt/opt_state/0/nu"]
+    assert "opt/opt_state/0/trace/l1/kernel" in e.value.missing
+    assert e.value.mismatched == []
+    out = restore_tree({"opt": sgd}, ck, strict=False, select=[("opt",)])
+    assert out["opt"] is sgd and int(sgd.step[...]) == 1
