@@ -111,6 +111,7 @@ def key_to_tree(k: jax.Array, snapshot: bool, path: Path) -> dict:
 
 
 def value_to_tree(a: jax.Array, snapshot: bool, path: Path) -> Any:
+    """Any ``jax.Array`` (typed key arrays included) as a neutral tree."""
     if is_key_dtype(a.dtype):
         return key_to_tree(a, snapshot, path)
     return array_to_tree(a, snapshot, path)

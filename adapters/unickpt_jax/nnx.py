@@ -36,6 +36,7 @@ from .arrays import KEY_FIELDS
 
 
 def kind_of(obj: Any) -> str | None:
+    """The kind string of an NNX object (module, optimizer, pytree, variable, state)."""
     if isinstance(obj, nnx.Optimizer):
         return f"nnx.Optimizer:{_qual(obj)}"
     if isinstance(obj, nnx.Module):
@@ -75,6 +76,7 @@ def _nest(flat: list[tuple[tuple, Any]]) -> dict:
 
 
 def to_tree(obj: Any, ctx: Any, path: Path) -> Any:
+    """An NNX object's state as nested dicts of values; variable types go to ``ctx.kinds``."""
     if isinstance(obj, nnx.Variable):
         return _value_to_tree(obj.get_value(), ctx, path)
     state = obj if isinstance(obj, nnx.State) else nnx.state(obj)
@@ -117,6 +119,7 @@ def _unexpected(tree: Any, targets: set[tuple], prefixes: set[tuple], ctx: Any,
 
 
 def prepare_restore(target: Any, tree: Any, ctx: Any, path: Path) -> Callable[[], Any]:
+    """Check every variable of ``target`` against ``tree``; the thunk updates it in place."""
     if isinstance(target, nnx.Variable):
         inner = _plan_value(target.get_value(), tree, ctx, path)
 

@@ -55,6 +55,7 @@ def is_node(obj: Any) -> bool:
 
 
 def key_name(k: Any) -> str | int:
+    """The tree key of one ``jax.tree_util`` path entry."""
     if isinstance(k, GetAttrKey):
         return k.name
     if isinstance(k, DictKey):
@@ -73,6 +74,7 @@ def _named(keys: list[Any]) -> bool:
 
 def node_to_tree(obj: Any, ctx: Any, path: Path,
                  child_to_tree: Callable[[Any, Path], Any]) -> Any:
+    """``obj``'s direct children as a dict (named) or list (positional), each converted."""
     kids, _ = children(obj)
     keys = [k for k, _ in kids]
     if _named(keys):
