@@ -77,6 +77,15 @@ def test_snapshot_makes_host_copies():
     assert tree["k"]["impl"] == "threefry2x32"
 
 
+def test_deleted_array_is_named(tmp_path):
+    x = jnp.ones(3)
+    x.delete()
+    with pytest.raises(unickpt.UnsupportedLeafError,
+                       match=r"cannot save opt/mu: the jax.Array has been deleted \(donated"):
+        unickpt.save(tmp_path / "c", {"opt": {"mu": x}})
+    assert not (tmp_path / "c").exists()
+
+
 def test_typed_key_roundtrip_and_stream_continues(tmp_path):
     key = jax.random.split(jax.random.key(42), 3)
     out = roundtrip(tmp_path, {"k": key}, {"k": jax.random.split(jax.random.key(0), 3)})["k"]

@@ -72,6 +72,10 @@ def _norm_index(index: tuple, shape: tuple[int, ...]) -> tuple[tuple[int, int], 
 
 def array_to_tree(a: jax.Array, snapshot: bool, path: Path) -> Any:
     """One ``jax.Array`` (not a key array) as a neutral leaf."""
+    if a.is_deleted():
+        raise UnsupportedLeafError(
+            f"cannot save {format_path(path)}: the jax.Array has been deleted (donated to a "
+            "jitted function, or .delete() was called); save the array that replaced it")
     shape = tuple(int(n) for n in a.shape)
     dtype = np.dtype(a.dtype)
     sharding = getattr(a, "sharding", None)
