@@ -12,7 +12,6 @@ variant on 8 virtual CPU devices.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -29,7 +28,6 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import unickpt  # noqa: E402
-from unickpt.format.reader import is_committed  # noqa: E402
 from unickpt.state import restore_tree  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,10 +102,12 @@ def fingerprint(state: dict) -> list:
     return [(jax.tree_util.keystr(p), raw(v)) for p, v in leaves] + [("step", state["step"])]
 
 
-def resume(cfg: dict, root: str, step: int, seed: int) -> dict:
-    """A 'new process': build from another seed, restore the checkpoint of ``step``."""
-    fresh = build(cfg, seed + 1000)
-    return restore_tree(fresh, unickpt.load(os.path.join(root, f"step_{step}")))
+def resume(cfg: dict, root: str, seed: int) -> tuple[dict, int]:
+    """A 'new process': build from another seed, restore the newest checkpoint of ``root``."""
+    with unickpt.CheckpointManager(root) as mgr:
+        restored = mgr.restore(build(cfg, seed + 1000))
+    assert restored.resumed
+    return restored.state, restored.step
 
 
 def run_case(cfg: dict, seed: int, batch: int, total: int, stops: list[int]) -> None:
@@ -117,10 +117,11 @@ def run_case(cfg: dict, seed: int, batch: int, total: int, stops: list[int]) -> 
         state = build(cfg, seed)
         for stop in stops:
             state = train(state, data, batch, stop)
-            unickpt.save(os.path.join(root, f"step_{stop}"), state)
+            with unickpt.CheckpointManager(root, keep_last=2) as mgr:
+                assert mgr.save(stop, state, force=True)
             del state  # the crash: nothing survives but the checkpoint
-            state = resume(cfg, root, stop, seed)
-            assert state["step"] == stop
+            state, step = resume(cfg, root, seed)
+            assert state["step"] == step == stop
         state = train(state, data, batch, total)
     assert fingerprint(state) == fingerprint(reference)
 
@@ -156,7 +157,7 @@ def test_restore_without_rng_streams_would_diverge():
         state = train(build(cfg, 0), data, 4, 2)
         unickpt.save(os.path.join(root, "step_2"), state)
         fresh = build(cfg, 1000)
-        ck = unickpt.load(os.path.join(root, "step_2"))
+        ck = unickpt.load(os.path.join(root, "step_2"))  # by hand: drop a subtree
         del ck["model"]["drop"]
         state = restore_tree(fresh, ck, strict=False)
         state = train(state, data, 4, 4)
@@ -167,24 +168,16 @@ def test_restore_without_rng_streams_would_diverge():
 KILL_CFG = {"hidden": 8, "dropout": 0.25, "opt": "schedule"}
 
 
-def latest_step(root: str) -> int | None:
-    steps = [int(m.group(1)) for n in os.listdir(root)
-             if (m := re.fullmatch(r"step_(\d+)", n)) and is_committed(os.path.join(root, n))]
-    return max(steps, default=None)
-
-
 def _train_main(root: str, total: int, kill_at: int | None) -> None:
     data = dataset(7)
-    start = latest_step(root)
-    state = build(KILL_CFG, 7)
-    if start is not None:
-        state = resume(KILL_CFG, root, start, 7)
-    for step in range(state["step"] + 1, total + 1):
-        state = train(state, data, 4, step)
-        if kill_at is not None and step == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)  # a real, uncatchable kill
-        if step % 3 == 0 or step == total:
-            unickpt.save(os.path.join(root, f"step_{step}"), state)
+    with unickpt.CheckpointManager(root, save_every=3, keep_last=2) as mgr:
+        restored = mgr.restore(build(KILL_CFG, 7))
+        state = restored.state
+        for step in range(state["step"] + 1, total + 1):
+            state = train(state, data, 4, step)
+            if kill_at is not None and step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)  # a real, uncatchable kill
+            mgr.save(step, state, force=step == total)
 
 
 def _run(root, total, kill_at=None) -> subprocess.CompletedProcess:
@@ -202,7 +195,8 @@ def test_sigkilled_training_resumes_bitwise(tmp_path):
     _train_main(str(ref), 10, None)  # the uninterrupted reference, in this process
     killed = _run(run, 10, kill_at=8)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert latest_step(str(run)) == 6  # saved at 3 and 6; killed at 8 before its save
+    with unickpt.CheckpointManager(run) as mgr:
+        assert [c.step for c in mgr.checkpoints()] == [3, 6]  # killed at 8, before its save
     resumed = _run(run, 10)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = unickpt.load(ref / "step_10"), unickpt.load(run / "step_10")
