@@ -90,6 +90,14 @@ def _child(d: str) -> dict:
             expect = host.size // len({tuple(map(tuple, ((s.start, s.stop) for s in i)))
                                        for i in sh.devices_indices_map((16, 8)).values()})
             assert region == expect, (name, region, expect)  # one target region at a time
+    # The same through CheckpointManager.restore (pieces stay memory-mapped, no gather).
+    with unickpt.CheckpointManager(f"{d}/run") as mgr:
+        mgr.save(1, {"x": x}, force=True)
+    with unickpt.CheckpointManager(f"{d}/run") as mgr:
+        sh = targets["other_mesh"]
+        restored = mgr.restore({"x": jax.ShapeDtypeStruct((16, 8), jnp.float32, sharding=sh)})
+    assert restored.resumed and restored.state["x"].sharding == sh
+    assert np.asarray(restored.state["x"]).tobytes() == host.tobytes()
     ShardedArray.assemble, ShardedArray.read = real_assemble, real_read
 
     # Without a sharding: the default device.
