@@ -399,3 +399,24 @@ def test_nnx_select_and_other_optimizer(tmp_path):
     assert e.value.mismatched == []
     out = restore_tree({"opt": sgd}, ck, strict=False, select=[("opt",)])
     assert out["opt"] is sgd and int(sgd.step[...]) == 1
+
+
+def test_manager_async_save_snapshots_jax_state(tmp_path):
+    model, opt = make(0)
+    x = jnp.ones((4, 3))
+    train_step(model, opt, x)
+    state = {"model": model, "opt": opt, "key": jax.random.key(4), "rng": unickpt.RNG()}
+    with unickpt.CheckpointManager(tmp_path / "run", async_save=True) as mgr:
+        assert mgr.save(1, state, force=True)
+        expect = jax.tree_util.tree_map(bits, nnx.state((model, opt)))
+        train_step(model, opt, x)  # runs while the background write may still be going
+        mgr.wait()
+    m2, o2 = make(3)
+    with unickpt.CheckpointManager(tmp_path / "run") as mgr:
+        restored = mgr.restore({"model": m2, "opt": o2, "key": jax.random.key(0),
+                                "rng": unickpt.RNG()})
+    assert restored.step == 1 and restored.state["model"] is m2
+    assert jax.tree_util.tree_map(bits, nnx.state((m2, o2))) == expect
+    assert bits(restored.state["key"]) == bits(jax.random.key(4))
+    assert unickpt.inspect(tmp_path / "run" / "step_1").kinds["model"] == \
+        f"jax:nnx.Module:{__name__}.Net"
