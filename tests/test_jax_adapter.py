@@ -167,6 +167,19 @@ def test_pytree_nodes_keep_their_types(tmp_path):
     assert_tree_bits_equal(out["pos"], state["pos"])
 
 
+def test_linen_frozen_dict_variables(tmp_path):
+    from flax.core import freeze
+
+    v = freeze({"params": {"w": jnp.arange(2.0)}, "batch_stats": {"m": jnp.ones(1)}})
+    tree, kinds = to_tree({"v": v})
+    assert kinds[("v",)] == "jax:pytree:flax.core.frozen_dict.FrozenDict"
+    assert set(tree["v"]) == {"params", "batch_stats"}
+    target = freeze({"params": {"w": jnp.zeros(2)}, "batch_stats": {"m": jnp.zeros(1)}})
+    out = roundtrip(tmp_path, {"v": v}, {"v": target})["v"]
+    assert type(out) is type(v)
+    assert_tree_bits_equal(out, v)
+
+
 def test_pytree_field_mismatch_names_paths(tmp_path):
     unickpt.save(tmp_path / "c", {"p": Pair(jnp.ones(2), 3)})
 

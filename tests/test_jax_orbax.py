@@ -9,7 +9,7 @@ ocp = pytest.importorskip("orbax.checkpoint")
 import jax.numpy as jnp  # noqa: E402
 import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
-from unickpt_jax.orbax import convert, export_orbax, import_orbax  # noqa: E402
+from unickpt_jax.orbax import convert, convert_total_bytes, export_orbax, import_orbax  # noqa: E402
 
 import unickpt  # noqa: E402
 from unickpt.tree import Piece, ShardedArray  # noqa: E402
@@ -59,7 +59,8 @@ def test_import_standard_checkpointer_bit_exact(tmp_path):
     info = import_orbax(tmp_path / "orbax" / "5", tmp_path / "uni", progress=seen.append)
     got = unickpt.load(tmp_path / "uni")
     assert_same(tree, got)
-    assert sum(seen) == info.nbytes == sum(np.asarray(v).nbytes for v in
+    assert sum(seen) == info.nbytes == convert_total_bytes(tmp_path / "orbax" / "5",
+                                                           to="unickpt") == sum(np.asarray(v).nbytes for v in
                                            jax.tree_util.tree_leaves(tree)
                                            if not isinstance(v, (int, float, bool)))
     meta = unickpt.inspect(tmp_path / "uni").info
@@ -110,7 +111,7 @@ def test_export_is_restorable_by_orbax_bit_exact(tmp_path):
               "layers": {"0": np.ones(2, ml_dtypes.bfloat16)}, "step": 2**40, "x": 0.25,
               "ok": False, "n": np.array(-3, np.int64)}
     assert_same(expect, got)
-    assert sum(seen) == 24 * 4 + 8 + 4 + 8
+    assert sum(seen) == 24 * 4 + 8 + 4 + 8 == convert_total_bytes(tmp_path / "uni", to="orbax")
     # and back: unickpt -> orbax -> unickpt leaves the values unchanged
     convert(tmp_path / "orbax", tmp_path / "uni2", to="unickpt")
     again = unickpt.load(tmp_path / "uni2")

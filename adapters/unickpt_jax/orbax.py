@@ -27,7 +27,7 @@ from unickpt.tree import Path, ShardedArray, format_path
 
 from .arrays import KEY_FIELDS
 
-__all__ = ["import_orbax", "export_orbax", "convert"]
+__all__ = ["import_orbax", "export_orbax", "convert", "convert_total_bytes"]
 
 Progress = Callable[[int], None]
 _MARKERS = ("_METADATA", "manifest.ocdbt", "_sharding", "checkpoint")
@@ -191,6 +191,32 @@ def export_orbax(src_unickpt: str | os.PathLike, dst_dir: str | os.PathLike, *,
     with ocp.StandardCheckpointer() as ck:
         ck.save(dst, out, force=overwrite)
         ck.wait_until_finished()
+
+
+def _orbax_item_bytes(path: str) -> int:
+    import jax
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint import metadata as ocm
+
+    with ocp.PyTreeCheckpointer() as ck:
+        meta = ck.metadata(path)
+    tree_meta = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+    return sum(int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize
+               for m in jax.tree_util.tree_leaves(tree_meta)
+               if isinstance(m, ocm.ArrayMetadata) and not isinstance(m, ocm.ScalarMetadata))
+
+
+def convert_total_bytes(src: str | os.PathLike, *, to: Literal["unickpt", "orbax"]) -> int:
+    """Array bytes :func:`convert` will report through ``progress`` (for a progress bar)."""
+    if to == "orbax":
+        return unickpt.inspect(src).total_bytes
+    if to != "unickpt":
+        raise unickpt.ConfigError(f"convert_total_bytes(to={to!r}): expected 'unickpt' or "
+                                  "'orbax'")
+    path = os.path.abspath(os.fspath(src))
+    items = _items(path) if os.path.isdir(path) else None
+    dirs = list(items.values()) if items else [path]
+    return sum(_orbax_item_bytes(p) for p in dirs)
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *,
