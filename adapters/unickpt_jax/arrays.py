@@ -78,14 +78,12 @@ def array_to_tree(a: jax.Array, snapshot: bool, path: Path) -> Any:
             "jitted function, or .delete() was called); save the array that replaced it")
     shape = tuple(int(n) for n in a.shape)
     dtype = np.dtype(a.dtype)
-    sharding = getattr(a, "sharding", None)
-    if sharding is None or len(sharding.device_set) <= 1 or sharding.is_fully_replicated:
-        if not a.is_fully_addressable and not sharding.is_fully_replicated:
-            raise UnsupportedLeafError(_not_addressable(path))
+    sharding = a.sharding
+    if len(sharding.device_set) <= 1 or sharding.is_fully_replicated:
+        # One copy holds everything: store it as a plain array (replicas once).
+        src = a if len(sharding.device_set) <= 1 else a.addressable_shards[0].data
         if snapshot:
-            return _host_copy(a)
-        src = a.addressable_shards[0].data if sharding is not None and len(
-            sharding.device_set) > 1 else a
+            return _host_copy(src)
         return LazyArray(shape, dtype, lambda src=src: np.asarray(src))
     if not a.is_fully_addressable:
         raise UnsupportedLeafError(_not_addressable(path))
@@ -138,19 +136,17 @@ def _x64() -> bool:
     return bool(jax.config.jax_enable_x64)
 
 
-def _convertible(src: np.dtype, dst: np.dtype) -> str | None:
-    """Why ``src`` cannot be restored into ``dst`` (None if it can, value checks aside).
+def _convertible(src: np.dtype, dst: np.dtype) -> bool:
+    """Whether ``src`` may be restored into ``dst`` (values are checked separately).
 
-    Only the 64 <-> 32 bit moves that ``jax_enable_x64`` itself causes are accepted: a
-    checkpoint written with x64 on restores into a 32-bit target (if every value fits
-    exactly) and one written with x64 off restores into a 64-bit target.
+    Besides equal dtypes, only the 64 <-> 32 bit moves that ``jax_enable_x64`` itself causes
+    are accepted (same kind: int, uint or float): a checkpoint written with x64 on restores
+    into a 32-bit target if every value fits exactly, one written with x64 off into a 64-bit
+    target.
     """
     if src == dst:
-        return None
-    same_kind = src.kind == dst.kind and src.kind in "iuf"
-    if same_kind and {src.itemsize, dst.itemsize} == {4, 8}:
-        return None
-    return f"dtype {src} in checkpoint, {dst} in target"
+        return True
+    return src.kind == dst.kind and src.kind in "iuf" and {src.itemsize, dst.itemsize} == {4, 8}
 
 
 def _exact_cast(a: np.ndarray, dst: np.dtype) -> np.ndarray | None:
@@ -198,8 +194,7 @@ def plan_array(target: Any, tree: Any, ctx: Any, path: Path) -> Callable[[], Any
     if shape != tshape:
         ctx.mismatch(path, f"target {tdtype}{list(tshape)}, checkpoint {sdtype}{list(shape)}")
         return lambda: target
-    why = _convertible(sdtype, tdtype)
-    if why is not None:
+    if not _convertible(sdtype, tdtype):
         ctx.mismatch(path, f"target {tdtype}{list(tshape)}, checkpoint {sdtype}{list(shape)}")
         return lambda: target
     if sdtype != tdtype:
