@@ -278,6 +278,24 @@ def test_sharded_training_resumes_bitwise_on_8_devices():
     assert "SHARDED-RESUME-OK" in r.stdout
 
 
+def test_resume_bitwise_with_x64_enabled():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_ENABLE_X64="1",
+               PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "adapters")]))
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "x64"], env=env,
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "X64-RESUME-OK" in r.stdout
+
+
+def _x64_main() -> None:
+    assert jax.config.jax_enable_x64
+    assert dataset(0)[0].dtype == jnp.float64  # the whole run is in 64-bit
+    for name in ("schedule", "clip_chain"):
+        run_case({"hidden": 4, "dropout": 0.25, "opt": name}, seed=11, batch=4, total=5,
+                 stops=[1, 3])
+    print("X64-RESUME-OK")
+
+
 @pytest.mark.skipif(not any(d.platform == "gpu" for d in jax.devices()) if jax else True,
                     reason="needs a CUDA GPU")
 def test_gpu_training_resumes_bitwise():
@@ -290,3 +308,5 @@ if __name__ == "__main__" and sys.argv[1] == "train":
     _train_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else None)
 elif __name__ == "__main__" and sys.argv[1] == "sharded":
     _sharded_main(int(sys.argv[2]))
+elif __name__ == "__main__" and sys.argv[1] == "x64":
+    _x64_main()
