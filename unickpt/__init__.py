@@ -26,6 +26,14 @@ from .errors import (
     UnickptError,
     UnsupportedLeafError,
 )
+from .migrate import (
+    HyperparameterMismatchError,
+    MigrationError,
+    MigrationReport,
+    Rule,
+    UnsupportedOptimizerError,
+    migrate,
+)
 from .tree import LazyArray, Piece, ShardedArray, format_path
 
 __all__ = [
@@ -53,4 +61,10 @@ __all__ = [
     "LockedError",
     "AdapterError",
     "BackgroundSaveError",
+    "migrate",
+    "MigrationReport",
+    "Rule",
+    "MigrationError",
+    "HyperparameterMismatchError",
+    "UnsupportedOptimizerError",
 ]
