@@ -154,7 +154,7 @@ def nnx_params_as_torch(kind, model) -> dict[str, np.ndarray]:
     out = {}
     for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name = ".".join(str(p) for p in path)
-        a = np.asarray(v.get_value() if hasattr(v, "get_value") else v.value)
+        a = np.asarray(v.get_value())
         mod, leaf = name.rsplit(".", 1)
         if leaf == "kernel":
             if kind == "cnn" and mod == "head":
