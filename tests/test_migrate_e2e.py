@@ -144,3 +144,59 @@ def test_bfloat16_stays_bfloat16(tmp_path):
     w = tm.fc1.weight.detach().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     assert out["fc1"]["kernel"].dtype == ml_dtypes.bfloat16
     assert out["fc1"]["kernel"].tobytes() == np.ascontiguousarray(w.T).tobytes()
+
+
+def _torch_ckpt(tmp_path, algo="adamw", **opt_kw):
+    tm = M.torch_model("mlp", torch.float32)
+    to = (torch.optim.AdamW(tm.parameters(), lr=1e-3, **opt_kw) if algo == "adamw"
+          else M.torch_optimizer(tm, algo))
+    M.torch_train("mlp", tm, to, None, 2, 0, np.float32)
+    unickpt.save(tmp_path / "s/step_2", {"model": tm, "optimizer": to, "step": 2})
+    return tmp_path / "s/step_2"
+
+
+def test_adamw_weight_decay_default_trap_is_an_error_unless_overridden(tmp_path):
+    src = _torch_ckpt(tmp_path)  # torch AdamW default weight_decay=1e-2
+    jm = M.nnx_model("mlp", np.float32)
+    jo = nnx.Optimizer(jm, optax.adamw(1e-3), wrt=nnx.Param)  # optax default 1e-4
+    target = {"model": jm, "optimizer": jo, "step": 0}
+    with pytest.raises(unickpt.HyperparameterMismatchError) as e:
+        unickpt.migrate(src, tmp_path / "d", to="jax", target=target)
+    assert "weight_decay: source 0.01, target 0.0001" in str(e.value)
+    assert "torch.optim.AdamW defaults to weight_decay=1e-2" in str(e.value)
+    assert not (tmp_path / "d" / "step_2").exists()
+    rep = unickpt.migrate(src, tmp_path / "d", to="jax", target=target,
+                          overrides={"weight_decay": "target"})
+    assert any("weight_decay" in n for n in rep.notes)
+
+
+def test_amsgrad_is_refused_with_an_explanation(tmp_path):
+    src = _torch_ckpt(tmp_path, amsgrad=True)
+    jm = M.nnx_model("mlp", np.float32)
+    jo = nnx.Optimizer(jm, optax.adamw(1e-3, weight_decay=1e-2), wrt=nnx.Param)
+    with pytest.raises(unickpt.UnsupportedOptimizerError, match="AMSGrad has no faithful optax"):
+        unickpt.migrate(src, tmp_path / "d", to="jax",
+                        target={"model": jm, "optimizer": jo, "step": 0})
+
+
+def test_every_unmatched_leaf_is_listed_and_partial_migration_is_opt_in(tmp_path):
+    src = _torch_ckpt(tmp_path)
+
+    class Other(nnx.Module):
+        def __init__(self, rngs):
+            self.fc1 = nnx.Linear(M.IN, M.HID, rngs=rngs)
+            self.extra = nnx.Linear(M.HID, 2, rngs=rngs)
+
+    jm = Other(nnx.Rngs(0))
+    with pytest.raises(unickpt.IncompatibleCheckpointError) as e:
+        unickpt.migrate(src, tmp_path / "d", to="jax", target={"model": jm, "step": 0})
+    err = e.value
+    assert err.missing == ["model/extra.bias", "model/extra.kernel"]
+    assert err.unexpected == ["model/fc2.bias", "model/fc2.weight", "model/ln.bias",
+                              "model/ln.weight", "optimizer"]
+    rep = unickpt.migrate(src, tmp_path / "d", to="jax", target={"model": jm, "step": 0},
+                          strict=False)
+    assert rep.partial["kept_initial"] == ["model/extra.bias", "model/extra.kernel"]
+    out = unickpt.load(rep.path)["model"]
+    tm = M.torch_model("mlp", torch.float32)
+    assert out["fc1"]["kernel"].shape == tuple(tm.fc1.weight.shape[::-1])
