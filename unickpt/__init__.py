@@ -23,9 +23,12 @@ from .errors import (
     FormatVersionError,
     IncompatibleCheckpointError,
     LockedError,
+    RunRootError,
     UnickptError,
     UnsupportedLeafError,
 )
+from .factory import ManagerProtocol, create_manager
+from .manager import CheckpointInfo, CheckpointManager, Restored, StartDecision
 from .migrate import (
     HyperparameterMismatchError,
     MigrationError,
@@ -34,6 +37,7 @@ from .migrate import (
     UnsupportedOptimizerError,
     migrate,
 )
+from .rng import RNG
 from .tree import LazyArray, Piece, ShardedArray, format_path
 
 __all__ = [
@@ -67,4 +71,12 @@ __all__ = [
     "MigrationError",
     "HyperparameterMismatchError",
     "UnsupportedOptimizerError",
+    "RunRootError",
+    "CheckpointManager",
+    "StartDecision",
+    "Restored",
+    "CheckpointInfo",
+    "ManagerProtocol",
+    "create_manager",
+    "RNG",
 ]
