@@ -22,7 +22,10 @@ from ..api import save
 from ..errors import CheckpointExistsError, ConfigError
 from ..format.reader import CheckpointReader
 from ..format.writer import flatten
+from ..policy import parse_step
+from ..run_root import RootLock, write_pointer
 from ..state import to_tree
+from ..storage import LocalStorage
 from ..tree import Path
 from ._convert import Converter, derived_words, framework_of
 from .errors import MigrationError
@@ -130,19 +133,29 @@ def migrate(src: str | os.PathLike, dst: str | os.PathLike, *, to: str, target: 
     conv = Converter(tree, skinds, ttree, tkinds, target, to, rules, strict, overrides,
                       metadata, step, seed, progress)
     out = conv.run()
-    final = os.path.join(os.path.abspath(os.fspath(dst)), f"step_{step}")
-    if os.path.lexists(final):
-        raise CheckpointExistsError(f"{final} already exists; migrate into a fresh run root or "
-                                    "remove that checkpoint first")
-    os.makedirs(os.path.dirname(final), exist_ok=True)
+    root = os.path.abspath(os.fspath(dst))
+    final = os.path.join(root, f"step_{step}")
     provenance = {"source": src_path, "source_framework": src_fw, "to": to,
                   "rules_applied": conv.rules_applied, "dropped": conv.dropped,
                   "synthesised": conv.synthesised, "notes": conv.notes, "seed": seed,
                   "rng": "re-derived from seed and step (statistically, not bitwise, "
                          "equivalent)"}
     new_info = dict(info, step=step, migrated_from=provenance)
-    save(final, None, metadata=metadata, _info=new_info,
-         _prepared=(flatten(out), tkinds))
+    prepared = (flatten(out), tkinds)  # validates every leaf before the root is touched
+    os.makedirs(root, exist_ok=True)
+    # Hold the run root's writer lock: a manager running on DST must not interleave with us.
+    lock = RootLock(root)
+    lock.acquire()
+    try:
+        if os.path.lexists(final):
+            raise CheckpointExistsError(f"{final} already exists; migrate into a fresh run root "
+                                        "or remove that checkpoint first")
+        save(final, None, metadata=metadata, _info=new_info, _prepared=prepared)
+        steps = [parse_step(n) for n in os.listdir(root)]
+        if max((s for s in steps if s is not None), default=step) <= step:
+            write_pointer(LocalStorage(), root, f"step_{step}")
+    finally:
+        lock.release()
     return MigrationReport(final, step, src_fw, to, conv.rules_applied, conv.dropped,
                            conv.synthesised, conv.notes, conv.partial)
 
