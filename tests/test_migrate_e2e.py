@@ -67,8 +67,9 @@ def test_torch_to_jax_continues_like_torch(tmp_path, kind, algo, dt):
         info = unickpt.inspect(rep.path).info
         assert info["migrated_from"]["source_framework"] == "torch"
         assert info["migrated_from"]["source"] == str(tmp_path / f"src/step_{N}")
-        restored = restore_tree(target, unickpt.load(rep.path))
-        assert restored["step"] == N
+        with unickpt.CheckpointManager(tmp_path / "dst", resume="auto") as mgr:
+            restored = mgr.restore(target)
+        assert restored.resumed and restored.step == N and restored.state["step"] == N
         assert int(jo.step[...]) == N
         M.torch_train(kind, tm, to, ts, K, N, npdt)
         M.nnx_train(kind, jm, jo, K, N, npdt)
@@ -200,3 +201,84 @@ def test_every_unmatched_leaf_is_listed_and_partial_migration_is_opt_in(tmp_path
     out = unickpt.load(rep.path)["model"]
     tm = M.torch_model("mlp", torch.float32)
     assert out["fc1"]["kernel"].shape == tuple(tm.fc1.weight.shape[::-1])
+
+
+class _TorchBN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(M.C_IN, M.C, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(M.C)
+        self.head = torch.nn.Linear(M.C * M.HW * M.HW, M.OUT)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+class _NnxBN(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(M.C_IN, M.C, (3, 3), padding="SAME", rngs=rngs)
+        self.bn = nnx.BatchNorm(M.C, momentum=0.9, epsilon=1e-5, rngs=rngs)
+        self.drop = nnx.Dropout(0.1, rngs=rngs)
+        self.head = nnx.Linear(M.C * M.HW * M.HW, M.OUT, rngs=rngs)
+
+
+def test_batchnorm_stats_and_rng_streams(tmp_path):
+    import random
+
+    torch.manual_seed(0)
+    tm = _TorchBN()
+    to = torch.optim.SGD(tm.parameters(), lr=0.05, momentum=0.9)
+    for s in range(N):  # train mode: running stats and num_batches_tracked advance
+        x, y = M.data("cnn", np.float32, s)
+        to.zero_grad()
+        ((tm(torch.from_numpy(x)) - torch.from_numpy(y)) ** 2).mean().backward()
+        to.step()
+    src = tmp_path / f"s/step_{N}"
+    unickpt.save(src, {"model": tm, "optimizer": to, "step": N, "rng": unickpt.RNG()},
+                 metadata={"seed": 1234})
+    jm = _NnxBN(nnx.Rngs(0, dropout=1))
+    jo = nnx.Optimizer(jm, optax.sgd(0.05, momentum=0.9), wrt=nnx.Param)
+    rules = flatten_rules("head", (M.C, M.HW, M.HW))
+    random.seed(7)
+    np.random.seed(7)
+    rep = unickpt.migrate(src, tmp_path / "d", to="jax", rules=rules,
+                          target={"model": jm, "optimizer": jo, "step": 0, "rng": unickpt.RNG()})
+    assert (random.random(), np.random.random()) == (random.Random(7).random(),
+                                                      np.random.RandomState(7).random_sample())
+    out = unickpt.load(rep.path)
+    bn = out["model"]["bn"]
+    assert bn["mean"].tobytes() == tm.bn.running_mean.numpy().tobytes()
+    assert bn["var"].tobytes() == tm.bn.running_var.numpy().tobytes()  # unbiased, as stored
+    assert "model/bn.num_batches_tracked" in rep.dropped
+    # the dropout stream is re-derived from the recorded seed and the step, deterministically
+    key = out["model"]["drop"]["rngs"]["key"]["key_data"]
+    assert out["model"]["drop"]["rngs"]["count"] == 0
+    info = unickpt.inspect(rep.path).info["migrated_from"]
+    assert info["seed"] == 1234 and "statistically, not bitwise" in info["rng"]
+    rep2 = unickpt.migrate(src, tmp_path / "d2", to="jax", rules=rules,
+                           target={"model": jm, "optimizer": jo, "step": 0,
+                                   "rng": unickpt.RNG()})
+    out2 = unickpt.load(rep2.path)
+    r1, r2 = _flat(out["rng"]), _flat(out2["rng"])
+    assert r1.keys() == r2.keys() and all(
+        np.asarray(r1[p]).tobytes() == np.asarray(r2[p]).tobytes() for p in r1)
+    key2 = out2["model"]["drop"]["rngs"]["key"]["key_data"]
+    assert key2.tobytes() == key.tobytes()
+    rep3 = unickpt.migrate(src, tmp_path / "d3", to="jax", rules=rules,
+                           target={"model": jm, "optimizer": jo, "step": 0},
+                           overrides={"seed": 99})
+    key3 = unickpt.load(rep3.path)["model"]["drop"]["rngs"]["key"]["key_data"]
+    assert key3.tobytes() != key.tobytes()
+    # and back to torch: bit exact weights, stats, momentum; num_batches_tracked = step
+    tm2 = _TorchBN()
+    to2 = torch.optim.SGD(tm2.parameters(), lr=0.05, momentum=0.9)
+    back = unickpt.migrate(rep.path, tmp_path / "t", to="torch", rules=rules,
+                           target={"model": tm2, "optimizer": to2, "step": 0},
+                           overrides={"source_optimizer": describe_optimizer(to2)})
+    a, c = unickpt.load(src), unickpt.load(back.path)
+    for k, v in a["model"].items():
+        assert c["model"][k].tobytes() == v.tobytes(), k
+    for k, v in a["optimizer"]["state"].items():
+        assert c["optimizer"]["state"][k]["momentum_buffer"].tobytes() == \
+            v["momentum_buffer"].tobytes()
+    assert any("drop/rngs" in d for d in back.dropped)

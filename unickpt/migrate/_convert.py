@@ -262,7 +262,7 @@ class Converter:
         node = _get(root, rel)
         salt = zlib.crc32(format_path(full).encode())
         if isinstance(node, dict) and "key_data" in node:
-            kd = np.asarray(node["key_data"])
+            kd = _arr(node["key_data"])
             words = derived_words(self.seed, self.step, kd.size, salt)
             node = dict(node, key_data=words.reshape(kd.shape).astype(kd.dtype))
             _set(root, rel, node) if rel else None
