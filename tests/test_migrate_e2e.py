@@ -282,3 +282,24 @@ def test_batchnorm_stats_and_rng_streams(tmp_path):
         assert c["optimizer"]["state"][k]["momentum_buffer"].tobytes() == \
             v["momentum_buffer"].tobytes()
     assert any("drop/rngs" in d for d in back.dropped)
+
+
+def test_cli_migrate_command(tmp_path, monkeypatch, capsys):
+    from unickpt.cli_migrate import migrate_command
+
+    src = _torch_ckpt(tmp_path)
+    (tmp_path / "mig_target.py").write_text(
+        "import numpy as np, optax\nfrom flax import nnx\nimport _migrate_models as M\n"
+        "def state():\n    m = M.nnx_model('mlp', np.float32)\n"
+        "    return {'model': m, 'optimizer': nnx.Optimizer(m, optax.adamw(1e-3, "
+        "weight_decay=1e-2), wrt=nnx.Param), 'step': 0}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert migrate_command(str(src), str(tmp_path / "d"), "jax", "mig_target:state",
+                           progress=True) == 0
+    assert f"wrote {tmp_path / 'd' / 'step_2'} (step 2, torch -> jax)" in capsys.readouterr().out
+    assert migrate_command(str(src), str(tmp_path / "e"), "jax", "mig_target:nope",
+                           progress=False) == 1
+    assert "module 'mig_target' has no function 'nope'" in capsys.readouterr().err
+    assert migrate_command(str(src), str(tmp_path / "d"), "jax", "mig_target:state",
+                           progress=False) == 1
+    assert "already exists" in capsys.readouterr().err

@@ -65,15 +65,17 @@ def migrate_command(src: str, dst: str, to: str, target: str, progress: bool = T
             report = migrate(src, dst, to=to, target=state,
                              progress=lambda n: bar.advance(task, n))
     except UnickptError as e:
-        console.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+        # The message lists shapes like [3, 4]: print it without markup parsing.
+        console.print("[red]error:[/red]", end=" ")
+        console.print(str(e), markup=False, highlight=False, soft_wrap=True)
         return 1
     out = Console()
     out.print(f"wrote {report.path} (step {report.step}, {report.source_framework} -> "
-              f"{report.to})", highlight=False)
+              f"{report.to})", highlight=False, soft_wrap=True)
     for title, items in (("rules applied", report.rules_applied), ("dropped", report.dropped),
                          ("synthesised", report.synthesised), ("notes", report.notes)):
         if items:
-            out.print(f"{title}:", highlight=False)
+            out.print(f"{title}:", highlight=False, soft_wrap=True)
             for i in items:
-                out.print(f"  {i}", highlight=False, markup=False)
+                out.print(f"  {i}", highlight=False, markup=False, soft_wrap=True)
     return 0
