@@ -74,7 +74,7 @@ def optax_spec(tx: Any, count: int = 0) -> tuple[OptimizerSpec, list[Stage]]:
     >>> import optax
     >>> spec, stages = optax_spec(optax.adamw(1e-3, weight_decay=1e-2))
     >>> spec.algorithm, spec.hparams["weight_decay"], [s.kind for s in stages]
-    ('adamw', 0.01, ['scale_by_adam', 'add_decayed_weights', 'scale_by_schedule'])
+    ('adamw', 0.01, ['scale_by_adam', 'add_decayed_weights', 'scale'])
     """
     stages = optax_stages(tx)
     kinds = [s.kind for s in stages]
