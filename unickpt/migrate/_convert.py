@@ -349,8 +349,10 @@ class Converter:
         src = lm.source if lm is not None else None
         arr = st.slots.get(src, {}).get(slot) if src is not None else None
         if arr is None:
-            if st.slots:
+            if st.slots and self.strict:
                 self.problems.missing.append(f"{where} (no {slot} for source {src or tname})")
+            elif st.slots:
+                self.partial.setdefault("kept_initial", []).append(where)
             return None
         a = lm.apply(_arr(arr))
         if tuple(a.shape) != tuple(tshape) or a.dtype != np.dtype(tdtype):
@@ -374,8 +376,12 @@ class Converter:
             return
         for n in names:
             if n not in specs or tmodel is None or n not in tmodel:
-                self.problems.missing.append(f"{format_path((tk, 'state', n))} (parameter not "
-                                             "in the migrated model)")
+                where = format_path((tk, "state", n))
+                if self.strict:
+                    self.problems.missing.append(f"{where} (parameter not in the migrated "
+                                                 "model)")
+                else:
+                    self.partial.setdefault("kept_initial", []).append(where)
                 continue
             shape, dtype = _spec(tmodel[n][1])
             entry: dict[str, Any] = {}
