@@ -324,3 +324,25 @@ def test_float64_with_constant_lr_agrees_to_double_rounding(tmp_path, algo):
         diff = M.max_rel_diff(M.nnx_params_as_torch("mlp", jm), M.torch_params(tm))
     print(f"\ntorch->jax mlp {algo} f64 constant lr: max relative parameter difference {diff:.3e}")
     assert diff <= 1e-13
+
+
+def test_jax_source_hyperparameters_checked_when_recorded(tmp_path):
+    jm, jo = _nnx_run("mlp", "adamw", np.float32)
+    M.nnx_train("mlp", jm, jo, 2, 0, np.float32)
+    unickpt.save(tmp_path / "a/step_2", {"model": jm, "optimizer": jo, "step": 2},
+                 metadata={"unickpt.optimizer": describe_optimizer(jo, 2)})
+    unickpt.save(tmp_path / "b/step_2", {"model": jm, "optimizer": jo, "step": 2})
+
+    def target(wd):
+        tm = M.torch_model("mlp", torch.float32)
+        to = torch.optim.AdamW(tm.parameters(), lr=5e-3, weight_decay=wd)
+        return {"model": tm, "optimizer": to, "scheduler": M.torch_scheduler(to, T), "step": 0}
+
+    with pytest.raises(unickpt.HyperparameterMismatchError) as e:
+        unickpt.migrate(tmp_path / "a/step_2", tmp_path / "x", to="torch", target=target(1e-4))
+    assert e.value.differences == [("weight_decay", 1e-2, 1e-4)]
+    rep = unickpt.migrate(tmp_path / "a/step_2", tmp_path / "y", to="torch", target=target(1e-2))
+    assert rep.notes == []
+    rep = unickpt.migrate(tmp_path / "b/step_2", tmp_path / "z", to="torch", target=target(1e-4))
+    assert any("records no optimizer hyperparameters" in n for n in rep.notes)
+    assert unickpt.inspect(rep.path).info["migrated_from"]["notes"] == rep.notes
