@@ -303,6 +303,15 @@ def test_cli_migrate_command(tmp_path, monkeypatch, capsys):
     assert migrate_command(str(src), str(tmp_path / "d"), "jax", "mig_target:state",
                            progress=False) == 1
     assert "already exists" in capsys.readouterr().err
+    # the same through the typer app (`unickpt migrate SRC DST --to jax --target M:F`)
+    from typer.testing import CliRunner
+
+    from unickpt.cli import app
+
+    res = CliRunner().invoke(app, ["migrate", str(src), str(tmp_path / "f"), "--to", "jax",
+                                   "--target", "mig_target:state", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "f" / "step_2" / "manifest.msgpack").exists()
 
 
 @pytest.mark.parametrize("algo", ["adam", "sgd"])

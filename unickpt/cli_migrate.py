@@ -17,11 +17,14 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
+import typer
+
+from .cli import app
 from .errors import ConfigError, UnickptError
 
-__all__ = ["migrate_command", "load_target"]
+__all__ = ["migrate_command", "load_target", "migrate_cli"]
 
 
 def load_target(spec: str) -> Any:
@@ -79,3 +82,16 @@ def migrate_command(src: str, dst: str, to: str, target: str, progress: bool = T
             for i in items:
                 out.print(f"  {i}", highlight=False, markup=False, soft_wrap=True)
     return 0
+
+
+@app.command("migrate")
+def migrate_cli(
+    src: Annotated[str, typer.Argument(help="source checkpoint (a step_<N> directory)")],
+    dst: Annotated[str, typer.Argument(help="destination run root (created if needed)")],
+    to: Annotated[str, typer.Option("--to", help="destination framework: jax or torch")],
+    target: Annotated[str, typer.Option(
+        "--target", help="MODULE:FUNCTION building the destination state dict")],
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Convert a run's checkpoint between PyTorch and JAX/Flax (see docs/migration.md)."""
+    raise typer.Exit(migrate_command(src, dst, to, target, progress=progress))
