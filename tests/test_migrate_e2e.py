@@ -355,3 +355,36 @@ def test_jax_source_hyperparameters_checked_when_recorded(tmp_path):
     rep = unickpt.migrate(tmp_path / "b/step_2", tmp_path / "z", to="torch", target=target(1e-4))
     assert any("records no optimizer hyperparameters" in n for n in rep.notes)
     assert unickpt.inspect(rep.path).info["migrated_from"]["notes"] == rep.notes
+
+
+def test_tied_torch_weights_feed_an_untied_flax_twin(tmp_path):
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(7, 4)
+            self.head = torch.nn.Linear(4, 7, bias=False)
+            self.head.weight = self.embed.weight
+
+    class Untied(nnx.Module):
+        def __init__(self, rngs):
+            self.embed = nnx.Embed(7, 4, rngs=rngs)
+            self.head = nnx.Linear(4, 7, use_bias=False, rngs=rngs)
+
+    tm = Tied()
+    to = torch.optim.SGD(tm.parameters(), lr=0.1, momentum=0.9)
+    out = tm.head(tm.embed(torch.tensor([1, 2, 3])))
+    out.square().mean().backward()
+    to.step()
+    unickpt.save(tmp_path / "s/step_1", {"model": tm, "optimizer": to, "step": 1})
+    jm = Untied(nnx.Rngs(0))
+    jo = nnx.Optimizer(jm, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
+    rep = unickpt.migrate(tmp_path / "s/step_1", tmp_path / "d", to="jax",
+                          target={"model": jm, "optimizer": jo, "step": 0})
+    got = unickpt.load(rep.path)
+    w = tm.embed.weight.detach().numpy()
+    assert got["model"]["embed"]["embedding"].tobytes() == w.tobytes()
+    assert got["model"]["head"]["kernel"].tobytes() == np.ascontiguousarray(w.T).tobytes()
+    buf = to.state[tm.embed.weight]["momentum_buffer"].numpy()
+    trace = got["optimizer"]["opt_state"][0]["trace"]
+    assert trace["head"]["kernel"].tobytes() == np.ascontiguousarray(buf.T).tobytes()
+    assert trace["embed"]["embedding"].tobytes() == buf.tobytes()

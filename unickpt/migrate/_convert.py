@@ -45,6 +45,7 @@ from .schedule import cosine_note, replay_torch_scheduler, torch_position
 
 __all__ = ["Converter", "derived_words", "framework_of", "SPEC_KEY"]
 
+_ALIASES = "__aliases__"  # the torch adapter's tied-tensor map
 SPEC_KEY = "unickpt.optimizer"  # metadata key written with describe_optimizer()
 
 
@@ -67,6 +68,7 @@ class Converter:
         self.notes: list[str] = []
         self.partial: dict[str, list[str]] = {}
         self.problems = _Problems()
+        self.aliases: dict[str, str] = {}  # tied-tensor alias -> stored name (torch sources)
 
     # -- orchestration
     def run(self) -> Any:
@@ -135,9 +137,20 @@ class Converter:
         t_rng = _rng_paths(self.tkinds, (tk,))
         sl = _leaves(self.stree[sk], lambda p: _under(p, s_rng))
         tl = _leaves(self.ttree[tk], lambda p: _under(p, t_rng))
+        # A torch module stores a tied tensor once and lists its other names in
+        # "__aliases__" (docs/torch.md): offer it under every name, so an untied Flax twin
+        # (e.g. embedding and output head) finds both.
+        aliases = self.stree[sk].get(_ALIASES) if isinstance(self.stree[sk], dict) else None
+        if isinstance(aliases, dict):
+            for alias, stored in aliases.items():
+                if stored in sl and alias not in sl:
+                    sl[alias] = sl[stored]
+                    self.aliases[alias] = stored
         m = match_leaves({n: _spec(v) for n, (_, v) in tl.items()},
                          {n: _spec(v) for n, (_, v) in sl.items()}, to=self.to,
                          rules=self.rules)
+        # An alias no target leaf asked for is just the other name of a tied tensor.
+        m.unexpected = [u for u in m.unexpected if u not in self.aliases]
         for tname, lm in m.pairs.items():
             tpath = tl[tname][0]
             if lm.source is not None:
@@ -261,6 +274,8 @@ class Converter:
                   tshape: tuple, tdtype: Any, where: str) -> np.ndarray | None:
         lm = model.pairs.get(tname)
         src = lm.source if lm is not None else None
+        if src is not None and src not in st.slots:
+            src = self.aliases.get(src, src)  # optimizer state is kept once per tied tensor
         arr = st.slots.get(src, {}).get(slot) if src is not None else None
         if arr is None:
             if st.slots and self.strict:
