@@ -28,7 +28,7 @@ from .errors import (
     UnsupportedLeafError,
 )
 from .factory import ManagerProtocol, create_manager
-from .manager import CheckpointInfo, CheckpointManager, Restored, StartDecision
+from .manager import CheckpointManager
 from .migrate import (
     HyperparameterMismatchError,
     MigrationError,
@@ -37,6 +37,7 @@ from .migrate import (
     UnsupportedOptimizerError,
     migrate,
 )
+from .records import CheckpointInfo, Restored, StartDecision
 from .rng import RNG
 from .tree import LazyArray, Piece, ShardedArray, format_path
 
