@@ -103,6 +103,8 @@ class RestoreContext:
         strict: missing/unexpected entries are errors (shape/dtype mismatches always are).
         select: if given, only paths under these prefixes are restored.
         checkpoint: the checkpoint's path, for messages.
+        root: the whole restore target (set by the first :meth:`plan` call), so adapters can
+            look across it as they do on save (e.g. to name optimizer parameters).
     """
 
     def __init__(self, *, strict: bool = True, select: Iterable[Path] | None = None,
@@ -111,6 +113,7 @@ class RestoreContext:
         self.select = None if select is None else [tuple(p) for p in select]
         self.checkpoint = checkpoint
         self.kinds = kinds or {}
+        self.root: Any = None
         self.missing_paths: list[str] = []
         self.unexpected_paths: list[str] = []
         self.mismatched: list[tuple[str, str]] = []
@@ -149,6 +152,8 @@ class RestoreContext:
     # -- planning
     def plan(self, target: Any, tree: Any, path: Path = ()) -> Callable[[], Any]:
         """Check ``tree`` against ``target``; return a thunk producing the restored value."""
+        if not path and self.root is None:
+            self.root = target
         sel = self._selected(path)
         if sel == "none":
             return lambda: target
