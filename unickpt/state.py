@@ -78,8 +78,11 @@ class SaveContext:
             # A user-owned generator: its bit generator's state dict is plain data.
             self.kinds[path] = GENERATOR_KIND
             return self.to_tree(obj.bit_generator.state, path)
-        hook = getattr(obj, "_unickpt_to_tree_", None)
+        # Looked up on the type: objects with a catch-all __getattr__ (nnx.Rngs) would
+        # otherwise hand back something callable for any name.
+        hook = getattr(type(obj), "_unickpt_to_tree_", None)
         if hook is not None and not isinstance(obj, type):
+            hook = obj._unickpt_to_tree_
             self.kinds[path] = getattr(obj, "_unickpt_kind_", type(obj).__qualname__)
             return hook(self, path)
         found = adapter_for(obj)
@@ -172,8 +175,9 @@ class RestoreContext:
             return lambda: t(f() for f in thunks)
         if isinstance(target, np.random.Generator):
             return self._plan_generator(target, tree, path)
-        hook = getattr(target, "_unickpt_prepare_restore_", None)
+        hook = getattr(type(target), "_unickpt_prepare_restore_", None)
         if hook is not None and not isinstance(target, type):
+            hook = target._unickpt_prepare_restore_
             return hook(tree, self, path)
         found = adapter_for(target)
         if found is not None:
