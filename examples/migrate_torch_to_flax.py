@@ -39,7 +39,7 @@ def main() -> None:
     from flax import nnx
 
     import unickpt
-    from unickpt.migrate.rules import flatten_rules
+    from unickpt.migration.rules import flatten_rules
     from unickpt.state import restore_tree
 
     kind, n = ("cnn" if args.cnn else "mlp"), args.steps

@@ -154,7 +154,7 @@ def nnx_params_as_torch(kind, model) -> dict[str, np.ndarray]:
     """The nnx model's parameters in torch layout and names (for comparisons)."""
     from flax import nnx
 
-    from unickpt.migrate.rules import conv_to_torch, nhwc_flatten_to_torch
+    from unickpt.migration.rules import conv_to_torch, nhwc_flatten_to_torch
 
     out = {}
     for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):

@@ -21,8 +21,8 @@ pytest.importorskip("unickpt_jax.nnx", reason="the jax adapter is not in this tr
 import _migrate_models as M  # noqa: E402
 
 import unickpt  # noqa: E402
-from unickpt.migrate import describe_optimizer  # noqa: E402
-from unickpt.migrate.rules import flatten_rules  # noqa: E402
+from unickpt.migration import describe_optimizer  # noqa: E402
+from unickpt.migration.rules import flatten_rules  # noqa: E402
 from unickpt.state import restore_tree  # noqa: E402
 
 N, K, T = 3, 3, 12  # steps before the switch, steps after, schedule length

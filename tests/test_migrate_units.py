@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from unickpt.migrate import HyperparameterMismatchError, UnsupportedOptimizerError
-from unickpt.migrate.optim import OptimizerSpec, compare_specs, from_torch, to_torch_state
-from unickpt.migrate.rules import (
+from unickpt.migration import HyperparameterMismatchError, UnsupportedOptimizerError
+from unickpt.migration.optim import OptimizerSpec, compare_specs, from_torch, to_torch_state
+from unickpt.migration.rules import (
     Rule,
     conv_to_flax,
     conv_to_torch,
@@ -17,7 +17,7 @@ from unickpt.migrate.rules import (
     nchw_flatten_to_flax,
     nhwc_flatten_to_torch,
 )
-from unickpt.migrate.schedule import cosine_note, torch_position
+from unickpt.migration.schedule import cosine_note, torch_position
 
 
 def spec(a):
@@ -166,7 +166,7 @@ def test_hyperparameter_mismatch_lists_every_difference_and_can_be_overridden():
 
 def test_optax_chains_are_read_from_their_closures():
     optax = pytest.importorskip("optax")
-    from unickpt.migrate.optax_spec import optax_spec
+    from unickpt.migration.optax_spec import optax_spec
 
     s, stages = optax_spec(optax.adamw(optax.linear_schedule(1e-3, 1e-4, 10), b2=0.99,
                                        weight_decay=1e-4), count=5)
@@ -192,7 +192,7 @@ def test_schedule_position_and_cosine_warning():
 
 def test_torch_scheduler_replay_matches_stepping_exactly():
     torch = pytest.importorskip("torch")
-    from unickpt.migrate.schedule import replay_torch_scheduler
+    from unickpt.migration.schedule import replay_torch_scheduler
 
     def build():
         p = torch.nn.Parameter(torch.zeros(1))

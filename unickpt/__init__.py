@@ -29,7 +29,7 @@ from .errors import (
 )
 from .factory import ManagerProtocol, create_manager
 from .manager import CheckpointManager
-from .migrate import (
+from .migration import (
     HyperparameterMismatchError,
     MigrationError,
     MigrationReport,

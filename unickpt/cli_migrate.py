@@ -55,7 +55,7 @@ def migrate_command(src: str, dst: str, to: str, target: str, progress: bool = T
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 
     from .api import inspect
-    from .migrate import migrate
+    from .migration import migrate
 
     console = Console(stderr=True)
     try:

@@ -2,8 +2,8 @@
 
 The conversion is driven by the target: the target state is converted to its neutral tree by
 its adapter (exactly what a save of it would write), every leaf of that tree is filled from the
-source checkpoint through the rules of :mod:`unickpt.migrate.rules` and
-:mod:`unickpt.migrate.optim`, and the result is committed as ``DST/step_<N>`` for the source's
+source checkpoint through the rules of :mod:`unickpt.migration.rules` and
+:mod:`unickpt.migration.optim`, and the result is committed as ``DST/step_<N>`` for the source's
 step ``N``, so ``CheckpointManager(DST, resume="auto").restore(target)`` resumes from it.  The
 target objects themselves are not modified.
 """
@@ -97,7 +97,7 @@ def migrate(src: str | os.PathLike, dst: str | os.PathLike, *, to: str, target: 
     of it must be accounted for (else :class:`~unickpt.IncompatibleCheckpointError` lists all
     problems); ``strict=False`` allows a partial migration (unmatched target leaves keep their
     initial values, unmatched source leaves are ignored; both are listed in the report).
-    ``rules`` are :class:`~unickpt.migrate.rules.Rule` objects tried before the built-in ones.
+    ``rules`` are :class:`~unickpt.migration.rules.Rule` objects tried before the built-in ones.
     ``overrides`` accepts hyperparameter differences (``{"weight_decay": "target"}``),
     supplies the RNG seed (``{"seed": 0}``) or the source's optimizer description
     (``{"source_optimizer": describe_optimizer(tx)}``).  ``progress`` is called with the byte

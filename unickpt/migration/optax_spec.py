@@ -4,7 +4,7 @@ optax builds transformations from closures, so their hyperparameters live in the
 cells: ``optax.adamw(lr, b1, b2, eps, weight_decay=wd)`` is
 ``chain(scale_by_adam(b1, b2, eps, eps_root), add_decayed_weights(wd), scale_by_learning_rate
 (lr))``.  :func:`optax_stages` lists the chain's stages with their hyperparameters and
-:func:`optax_spec` turns them into an :class:`~unickpt.migrate.optim.OptimizerSpec` that can
+:func:`optax_spec` turns them into an :class:`~unickpt.migration.optim.OptimizerSpec` that can
 be compared with a torch optimizer's.  Supported: ``optax.sgd`` (momentum, nesterov),
 ``optax.adam``, ``optax.adamw`` and hand-built chains of ``add_decayed_weights``,
 ``scale_by_adam`` / ``trace`` and ``scale`` / ``scale_by_learning_rate`` (constant or
