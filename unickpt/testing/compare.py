@@ -34,6 +34,7 @@ from ..tree import LazyArray, Path, ShardedArray, format_path, is_scalar_leaf
 __all__ = ["assert_trees_equal", "diff_trees", "TreeDifference", "TreesDifferError"]
 
 _ARRAY_TYPES = (np.ndarray, np.generic, ShardedArray, LazyArray)
+_EXACT = ("int", "bool", "str", "bytes", "NoneType")
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,23 @@ class TreeDifference:
             kinds, dtypes or shapes), ``"missing"`` (only in ``a``) or ``"extra"`` (only in
             ``b``).
         detail: the human-readable line of the report (without the path).
+        leaf: what the leaf is: a dtype name for arrays (``"float32"``), the type name for
+            scalars (``"int"``), ``"mixed"`` when the two sides are of different kinds.
     """
 
     path: str
     kind: str
     detail: str
+    leaf: str = "mixed"
+
+    @property
+    def exact(self) -> bool:
+        """True for integer, bool, str and bytes leaves: counters, positions, RNG states.
+
+        Such leaves never drift by rounding, so one that differs after a resume was almost
+        always not saved or not restored: the likely culprit of the divergence.
+        """
+        return self.leaf in _EXACT or self.leaf.startswith(("int", "uint"))
 
 
 class TreesDifferError(AssertionError):
@@ -206,6 +219,12 @@ def _describe(x: Any) -> str:
     return f"{type(x).__name__} {x!r}"
 
 
+def _leaf_kind(x: Any) -> str:
+    if isinstance(x, _ARRAY_TYPES):
+        return str(np.dtype(x.dtype))
+    return type(x).__name__
+
+
 def _scalar_equal(a: Any, b: Any) -> bool:
     if type(a) is not type(b):
         return False
@@ -222,8 +241,8 @@ class _Walker:
         self.diffs: list[tuple[Path, TreeDifference]] = []
         self.nleaves = 0
 
-    def add(self, path: Path, kind: str, detail: str) -> None:
-        self.diffs.append((path, TreeDifference(format_path(path), kind, detail)))
+    def add(self, path: Path, kind: str, detail: str, leaf: str = "mixed") -> None:
+        self.diffs.append((path, TreeDifference(format_path(path), kind, detail, leaf)))
 
     def leaves_only_in(self, tree: Any, path: Path, kind: str) -> None:
         from ..tree import iter_leaves
@@ -231,7 +250,7 @@ class _Walker:
         for p, leaf in iter_leaves(tree, path):
             self.nleaves += 1
             where = self.names[0] if kind == "missing" else self.names[1]
-            self.add(p, kind, f"only in {where}: {_describe(leaf)}")
+            self.add(p, kind, f"only in {where}: {_describe(leaf)}", _leaf_kind(leaf))
 
     def walk(self, a: Any, b: Any, path: Path) -> None:
         if isinstance(a, dict) and isinstance(b, dict):
@@ -257,18 +276,20 @@ class _Walker:
         self.nleaves += 1
         container = (dict, list, tuple)
         if isinstance(a, container) or isinstance(b, container):
-            self.add(path, "type", f"{self.names[0]} is {_describe(a)}, {self.names[1]} is {_describe(b)}")
+            self.add(path, "type",
+                     f"{self.names[0]} is {_describe(a)}, {self.names[1]} is {_describe(b)}")
             return
         a_arr, b_arr = isinstance(a, _ARRAY_TYPES), isinstance(b, _ARRAY_TYPES)
         if a_arr and b_arr:
             # numpy scalars (np.float32(1)) and 0-d arrays are the same leaf to the format.
             x, y = _as_array(a, path), _as_array(b, path)
             if x.dtype != y.dtype or x.shape != y.shape:
-                self.add(path, "type", f"{self.names[0]} is {_describe(x)}, {self.names[1]} is {_describe(y)}")
+                self.add(path, "type",
+                         f"{self.names[0]} is {_describe(x)}, {self.names[1]} is {_describe(y)}")
                 return
             line = _compare_arrays(x, y, self.rtol, self.atol, self.names)
             if line is not None:
-                self.add(path, "value", f"{_describe(x)}: {line}")
+                self.add(path, "value", f"{_describe(x)}: {line}", str(x.dtype))
             return
         if is_scalar_leaf(a) and is_scalar_leaf(b) and type(a) is type(b):
             if isinstance(a, float) and (self.rtol is not None or self.atol is not None):
@@ -277,7 +298,9 @@ class _Walker:
                     return
             elif _scalar_equal(a, b):
                 return
-            self.add(path, "value", f"{type(a).__name__}: {self.names[0]}={a!r}, {self.names[1]}={b!r}")
+            self.add(path, "value",
+                     f"{type(a).__name__}: {self.names[0]}={a!r}, {self.names[1]}={b!r}",
+                     type(a).__name__)
             return
         self.add(path, "type", f"{self.names[0]} is {_describe(a)}, {self.names[1]} is {_describe(b)}")
 
