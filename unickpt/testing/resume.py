@@ -99,6 +99,7 @@ class ResumeMismatchError(AssertionError):
 class _Failure:
     def __init__(self, events: list[str], error: BaseException, tb: str = ""):
         self.events, self.error, self.tb = events, error, tb
+        self.root: str | None = None  # the failing run's root, when kept for inspection
 
 
 def _snapshot(state: Any) -> Any:
@@ -199,8 +200,9 @@ def assert_resume_deterministic(
         rtol, atol: compare floats within a tolerance instead of bit for bit.
         check_reference: run the reference twice first, so a trainer that is not even
             deterministic without interruptions is reported as such.
-        root: directory under which the run roots are created (default: a temporary one,
-            removed afterwards).
+        root: directory under which the run roots are created.  Default: a temporary one,
+            removed afterwards; with ``root`` given, the failing run's root is kept (and
+            named in the report) so its checkpoints can be inspected.
         timeout: seconds a hard-killed child may take to reach its kill point.
 
     Returns:
@@ -280,10 +282,17 @@ def assert_resume_deterministic(
                 failure = _Failure(events, e)
             except Exception as e:  # the resumed run itself crashed: also a resume bug
                 failure = _Failure(events, e, traceback.format_exc())
-            finally:
+            if failure is not None and root is not None:
+                failure.root = run_root  # the user asked for a root: keep it to inspect
+            else:
                 shutil.rmtree(run_root, ignore_errors=True)
             results[schedule] = failure
             return failure
+
+        def drop_roots_except(keep: Schedule) -> None:
+            for sched, f in results.items():
+                if f is not None and f.root is not None and sched != keep:
+                    shutil.rmtree(f.root, ignore_errors=True)
 
         if explicit is not None:
             for i, schedule in enumerate(explicit):
@@ -303,13 +312,50 @@ def assert_resume_deterministic(
                                       lambda s: run(s) is not None, settings=cfg)
         except hypothesis.errors.NoSuchExample:
             return list(results)
+        minimal = _simplify(minimal, lambda sched: run(sched) is not None)
         failure = results[minimal]
         assert failure is not None
+        drop_roots_except(minimal)
         _raise(minimal, failure, total_steps, len(results), found_by="hypothesis")
     finally:
         rngs.restore()
         if root is None:
             shutil.rmtree(base, ignore_errors=True)
+
+
+def _simplify(schedule: Schedule, fails: Callable[[Schedule], bool],
+              budget: int = 40) -> Schedule:
+    """Greedily make a failing schedule smaller: fewer interruptions, then earlier steps.
+
+    Hypothesis' shrinker gives up early with the small example budgets these (slow) checks
+    run with, so its result is polished here, at a bounded cost of extra runs.
+    """
+    tries = 0
+    improved = True
+    while improved and tries < budget:
+        improved = False
+        for i in range(len(schedule)):
+            cand = schedule[:i] + schedule[i + 1:]
+            if cand:
+                tries += 1
+                if fails(cand):
+                    schedule, improved = cand, True
+                    break
+        if improved:
+            continue
+        for i in range(len(schedule)):
+            lo = schedule[i - 1] + 1 if i else 1
+            for v in range(lo, schedule[i]):
+                if tries >= budget:
+                    return schedule
+                cand = schedule[:i] + (v,) + schedule[i + 1:]
+                tries += 1
+                if fails(cand):
+                    schedule, improved = cand, True
+                    break
+            if improved:
+                break
+    return schedule
 
 
 def _raise(schedule: Schedule, failure: _Failure, total_steps: int, tried: int,
@@ -322,6 +368,8 @@ def _raise(schedule: Schedule, failure: _Failure, total_steps: int, tried: int,
                      f"reproduce with interruptions=[{schedule!r}].")
     lines.append("What happened:")
     lines.extend(f"  {i + 1}. {ev}" for i, ev in enumerate(failure.events))
+    if failure.root is not None:
+        lines.append(f"The interrupted run's checkpoints are kept in {failure.root}")
     if isinstance(failure.error, TreesDifferError):
         lines.append("Final state, reference (uninterrupted) vs resumed: the culprit leaves:")
         lines.append(str(failure.error))
