@@ -361,8 +361,12 @@ def _simplify(schedule: Schedule, fails: Callable[[Schedule], bool],
 def _raise(schedule: Schedule, failure: _Failure, total_steps: int, tried: int,
            found_by: str | None) -> NoReturn:
     steps = ", ".join(map(str, schedule))
-    lines = [f"resuming changed the final state: interrupted after step(s) [{steps}] of "
-             f"{total_steps}, the resumed run does not end where an uninterrupted run does."]
+    if isinstance(failure.error, TreesDifferError):
+        lines = [f"resuming changed the final state: interrupted after step(s) [{steps}] of "
+                 f"{total_steps}, the resumed run does not end where an uninterrupted run does."]
+    else:
+        lines = [f"resuming failed: interrupted after step(s) [{steps}] of {total_steps}, a "
+                 f"run raised {type(failure.error).__name__}."]
     if found_by:
         lines.append(f"Minimal failing schedule found by {found_by} after {tried} schedules; "
                      f"reproduce with interruptions=[{schedule!r}].")
