@@ -1,0 +1,153 @@
+"""Teeth, JAX: a model with dropout from a PRNG key in the state, optax AdamW on a warmup/cosine
+schedule and a shuffled loader.  Each bug must fail with its culprit leaf named; the correct
+trainer passes (in-process and under SIGKILL).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+import pytest
+
+import unickpt
+from unickpt.testing import ResumeMismatchError, assert_resume_deterministic
+
+jax = pytest.importorskip("jax")
+optax = pytest.importorskip("optax")
+jnp = jax.numpy
+
+BUGS = ("no_rng", "no_data_position", "no_scheduler", "no_opt_count")
+SAVE_EVERY = 3
+X = np.random.default_rng(3).normal(size=(20, 4)).astype(np.float32)
+Y = (X @ np.float32([1, -2, 0.5, 3]) + 0.1).astype(np.float32)
+OPT = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 0.05, 3, 12))
+
+
+def _key_of(k):
+    for attr in ("idx", "name", "key"):
+        if hasattr(k, attr):
+            return getattr(k, attr)
+    raise TypeError(k)
+
+
+def opt_to_tree(opt_state):
+    """optax state -> nested dict keyed by the pytree path (tuple index, field, dict key)."""
+    out: dict = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
+        node = out
+        keys = [_key_of(k) for k in path]
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = np.asarray(leaf)
+    return out
+
+
+def opt_from_tree(template, tree):
+    def get(path, _leaf):
+        node = tree
+        for k in path:
+            node = node[_key_of(k)]
+        return jnp.asarray(node)
+
+    return jax.tree_util.tree_map_with_path(get, template)
+
+
+@jax.jit
+def _train_step(params, opt_state, key, x, y):
+    key, sub = jax.random.split(key)
+    keep = jax.random.bernoulli(sub, 0.75, (4,)).astype(jnp.float32) / 0.75
+
+    def loss(p):
+        return jnp.mean((x @ (p["w"] * keep) + p["b"] - y) ** 2)
+
+    grads = jax.grad(loss)(params)
+    updates, opt_state = OPT.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, key
+
+
+def _latest(root):
+    steps = [int(n[5:]) for n in os.listdir(root) if n.startswith("step_")
+             and os.path.exists(os.path.join(root, n, "manifest.msgpack"))]
+    return max(steps) if steps else None
+
+
+def jax_train(root, total_steps, stop_at=None, *, bug=None):
+    assert bug is None or bug in BUGS
+    params = {"w": jnp.zeros(4), "b": jnp.zeros(())}
+    opt_state = OPT.init(params)
+    key = jax.random.PRNGKey(0)
+    data = {"epoch": 0, "position": 0}
+    start = 1
+    latest = _latest(root)
+    if latest is not None:
+        ck = unickpt.load(f"{root}/step_{latest}")
+        params = {k: jnp.asarray(v) for k, v in ck["params"].items()}
+        opt_tree = ck["opt"]
+        if bug == "no_opt_count":  # Adam's moments restored, its bias-correction count lost
+            opt_tree[0]["count"] = np.zeros((), np.int32)
+        if bug == "no_scheduler":  # the LR schedule restarts from its warmup
+            opt_tree[2]["count"] = np.zeros((), np.int32)
+        opt_state = opt_from_tree(opt_state, opt_tree)
+        if bug != "no_rng":
+            key = jnp.asarray(ck["key"])
+        if bug != "no_data_position":
+            data = dict(ck["data"])
+        start = ck["step"] + 1
+
+    def state(step):
+        return {"params": {k: np.asarray(v) for k, v in params.items()},
+                "opt": opt_to_tree(opt_state), "key": np.asarray(key), "data": dict(data),
+                "step": step}
+
+    for step in range(start, total_steps + 1):
+        if data["position"] >= 20:
+            data = {"epoch": data["epoch"] + 1, "position": 0}
+        order = np.random.default_rng(100 + data["epoch"]).permutation(20)
+        idx = order[data["position"]:data["position"] + 4]
+        data = {**data, "position": data["position"] + 4}
+        params, opt_state, key = _train_step(params, opt_state, key, X[idx], Y[idx])
+        if step == stop_at:
+            return state(step)
+        if (step % SAVE_EVERY == 0 or step == total_steps) and step != latest:
+            unickpt.save(f"{root}/step_{step}", state(step))
+    return state(max(total_steps, latest or 0))
+
+
+CULPRITS = {
+    "no_rng": "key",
+    "no_data_position": "data/position",
+    "no_scheduler": "opt/2/count",
+    "no_opt_count": "opt/0/count",
+}
+
+
+def test_correct_jax_trainer_passes():
+    assert len(assert_resume_deterministic(jax_train, 8, max_examples=6)) >= 6
+
+
+@pytest.mark.parametrize("bug", BUGS)
+def test_each_buggy_jax_trainer_fails_naming_the_culprit_leaf(bug):
+    with pytest.raises(ResumeMismatchError) as e:
+        assert_resume_deterministic(functools.partial(jax_train, bug=bug), 8, max_examples=6)
+    msg = str(e.value)
+    assert CULPRITS[bug] in e.value.paths, msg
+    assert "params/w" in e.value.paths
+    assert e.value.schedule == (SAVE_EVERY + 1,), msg
+    # integer state that differs is singled out as the likely cause
+    culprits_line = msg.splitlines()[-1]
+    assert culprits_line.startswith("Likely culprits") and CULPRITS[bug] in culprits_line
+
+
+def test_report_shows_the_restarted_adam_count():
+    with pytest.raises(ResumeMismatchError) as e:
+        assert_resume_deterministic(functools.partial(jax_train, bug="no_opt_count"), 8,
+                                    interruptions=[5])
+    assert "  opt/0/count: int32[]: 1 of 1 elements differ, max |reference-resumed| = 3.0, " \
+           "first at []: reference=8, resumed=5" in str(e.value)
+
+
+def test_correct_jax_trainer_survives_a_sigkill_after_a_save():
+    assert assert_resume_deterministic(jax_train, 8, interruptions=[(2, 5)],
+                                       hard_kill=True) == [(2, 5)]
