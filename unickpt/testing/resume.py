@@ -375,15 +375,15 @@ def _raise(schedule: Schedule, failure: _Failure, total_steps: int, tried: int,
     if failure.root is not None:
         lines.append(f"The interrupted run's checkpoints are kept in {failure.root}")
     if isinstance(failure.error, TreesDifferError):
-        lines.append("Final state, reference (uninterrupted) vs resumed: the culprit leaves:")
-        lines.append(str(failure.error))
         diffs = failure.error.differences
         exact = [d.path for d in diffs if d.exact]
-        if exact and len(exact) < len(diffs):
+        if exact:
             shown = ", ".join(exact[:10]) + (" ..." if len(exact) > 10 else "")
             lines.append(f"Likely culprits (integer state such as counters, data positions and "
                          f"RNG states never drifts by rounding; one that differs was not saved "
                          f"or not restored): {shown}")
+        lines.append("Final state, reference (uninterrupted) vs resumed:")
+        lines.append(str(failure.error))
         cause = None
     else:
         lines.append(f"The run raised {type(failure.error).__name__}: {failure.error}")
