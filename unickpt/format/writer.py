@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -219,11 +219,13 @@ def default_workers() -> int:
 
 
 def write_tree(directory: str, tree: Any, *, metadata: dict | None = None,
-               info: dict | None = None, kinds: dict[Path, str] | None = None,
+               info: dict | Callable[[WriteStats], dict] | None = None, kinds: dict[Path, str] | None = None,
                workers: int | None = None, prepared: tuple | None = None) -> WriteStats:
     """Write ``tree`` into the (existing, empty, uncommitted) ``directory``.
 
-    Files are fsynced; committing (rename into place) is the caller's job.
+    Files are fsynced; committing (rename into place) is the caller's job.  ``info`` may be
+    a callable that receives the :class:`WriteStats` of the array data (written and fsynced)
+    and returns the info map, so that a save can record its own size and duration.
     """
     t0 = time.perf_counter()
     node, jobs, sharded = prepared if prepared is not None else flatten(tree)
@@ -245,6 +247,9 @@ def write_tree(directory: str, tree: Any, *, metadata: dict | None = None,
         os.fsync(fd)
     finally:
         os.close(fd)
+    if callable(info):
+        info = info(WriteStats(nbytes=sum(j.entry.nbytes for j in jobs), narrays=len(jobs),
+                               seconds=time.perf_counter() - t0))
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         library_version=__version__,
