@@ -6,7 +6,6 @@ trainer passes (in-process and under SIGKILL).
 from __future__ import annotations
 
 import functools
-import os
 
 import numpy as np
 import pytest
@@ -67,12 +66,6 @@ def _train_step(params, opt_state, key, x, y):
     return optax.apply_updates(params, updates), opt_state, key
 
 
-def _latest(root):
-    steps = [int(n[5:]) for n in os.listdir(root) if n.startswith("step_")
-             and os.path.exists(os.path.join(root, n, "manifest.msgpack"))]
-    return max(steps) if steps else None
-
-
 def jax_train(root, total_steps, stop_at=None, *, bug=None):
     assert bug is None or bug in BUGS
     params = {"w": jnp.zeros(4), "b": jnp.zeros(())}
@@ -80,9 +73,10 @@ def jax_train(root, total_steps, stop_at=None, *, bug=None):
     key = jax.random.PRNGKey(0)
     data = {"epoch": 0, "position": 0}
     start = 1
-    latest = _latest(root)
-    if latest is not None:
-        ck = unickpt.load(f"{root}/step_{latest}")
+    mgr = unickpt.CheckpointManager(root, resume="auto", save_every=SAVE_EVERY)
+    start_at = mgr.resolve_start()
+    if start_at.resume:
+        ck = unickpt.load(start_at.path)
         params = {k: jnp.asarray(v) for k, v in ck["params"].items()}
         opt_tree = ck["opt"]
         if bug == "no_opt_count":  # Adam's moments restored, its bias-correction count lost
@@ -109,10 +103,11 @@ def jax_train(root, total_steps, stop_at=None, *, bug=None):
         data = {**data, "position": data["position"] + 4}
         params, opt_state, key = _train_step(params, opt_state, key, X[idx], Y[idx])
         if step == stop_at:
-            return state(step)
-        if (step % SAVE_EVERY == 0 or step == total_steps) and step != latest:
-            unickpt.save(f"{root}/step_{step}", state(step))
-    return state(max(total_steps, latest or 0))
+            mgr.close()
+            return state(step)  # a crash: no save
+        mgr.save(step, state(step), force=step == total_steps)
+    mgr.close()
+    return state(max(total_steps, start_at.step))
 
 
 CULPRITS = {

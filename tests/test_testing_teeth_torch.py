@@ -7,7 +7,6 @@ correct one (in-process and under SIGKILL).
 from __future__ import annotations
 
 import functools
-import os
 
 import numpy as np
 import pytest
@@ -66,12 +65,6 @@ class Loader:
         self.epoch, self.position = sd["epoch"], sd["position"]
 
 
-def _latest(root):
-    steps = [int(n[5:]) for n in os.listdir(root) if n.startswith("step_")
-             and os.path.exists(os.path.join(root, n, "manifest.msgpack"))]
-    return max(steps) if steps else None
-
-
 def torch_train(root, total_steps, stop_at=None, *, bug=None):
     assert bug is None or bug in BUGS
     torch.manual_seed(0)
@@ -81,9 +74,10 @@ def torch_train(root, total_steps, stop_at=None, *, bug=None):
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.7)
     loader = Loader()
     start = 1
-    latest = _latest(root)
-    if latest is not None:
-        ck = unickpt.load(f"{root}/step_{latest}")
+    mgr = unickpt.CheckpointManager(root, resume="auto", save_every=SAVE_EVERY)
+    start_at = mgr.resolve_start()
+    if start_at.resume:
+        ck = unickpt.load(start_at.path)
         model.load_state_dict(to_torch(ck["model"]))
         opt.load_state_dict(to_torch(ck["opt"]))
         if bug == "no_opt_count":  # moments restored, bias-correction step count lost
@@ -111,10 +105,11 @@ def torch_train(root, total_steps, stop_at=None, *, bug=None):
         opt.step()
         sched.step()
         if step == stop_at:
-            return state(step)
-        if (step % SAVE_EVERY == 0 or step == total_steps) and step != latest:
-            unickpt.save(f"{root}/step_{step}", state(step))
-    return state(max(total_steps, latest or 0))
+            mgr.close()
+            return state(step)  # a crash: no save
+        mgr.save(step, state(step), force=step == total_steps)
+    mgr.close()
+    return state(max(total_steps, start_at.step))
 
 
 def with_bug(bug):
