@@ -65,7 +65,7 @@ class WarmupDecay:
         self.base, self.last_epoch = sd["base"], sd["last_epoch"]
 
 
-def numpy_train(root, total_steps, stop_at=None, *, bug=None):
+def numpy_train(root, total_steps, stop_at=None, *, bug=None, async_save=False):
     """Linear regression with dropout, Adam, a warmup/decay schedule and a shuffled loader."""
     assert bug is None or bug in BUGS
     random.seed(0)  # unickpt.RNG() saves Python's RNG too: seed it, or runs differ
@@ -78,7 +78,8 @@ def numpy_train(root, total_steps, stop_at=None, *, bug=None):
     # still has everything, as a user's full training state would).
     forgotten = {"no_rng": "rng", "no_scheduler": "sched", "no_data_position": "data"}.get(bug)
     saved = {k: v for k, v in state.items() if k != forgotten}
-    with unickpt.CheckpointManager(root, resume="auto", save_every=SAVE_EVERY) as mgr:
+    with unickpt.CheckpointManager(root, resume="auto", save_every=SAVE_EVERY,
+                                   async_save=async_save) as mgr:
         restored = mgr.restore(saved)
         saved = restored.state
         state.update(saved)
@@ -113,6 +114,10 @@ def with_bug(bug):
 
 def train_no_rng(root, total_steps, stop_at=None):
     return numpy_train(root, total_steps, stop_at, bug="no_rng")
+
+
+def train_async(root, total_steps, stop_at=None):
+    return numpy_train(root, total_steps, stop_at, async_save=True)
 
 
 def train_off_by_one(root, total_steps, stop_at=None):
@@ -182,6 +187,15 @@ def test_hard_kill_correct_trainer_passes(moment):
     tried = assert_resume_deterministic(numpy_train, 9, interruptions=[2, (4, 7)],
                                         hard_kill=moment)
     assert tried == [(2,), (4, 7)]
+
+
+@pytest.mark.parametrize("moment", ["after_save", "mid_save"])
+def test_hard_kill_lands_in_background_saves_too(moment):
+    # With async_save the commit runs in the manager's saver thread: the kill lands there
+    # while the training thread may already be a step further.
+    assert assert_resume_deterministic(train_async, 9, interruptions=[(2, 5)],
+                                       hard_kill=moment) == [(2, 5)]
+    assert assert_resume_deterministic(train_async, 9, max_examples=4)
 
 
 def test_hard_kill_catches_the_missing_rng_and_says_where_it_killed():
