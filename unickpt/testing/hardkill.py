@@ -121,7 +121,7 @@ def run_and_kill(target: str, root: str, total_steps: int, stop: int, moment: st
         raise ValueError(f"hard-kill moment {moment!r}: expected one of {MOMENTS}")
     r, w = os.pipe()
     args = json.dumps({"target": target, "root": os.fspath(root), "total_steps": total_steps,
-                       "stop": stop, "moment": moment, "fd": w})
+                       "stop": stop, "moment": moment, "fd": w, "frameworks": _frameworks()})
     with tempfile.TemporaryFile() as out:
         proc = subprocess.Popen([sys.executable, "-c", _CHILD, args], pass_fds=(w,),
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -164,6 +164,13 @@ def run_and_kill(target: str, root: str, total_steps: int, stop: int, moment: st
                 proc.wait()
 
 
+def _frameworks() -> list[str]:
+    """Framework modules (of registered adapters) imported in this process."""
+    from ..adapters import _discover
+
+    return sorted({m for p in _discover() for m in p.modules if m in sys.modules})
+
+
 def _tail(f: Any, n: int = 4000) -> str:
     f.flush()
     f.seek(0)
@@ -201,6 +208,15 @@ def _child_main() -> None:
             freeze(final)
 
     LocalStorage.commit = commit  # type: ignore[method-assign]
+    # Import the frameworks the parent process has imported, so unickpt.RNG() captures the
+    # same set of global generators here as in the parent, where the resumed run happens.
+    import importlib
+
+    from unickpt.adapters import loaded_adapters
+
+    for name in cfg["frameworks"]:
+        importlib.import_module(name)
+    loaded_adapters()
     train = resolve_target(cfg["target"])
     train(cfg["root"], cfg["total_steps"])
     os.close(fd)
