@@ -210,3 +210,40 @@ def test_sharded_and_lazy_leaves_compare_as_their_global_arrays():
     changed[1, 3] = -1
     with pytest.raises(AssertionError, match=r"first at \[1, 3\]: a=7.0, b=-1.0"):
         assert_trees_equal({"x": sharded}, {"x": changed})
+
+
+def test_torch_objects_are_compared_through_the_torch_adapter():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("unickpt_torch.adapter")
+    torch.manual_seed(0)
+    a = torch.nn.Linear(3, 2)
+    torch.manual_seed(0)
+    b = torch.nn.Linear(3, 2)
+    assert_trees_equal({"m": a, "o": torch.optim.SGD(a.parameters(), lr=0.1)},
+                       {"m": b, "o": torch.optim.SGD(b.parameters(), lr=0.1)})
+    with torch.no_grad():
+        b.weight[1, 2] += 1
+    with pytest.raises(TreesDifferError) as e:
+        assert_trees_equal({"m": a, "o": torch.optim.SGD(a.parameters(), lr=0.1)},
+                           {"m": b, "o": torch.optim.SGD(b.parameters(), lr=0.2)})
+    assert e.value.paths == ["m/weight", "o/param_groups/0/lr"]
+    assert "  m/weight: float32[2, 3]: 1 of 6 elements differ" in str(e.value)
+    assert "first at [1, 2]" in str(e.value)
+    assert "  o/param_groups/0/lr: float: a=0.1, b=0.2" in str(e.value)
+    zeros = torch.zeros(2, dtype=torch.bfloat16)
+    with pytest.raises(AssertionError, match=r"<root>: bfloat16\[2\]: 1 of 2 elements differ, "
+                                             r"max \|a-b\| = 0.0 \(equal values, different bits"):
+        assert_trees_equal(zeros, torch.tensor([0.0, -0.0], dtype=torch.bfloat16))
+
+
+def test_jax_pytrees_are_compared_through_the_jax_adapter():
+    jnp = pytest.importorskip("jax.numpy")
+    optax = pytest.importorskip("optax")
+    pytest.importorskip("unickpt_jax.adapter")
+    p = {"w": jnp.ones(3), "b": jnp.zeros((), jnp.bfloat16)}
+    assert_trees_equal(optax.adam(1e-3).init(p), optax.adam(1e-3).init(p))
+    assert_trees_equal(p, {"w": np.ones(3, np.float32), "b": np.zeros((), ml_dtypes.bfloat16)})
+    with pytest.raises(AssertionError, match=r"^trees differ: 1 of 2 leaves differ \(bit for "
+                                             r"bit\)\n  w: float32\[3\]: 1 of 3 elements differ, "
+                                             r"max \|a-b\| = 1.0, first at \[1\]: a=1.0, b=2.0$"):
+        assert_trees_equal(p, {**p, "w": jnp.array([1.0, 2.0, 1.0])})
