@@ -165,10 +165,15 @@ def run_and_kill(target: str, root: str, total_steps: int, stop: int, moment: st
 
 
 def _frameworks() -> list[str]:
-    """Framework modules (of registered adapters) imported in this process."""
-    from ..adapters import _discover
+    """Framework modules to import in the child: those of the adapters loaded here that have
+    a global RNG (``capture_rng()`` is not None), so that ``unickpt.RNG()`` captures the same
+    generators in the child as in this process, where the resumed run happens.  Frameworks
+    without a global RNG (JAX) are left to the trainer to import: they cost seconds."""
+    from ..adapters import _discover, loaded_adapters
 
-    return sorted({m for p in _discover() for m in p.modules if m in sys.modules})
+    with_rng = {a.name for a in loaded_adapters() if a.capture_rng() is not None}
+    return sorted({m for p in _discover() if p.name in with_rng for m in p.modules
+                   if m in sys.modules})
 
 
 def _tail(f: Any, n: int = 4000) -> str:
