@@ -95,6 +95,19 @@ def test_a_nondeterministic_trainer_is_reported_as_such():
         assert_resume_deterministic(noisy, 4, interruptions=[2])
 
 
+def test_a_difference_in_the_first_call_only_is_not_taken_for_nondeterminism():
+    calls = []
+
+    def warming_up(root, total_steps, stop_at=None):
+        # e.g. a lazy import drawing from a global RNG during the first call in a process
+        calls.append(stop_at)
+        out = counter_train(root, total_steps, stop_at)
+        return {**out, "x": out["x"] + 1} if len(calls) == 1 else out
+
+    assert assert_resume_deterministic(warming_up, 6, interruptions=[3]) == [(3,)]
+    assert calls == [None, None, None, 3, None]  # three reference runs, then the schedule
+
+
 def test_global_rngs_are_fresh_for_each_run_and_restored_after():
     def unseeded(root, total_steps, stop_at=None):
         return {"draw": np.random.random_sample(2)}
