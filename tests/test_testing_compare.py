@@ -247,3 +247,21 @@ def test_jax_pytrees_are_compared_through_the_jax_adapter():
                                              r"bit\)\n  w: float32\[3\]: 1 of 3 elements differ, "
                                              r"max \|a-b\| = 1.0, first at \[1\]: a=1.0, b=2.0$"):
         assert_trees_equal(p, {**p, "w": jnp.array([1.0, 2.0, 1.0])})
+
+
+def test_a_broken_adapter_of_another_loaded_framework_does_not_block_comparison(monkeypatch):
+    import fractions
+
+    from unickpt import adapters
+
+    def broken():
+        raise ImportError("No module named 'fake_adapter_impl'")
+
+    plugins = list(adapters._discover())
+    monkeypatch.setattr(adapters, "_plugins", plugins)
+    monkeypatch.setattr(adapters, "_type_cache", {})
+    # "fractions" is imported, so this adapter is asked about every unknown object
+    adapters.register_adapter(adapters.Plugin("fake", ("fractions",), load=broken))
+    assert_trees_equal({"c": _Counter(2)}, {"c": _Counter(2)})
+    with pytest.raises(unickpt.AdapterError, match="the fake adapter needs its framework"):
+        assert_trees_equal({"f": fractions.Fraction(1, 2)}, {"f": 1})
