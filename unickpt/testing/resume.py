@@ -214,6 +214,22 @@ def assert_resume_deterministic(
     Raises:
         ResumeMismatchError: naming the (minimal) failing schedule, what happened at each
             interruption, and every differing leaf of the final state.
+
+    >>> import os, unickpt
+    >>> def forgetful(root, total_steps, stop_at=None):  # restores x, restarts at step 1
+    ...     done = sorted(int(n[5:]) for n in os.listdir(root) if n.startswith("step_"))
+    ...     x = unickpt.load(f"{root}/step_{done[-1]}")["x"] if done else 0
+    ...     for step in range(1, total_steps + 1):
+    ...         x += step
+    ...         if step == stop_at:
+    ...             return {"x": x}
+    ...         unickpt.save(f"{root}/step_{step}", {"x": x}, overwrite=True)
+    ...     return {"x": x}
+    >>> try:
+    ...     assert_resume_deterministic(forgetful, 4, interruptions=[2])
+    ... except ResumeMismatchError as e:
+    ...     print(e.schedule, e.paths, e.differences[0].detail)
+    (2,) ['x'] int: reference=10, resumed=11
     """
     if not isinstance(total_steps, int) or total_steps < 1:
         raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
