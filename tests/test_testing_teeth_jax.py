@@ -1,6 +1,7 @@
 """Teeth, JAX: a model with dropout from a PRNG key in the state, optax AdamW on a warmup/cosine
-schedule and a shuffled loader.  Each bug must fail with its culprit leaf named; the correct
-trainer passes (in-process and under SIGKILL).
+schedule and a shuffled loader, checkpointed as live pytrees by CheckpointManager (through the
+JAX adapter).  Each bug must fail with its culprit leaf named; the correct trainer passes
+(in-process and under SIGKILL).
 """
 
 from __future__ import annotations
@@ -24,35 +25,6 @@ Y = (X @ np.float32([1, -2, 0.5, 3]) + 0.1).astype(np.float32)
 OPT = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 0.05, 3, 12))
 
 
-def _key_of(k):
-    for attr in ("idx", "name", "key"):
-        if hasattr(k, attr):
-            return getattr(k, attr)
-    raise TypeError(k)
-
-
-def opt_to_tree(opt_state):
-    """optax state -> nested dict keyed by the pytree path (tuple index, field, dict key)."""
-    out: dict = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
-        node = out
-        keys = [_key_of(k) for k in path]
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = np.asarray(leaf)
-    return out
-
-
-def opt_from_tree(template, tree):
-    def get(path, _leaf):
-        node = tree
-        for k in path:
-            node = node[_key_of(k)]
-        return jnp.asarray(node)
-
-    return jax.tree_util.tree_map_with_path(get, template)
-
-
 @jax.jit
 def _train_step(params, opt_state, key, x, y):
     key, sub = jax.random.split(key)
@@ -69,45 +41,35 @@ def _train_step(params, opt_state, key, x, y):
 def jax_train(root, total_steps, stop_at=None, *, bug=None):
     assert bug is None or bug in BUGS
     params = {"w": jnp.zeros(4), "b": jnp.zeros(())}
-    opt_state = OPT.init(params)
-    key = jax.random.PRNGKey(0)
-    data = {"epoch": 0, "position": 0}
-    start = 1
-    mgr = unickpt.CheckpointManager(root, resume="auto", save_every=SAVE_EVERY)
-    start_at = mgr.resolve_start()
-    if start_at.resume:
-        ck = unickpt.load(start_at.path)
-        params = {k: jnp.asarray(v) for k, v in ck["params"].items()}
-        opt_tree = ck["opt"]
-        if bug == "no_opt_count":  # Adam's moments restored, its bias-correction count lost
-            opt_tree[0]["count"] = np.zeros((), np.int32)
-        if bug == "no_scheduler":  # the LR schedule restarts from its warmup
-            opt_tree[2]["count"] = np.zeros((), np.int32)
-        opt_state = opt_from_tree(opt_state, opt_tree)
-        if bug != "no_rng":
-            key = jnp.asarray(ck["key"])
-        if bug != "no_data_position":
-            data = dict(ck["data"])
-        start = ck["step"] + 1
-
-    def state(step):
-        return {"params": {k: np.asarray(v) for k, v in params.items()},
-                "opt": opt_to_tree(opt_state), "key": np.asarray(key), "data": dict(data),
-                "step": step}
-
-    for step in range(start, total_steps + 1):
-        if data["position"] >= 20:
-            data = {"epoch": data["epoch"] + 1, "position": 0}
-        order = np.random.default_rng(100 + data["epoch"]).permutation(20)
-        idx = order[data["position"]:data["position"] + 4]
-        data = {**data, "position": data["position"] + 4}
-        params, opt_state, key = _train_step(params, opt_state, key, X[idx], Y[idx])
-        if step == stop_at:
-            mgr.close()
-            return state(step)  # a crash: no save
-        mgr.save(step, state(step), force=step == total_steps)
-    mgr.close()
-    return state(max(total_steps, start_at.step))
+    state = {"params": params, "opt": OPT.init(params), "key": jax.random.PRNGKey(0),
+             "data": {"epoch": 0, "position": 0}}
+    # What the buggy trainers forget to checkpoint (the final state they return has it all).
+    forgotten = {"no_rng": "key", "no_data_position": "data"}.get(bug)
+    with unickpt.CheckpointManager(root, resume="auto", save_every=SAVE_EVERY) as mgr:
+        restored = mgr.restore({k: v for k, v in state.items() if k != forgotten})
+        state = {**state, **restored.state}  # JAX values are immutable: take the new ones
+        if restored.resumed and bug in ("no_opt_count", "no_scheduler"):
+            adam, decay, sched = state["opt"]
+            if bug == "no_opt_count":  # Adam's moments restored, its bias-correction count lost
+                adam = adam._replace(count=jnp.zeros_like(adam.count))
+            else:  # the LR schedule restarts from its warmup
+                sched = sched._replace(count=jnp.zeros_like(sched.count))
+            state["opt"] = (adam, decay, sched)
+        for step in range(restored.step + 1, total_steps + 1):
+            data = dict(state["data"])
+            if data["position"] >= 20:
+                data = {"epoch": data["epoch"] + 1, "position": 0}
+            order = np.random.default_rng(100 + data["epoch"]).permutation(20)
+            idx = order[data["position"]:data["position"] + 4]
+            data["position"] += 4
+            params, opt_state, key = _train_step(state["params"], state["opt"], state["key"],
+                                                 X[idx], Y[idx])
+            state = {"params": params, "opt": opt_state, "key": key, "data": data}
+            if step == stop_at:
+                return state  # a crash: no save
+            mgr.save(step, {k: v for k, v in state.items() if k != forgotten},
+                     force=step == total_steps)
+    return state
 
 
 CULPRITS = {
