@@ -265,3 +265,10 @@ def test_a_broken_adapter_of_another_loaded_framework_does_not_block_comparison(
     assert_trees_equal({"c": _Counter(2)}, {"c": _Counter(2)})
     with pytest.raises(unickpt.AdapterError, match="the fake adapter needs its framework"):
         assert_trees_equal({"f": fractions.Fraction(1, 2)}, {"f": 1})
+
+
+def test_long_scalars_are_cut_short_in_the_report():
+    with pytest.raises(AssertionError) as e:
+        assert_trees_equal({"s": "x" * 500}, {"s": "x" * 499 + "y"})
+    line = str(e.value).splitlines()[1]
+    assert line == f"  s: str: a='{'x' * 119}... (502 chars), b='{'x' * 119}... (502 chars)"

@@ -208,15 +208,22 @@ def _compare_arrays(a: np.ndarray, b: np.ndarray, rtol: float | None, atol: floa
     return ", ".join(parts)
 
 
+def _short(x: Any, limit: int = 120) -> str:
+    """repr of a scalar leaf, cut short: a report line must stay readable for long strings."""
+    r = repr(x)
+    return r if len(r) <= limit else f"{r[:limit]}... ({len(r)} chars)"
+
+
 def _describe(x: Any) -> str:
-    if isinstance(x, _ARRAY_TYPES):
-        dt = np.dtype(x.dtype)
-        return f"{dt}{list(np.shape(x) if not isinstance(x, (ShardedArray, LazyArray)) else x.shape)}"
+    if isinstance(x, (ShardedArray, LazyArray)):
+        return f"{np.dtype(x.dtype)}{list(x.shape)}"
+    if isinstance(x, (np.ndarray, np.generic)):
+        return f"{x.dtype}{list(np.shape(x))}"
     if isinstance(x, dict):
         return f"dict({len(x)} keys)"
     if isinstance(x, (list, tuple)):
         return f"{type(x).__name__}({len(x)} items)"
-    return f"{type(x).__name__} {x!r}"
+    return f"{type(x).__name__} {_short(x)}"
 
 
 def _leaf_kind(x: Any) -> str:
@@ -299,7 +306,7 @@ class _Walker:
             elif _scalar_equal(a, b):
                 return
             self.add(path, "value",
-                     f"{type(a).__name__}: {self.names[0]}={a!r}, {self.names[1]}={b!r}",
+                     f"{type(a).__name__}: {self.names[0]}={_short(a)}, {self.names[1]}={_short(b)}",
                      type(a).__name__)
             return
         self.add(path, "type", f"{self.names[0]} is {_describe(a)}, {self.names[1]} is {_describe(b)}")
