@@ -200,3 +200,28 @@ def test_hard_kill_child_failures_and_timeouts_are_reported(tmp_path, monkeypatc
     with pytest.raises(RuntimeError, match=r"did not reach the save of a step >= 2 within 1 s"):
         run_and_kill("test_testing_resume:hanging_train", str(tmp_path), 4, 2, "after_save",
                      timeout=1.0)
+
+
+def test_without_hypothesis_only_the_hypothesis_driven_check_is_unavailable():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "sys.modules['hypothesis'] = None  # as if not installed\n"
+        "import numpy as np\n"
+        "from unickpt.testing import assert_trees_equal, assert_resume_deterministic\n"
+        "assert_trees_equal({'a': np.ones(2)}, {'a': np.ones(2)})\n"
+        "def train(root, n, stop_at=None):\n"
+        "    return {'n': n}\n"
+        "assert assert_resume_deterministic(train, 3, interruptions=[1]) == [(1,)]\n"
+        "try:\n"
+        "    assert_resume_deterministic(train, 3)\n"
+        "except ImportError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == (
+        "unickpt.testing needs hypothesis for resume checks and strategies; install it with "
+        "`pip install unickpt[test]` (or `pip install hypothesis`)")

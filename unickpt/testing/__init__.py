@@ -30,18 +30,19 @@ __all__ = [
     "TreesDifferError",
     "assert_resume_deterministic",
     "ResumeMismatchError",
-    "Interruption",
+    "set_default_max_examples",
+    "default_max_examples",
 ]
 
 _LAZY = {"assert_resume_deterministic": "resume", "ResumeMismatchError": "resume",
-         "Interruption": "resume"}
+         "set_default_max_examples": "resume", "default_max_examples": "resume"}
 
 
 def require_hypothesis() -> Any:
     """Import hypothesis, or raise an ImportError saying how to install it."""
     try:
         import hypothesis
-    except ImportError as e:  # pragma: no cover - hypothesis is installed in the test env
+    except ImportError as e:
         raise ImportError(
             "unickpt.testing needs hypothesis for resume checks and strategies; install it "
             "with `pip install unickpt[test]` (or `pip install hypothesis`)") from e
