@@ -54,6 +54,16 @@ def crashing_train(root, total_steps, stop_at=None):
     return counter_train(root, total_steps, stop_at)
 
 
+def spawning_train(root, total_steps, stop_at=None):
+    import subprocess
+    import sys
+
+    helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    with open(os.path.join(root, "helper.pid"), "w") as f:
+        f.write(str(helper.pid))
+    return counter_train(root, total_steps, stop_at)
+
+
 def hanging_train(root, total_steps, stop_at=None):
     time.sleep(60)
 
@@ -174,6 +184,24 @@ def test_hard_kill_moments_leave_the_disk_as_a_crash_would(tmp_path):
     assert out == KillOutcome(True, 6, "after_save")
     assert unickpt.load(root / "step_6")["step"] == 6
     assert not (root / "step_8").exists()
+
+
+def test_hard_kill_takes_the_childs_own_children_with_it(tmp_path):
+    out = run_and_kill("test_testing_resume:spawning_train", str(tmp_path), 6, 2, "after_save")
+    assert out == KillOutcome(True, 2, "after_save")
+    pid = int((tmp_path / "helper.pid").read_text())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            break
+        if state in ("Z", "X"):  # dead, waiting to be reaped by init
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"the trainer's helper process {pid} survived the kill")
 
 
 def test_hard_kill_reports_a_run_that_finished_before_the_kill_point():

@@ -123,9 +123,11 @@ def run_and_kill(target: str, root: str, total_steps: int, stop: int, moment: st
     args = json.dumps({"target": target, "root": os.fspath(root), "total_steps": total_steps,
                        "stop": stop, "moment": moment, "fd": w, "frameworks": _frameworks()})
     with tempfile.TemporaryFile() as out:
+        # A session of its own: the kill takes the child's own children (data-loader
+        # workers...) with it, as a crash of the machine or the job would.
         proc = subprocess.Popen([sys.executable, "-c", _CHILD, args], pass_fds=(w,),
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                env=_child_env())
+                                env=_child_env(), start_new_session=True)
         os.close(w)
         event: dict | None = None
         buf = b""
@@ -134,8 +136,7 @@ def run_and_kill(target: str, root: str, total_steps: int, stop: int, moment: st
             while event is None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    proc.kill()
-                    proc.wait()
+                    _kill(proc)
                     raise RuntimeError(
                         f"hard-kill run of {target} did not reach the save of a step >= {stop} "
                         f"within {timeout:.0f} s; output:\n{_tail(out)}")
@@ -149,8 +150,7 @@ def run_and_kill(target: str, root: str, total_steps: int, stop: int, moment: st
                 if b"\n" in buf:
                     event = json.loads(buf.split(b"\n", 1)[0])
             if event is not None:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
+                _kill(proc)
                 return KillOutcome(True, int(event["step"]), moment)
             rc = proc.wait()
             if rc != 0:
@@ -160,8 +160,16 @@ def run_and_kill(target: str, root: str, total_steps: int, stop: int, moment: st
         finally:
             os.close(r)
             if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+                _kill(proc)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """SIGKILL the child's whole process group and reap the child."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # already gone
+        pass
+    proc.wait()
 
 
 def _frameworks() -> list[str]:
