@@ -168,10 +168,16 @@ def adapter_for(obj: Any) -> tuple[Adapter, str] | None:
     plugins = _discover()
     # First the adapters whose modules define one of the object's classes, then any adapter
     # whose framework is loaded (e.g. JAX claims user dataclasses registered as pytree nodes).
-    ordered = [p for p in plugins if roots & set(p.modules)]
-    ordered += [p for p in plugins if p not in ordered and any(m in sys.modules for m in p.modules)]
+    owners = [p for p in plugins if roots & set(p.modules)]
+    ordered = owners + [p for p in plugins
+                        if p not in owners and any(m in sys.modules for m in p.modules)]
     for p in ordered:
-        adapter = _load(p)
+        try:
+            adapter = _load(p)
+        except AdapterError:
+            if p in owners:  # the object is this framework's: its adapter is required
+                raise
+            continue  # a broken adapter of some other loaded framework must not block this
         kind = adapter.kind_of(obj)
         if kind:
             result = (adapter, kind)

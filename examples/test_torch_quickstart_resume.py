@@ -1,0 +1,52 @@
+"""Prove that the PyTorch quickstart trainer resumes bit for bit: a user-style test.
+
+This is the test you would write for your own trainer (see docs/testing.md).  The quickstart's
+``train(root, total_steps)`` trains with a ``CheckpointManager(root, resume="auto")`` and writes
+a final checkpoint; it returns nothing, so the wrapper below reads the final state back from
+that checkpoint.  The quickstart crashes by SIGKILL, never by returning early, so the checks
+use ``hard_kill``: each interrupted run is a subprocess killed at a save, then the run resumes.
+
+    python -m pytest examples/test_torch_quickstart_resume.py --unickpt-examples=3
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import unickpt
+
+pytest.importorskip("torch")
+import torch_quickstart  # noqa: E402  (examples/ is on sys.path when pytest runs this file)
+
+STEPS = 100  # saves every 40 steps (torch_quickstart.SAVE_EVERY) and at the end
+
+
+def final_checkpoint(root) -> str:
+    steps = [int(n[5:]) for n in os.listdir(root) if n.startswith("step_") and n[5:].isdigit()
+             and os.path.exists(os.path.join(root, n, "manifest.msgpack"))]
+    return os.path.join(root, f"step_{max(steps)}")
+
+
+def train(root, total_steps, stop_at=None):
+    """The checker's contract: train to total_steps in root, return the final state."""
+    assert stop_at is None, "the quickstart crashes by SIGKILL: use hard_kill"
+    torch_quickstart.train(str(root), total_steps)
+    return unickpt.load(final_checkpoint(root))
+
+
+def test_quickstart_survives_sigkills_right_after_saves(unickpt_resume_check):
+    # [41]: killed right after step_80 is committed; (10, 50): after step_40, then the
+    # resumed run after step_80
+    unickpt_resume_check(train, STEPS, interruptions=[41, (10, 50)], hard_kill=True)
+
+
+def test_quickstart_survives_a_sigkill_in_the_middle_of_a_save(unickpt_resume_check):
+    # killed while step_80 is being written: the resume must start from step_40
+    unickpt_resume_check(train, STEPS, interruptions=[60], hard_kill="mid_save")
+
+
+@pytest.mark.slow
+def test_quickstart_survives_sigkills_hypothesis_chooses(unickpt_resume_check):
+    unickpt_resume_check(train, STEPS, hard_kill=True, max_interruptions=2)
