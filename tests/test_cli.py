@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 import unickpt
 from unickpt import cli
-from unickpt.cli import app, diff_trees
+from unickpt.cli import app
+from unickpt.testing.compare import diff_trees
 from unickpt.tree import Piece, ShardedArray
 
 runner = CliRunner(env={"COLUMNS": "200"})  # no table wrapping in assertions
@@ -44,7 +45,8 @@ def ck(tmp_path) -> str:
 
 
 def _run(*args: str):
-    return runner.invoke(app, list(args))
+    # wide enough that rich never wraps a report line inside a table cell
+    return runner.invoke(app, list(args), terminal_width=250)
 
 
 # ------------------------------------------------------------------ inspect
@@ -157,12 +159,12 @@ def test_diff_reports_every_kind_of_difference(ck, tmp_path):
     r = _run("diff", ck, other)
     assert r.exit_code == 1, r.output
     out = r.output
-    assert "2 of 6 elements differ, first at [1, 1], max |a-b| = 2" in out
-    assert "bfloat16[3] vs float32[3]" in out
-    assert "3 vs 4" in out and "kind tuple vs list" in out
+    assert "2 of 6 elements differ, max |A-B| = 2.0, first at [1, 1]: A=4.0, B=4.5" in out
+    assert "A is bfloat16[3], B is float32[3]" in out
+    assert "int: A=3, B=4" in out and "A is a tuple, B is a list" in out
     assert "missing in B" in out and "extra in B" in out
     assert "1 of 1 elements differ, first at [0]" in out
-    assert "DIFFERENT: 7 of" in out
+    assert "DIFFERENT: 7 differences over 11 leaves" in out
 
 
 def test_diff_json_and_bit_level_equality(tmp_path):
@@ -197,13 +199,25 @@ def test_diff_unreadable_exits_2(ck, tmp_path):
     assert r.exit_code == 2 and "CheckpointNotFoundError" in r.output
 
 
-def test_diff_trees_structure():
-    d = diff_trees({"a": {"b": 1}, "c": [1, 2]}, {"a": {}, "c": [1, 2, 3], "d": 1})
-    got = [(x.path, x.status) for x in d if x.status != "equal"]
-    assert got == [("a/b", "missing in B"), ("c/2", "extra in B"), ("d", "extra in B")]
-    d = diff_trees({"a": 1, "b": 2}, {"b": 2, "a": 1})
-    assert [(x.path, x.detail) for x in d if x.status != "equal"] == \
-        [("<root>", "same keys in a different order")]
+def test_diff_trees_exact_structure():
+    d = diff_trees({"a": {"b": 1}, "c": [1, 2]}, {"a": {}, "c": [1, 2, 3], "d": 1},
+                   exact_structure=True)
+    assert [(x.path, x.kind) for x in d] == [("a/b", "missing"), ("c/2", "extra"),
+                                             ("d", "extra")]
+    d = diff_trees({"a": 1, "b": 2}, {"b": 2, "a": 1}, exact_structure=True)
+    assert [(x.path, x.detail) for x in d] == [("<root>", "same keys in a different order")]
+    assert diff_trees({"a": 1, "b": 2}, {"b": 2, "a": 1}) == []
+    d = diff_trees({"t": (1, 2)}, {"t": [1, 2]}, exact_structure=True)
+    assert [(x.path, x.detail) for x in d] == [("t", "a is a tuple, b is a list")]
+
+
+def test_diff_all_lists_equal_leaves(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    unickpt.save(a, {"x": np.arange(3.0), "y": 1})
+    unickpt.save(b, {"x": np.arange(3.0), "y": 2})
+    r = _run("diff", "--all", "--json", a, b)
+    leaves = {d["path"]: d["status"] for d in json.loads(r.output)["leaves"]}
+    assert r.exit_code == 1 and leaves == {"x": "equal", "y": "differs"}
 
 
 def test_commands_can_be_added_by_other_modules(monkeypatch, tmp_path):

@@ -26,12 +26,10 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import struct
 from importlib.metadata import entry_points
 from pathlib import Path as FsPath
 from typing import Annotated, Any
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -40,11 +38,11 @@ from rich.table import Table
 from rich.tree import Tree
 
 from .errors import CorruptCheckpointError, UnickptError
-from .format.dtypes import dtype_name
 from .format.reader import CheckpointReader
-from .tree import Path, format_path
+from .testing.compare import TreeDifference, diff_trees
+from .tree import Path, format_path, iter_leaves
 
-__all__ = ["app", "main", "COMMAND_MODULES", "diff_trees", "LeafDiff"]
+__all__ = ["app", "main", "COMMAND_MODULES"]
 
 #: Modules imported by :func:`main` so that the commands they define with ``@app.command()``
 #: exist (e.g. the run-root commands ``ls`` / ``migrate``); missing ones are skipped.
@@ -221,122 +219,14 @@ def verify_cmd(
 
 
 # ------------------------------------------------------------------ diff
-class LeafDiff:
-    """How one tree path compares between two checkpoints."""
-
-    __slots__ = ("path", "status", "detail", "ndiff", "max_abs_diff", "first_index")
-
-    def __init__(self, path: str, status: str, detail: str = "", ndiff: int = 0,
-                 max_abs_diff: float | None = None, first_index: tuple[int, ...] | None = None):
-        self.path, self.status, self.detail = path, status, detail
-        self.ndiff, self.max_abs_diff, self.first_index = ndiff, max_abs_diff, first_index
-
-    def to_json(self) -> dict:
-        return {"path": self.path, "status": self.status, "detail": self.detail,
-                "ndiff": self.ndiff, "max_abs_diff": _jsonable(self.max_abs_diff),
-                "first_index": list(self.first_index) if self.first_index is not None else None}
+_STATUS = {"value": "differs", "type": "differs", "missing": "missing in B",
+           "extra": "extra in B"}
 
 
-def _walk(x: Any, path: Path = ()):
-    """Yield ``(path, node)`` for containers and leaves alike, so structure is compared too."""
-    yield path, x
-    if isinstance(x, dict):
-        for k, v in x.items():
-            yield from _walk(v, (*path, k))
-    elif isinstance(x, (list, tuple)):
-        for i, v in enumerate(x):
-            yield from _walk(v, (*path, i))
-
-
-def _kind(x: Any) -> str:
-    if isinstance(x, np.ndarray):
-        return "array"
-    if isinstance(x, np.generic):
-        return f"numpy.{type(x).__name__}"
-    return type(x).__name__
-
-
-def _element_bytes(a: np.ndarray) -> np.ndarray:
-    """``(n, itemsize)`` uint8 view of the value-carrying bytes of each element."""
-    b = np.ascontiguousarray(a).reshape(-1)
-    u = b.view(np.uint8).reshape(b.size, a.dtype.itemsize) if a.dtype.itemsize else \
-        np.zeros((b.size, 0), np.uint8)
-    if a.dtype.itemsize and dtype_name(a.dtype.newbyteorder("=")).endswith("float80_x87"):
-        u = u.reshape(b.size, -1, 16)[:, :, :10].reshape(b.size, -1)  # skip x87 padding
-    return u
-
-
-def _max_abs(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float | None:
-    """Largest |a - b| over the differing elements (NaN-involving pairs skipped); None when the
-    dtype is not numeric (strings, times, raw bytes)."""
-    name = dtype_name(a.dtype.newbyteorder("="))
-    if a.dtype.kind not in "biufc" and not name.startswith(("bfloat", "float", "int", "uint")):
-        return None
-    wide: Any = np.float64
-    if a.dtype.kind == "c":
-        wide = np.clongdouble if a.dtype.itemsize > 16 else np.complex128
-    elif a.dtype.kind == "f" and a.dtype.itemsize > 8:
-        wide = np.longdouble
-    x = a.reshape(-1)[mask].astype(wide)
-    y = b.reshape(-1)[mask].astype(wide)
-    with np.errstate(invalid="ignore", over="ignore"):
-        d = np.abs(x - y)
-    d = d[~np.isnan(d)]
-    return float(d.max()) if d.size else float("nan")
-
-
-def _compare(pa: Path, x: Any, y: Any) -> LeafDiff:
-    name = format_path(pa)
-    kx, ky = _kind(x), _kind(y)
-    if kx != ky:
-        return LeafDiff(name, "differs", f"kind {kx} vs {ky}")
-    if isinstance(x, (dict, list, tuple)):
-        if isinstance(x, dict) and list(x) != list(y) and set(x) == set(y):
-            return LeafDiff(name, "differs", "same keys in a different order")
-        return LeafDiff(name, "equal")  # children are compared on their own
-    if isinstance(x, (np.ndarray, np.generic)):
-        x, y = np.asarray(x), np.asarray(y)
-        if x.dtype != y.dtype or x.shape != y.shape:
-            return LeafDiff(name, "differs", f"{_dt(x)}{list(x.shape)} vs {_dt(y)}{list(y.shape)}")
-        mask = (_element_bytes(x) != _element_bytes(y)).any(axis=1)
-        n = int(mask.sum())
-        if n == 0:
-            return LeafDiff(name, "equal")
-        first = tuple(int(i) for i in np.unravel_index(int(np.argmax(mask)), x.shape))
-        mad = _max_abs(x, y, mask)
-        detail = f"{n} of {x.size} elements differ, first at {list(first)}"
-        if mad is not None:
-            detail += f", max |a-b| = {mad:.6g}"
-        return LeafDiff(name, "differs", detail, n, mad, first)
-    same = (struct.pack("<d", x) == struct.pack("<d", y)) if isinstance(x, float) else x == y
-    if same:
-        return LeafDiff(name, "equal")
-    ra, rb = repr(x), repr(y)
-    return LeafDiff(name, "differs", f"{ra[:60]} vs {rb[:60]}", 1)
-
-
-def _dt(a: np.ndarray) -> str:
-    return dtype_name(a.dtype) + (" (big-endian)" if a.dtype.byteorder == ">" else "")
-
-
-def diff_trees(a: Any, b: Any) -> list[LeafDiff]:
-    """Compare two loaded state trees node by node, bit for bit.
-
-    >>> [d.status for d in diff_trees({"x": 1.0, "y": 2}, {"x": -0.0 + 1.0, "z": 2})]
-    ['equal', 'equal', 'missing in B', 'extra in B']
-    """
-    na, nb = dict(_walk(a)), dict(_walk(b))
-    out: list[LeafDiff] = []
-    for p, x in na.items():
-        if p not in nb:
-            if p[:-1] in nb and p[:-1] in na and _kind(na[p[:-1]]) == _kind(nb[p[:-1]]):
-                out.append(LeafDiff(format_path(p), "missing in B"))
-            continue
-        out.append(_compare(p, x, nb[p]))
-    for p in nb:
-        if p not in na and p[:-1] in na and _kind(na[p[:-1]]) == _kind(nb[p[:-1]]):
-            out.append(LeafDiff(format_path(p), "extra in B"))
-    return out
+def _diff_json(d: TreeDifference) -> dict:
+    return {"path": d.path, "status": _STATUS.get(d.kind, d.kind), "detail": d.detail,
+            "ndiff": d.count, "max_abs_diff": _jsonable(d.max_abs),
+            "first_index": list(d.first_index) if d.first_index is not None else None}
 
 
 @app.command("diff")
@@ -354,26 +244,35 @@ def diff_cmd(
         ta, tb = load(a, mmap=True, verify=True), load(b, mmap=True, verify=True)
     except (UnickptError, OSError) as e:
         raise _unreadable(e) from None
-    diffs = diff_trees(ta, tb)
-    bad = [d for d in diffs if d.status != "equal"]
+    # The same bit-level comparison as unickpt.testing.assert_trees_equal (NaNs by their bits,
+    # -0.0 != 0.0), plus structure: list vs tuple and key order count as differences here.
+    bad = diff_trees(ta, tb, names=("A", "B"), exact_structure=True)
+    nleaves = len(set(format_path(p) for p, _ in iter_leaves(ta))
+                  | set(format_path(p) for p, _ in iter_leaves(tb)))
+    differing = {d.path for d in bad}
+    equal = sorted(format_path(p) for p, _ in iter_leaves(ta)
+                   if format_path(p) not in differing) if show_equal else []
     if as_json:
-        typer.echo(json.dumps({"equal": not bad, "a": str(a), "b": str(b),
-                               "leaves": [d.to_json() for d in diffs
-                                          if show_equal or d.status != "equal"]}, indent=1))
+        rows = [_diff_json(d) for d in bad] + [
+            {"path": p, "status": "equal", "detail": "", "ndiff": 0, "max_abs_diff": None,
+             "first_index": None} for p in equal]
+        typer.echo(json.dumps({"equal": not bad, "a": str(a), "b": str(b), "leaves": rows},
+                              indent=1))
         raise typer.Exit(EXIT_NO if bad else EXIT_OK)
     out = _console()
-    shown = diffs if show_equal else bad
-    if shown:
+    if bad or equal:
         table = Table("path", "status", "detail", show_lines=False)
-        style = {"equal": "green", "differs": "red"}
-        for d in shown:
-            table.add_row(escape(d.path), f"[{style.get(d.status, 'yellow')}]{d.status}[/]",
-                          escape(d.detail))
+        for d in bad:
+            status = _STATUS.get(d.kind, d.kind)
+            color = "red" if status == "differs" else "yellow"
+            table.add_row(escape(d.path), f"[{color}]{status}[/]", escape(d.detail))
+        for p in equal:
+            table.add_row(escape(p), "[green]equal[/]", "")
         out.print(table)
     if bad:
-        out.print(f"[bold red]DIFFERENT[/]: {len(bad)} of {len(diffs)} nodes differ")
+        out.print(f"[bold red]DIFFERENT[/]: {len(bad)} differences over {nleaves} leaves")
         raise typer.Exit(EXIT_NO)
-    out.print(f"[bold green]IDENTICAL[/]: {len(diffs)} nodes bitwise equal")
+    out.print(f"[bold green]IDENTICAL[/]: {nleaves} leaves bitwise equal")
 
 
 # ------------------------------------------------------------------ entry point

@@ -47,6 +47,7 @@ class TreeDifference:
             kinds, dtypes or shapes), ``"missing"`` (only in ``a``) or ``"extra"`` (only in
             ``b``).
         detail: the human-readable line of the report (without the path).
+        count, max_abs, first_index: for differing arrays, the same facts as numbers.
         leaf: what the leaf is: a dtype name for arrays (``"float32"``), the type name for
             scalars (``"int"``), ``"mixed"`` when the two sides are of different kinds.
     """
@@ -55,6 +56,9 @@ class TreeDifference:
     kind: str
     detail: str
     leaf: str = "mixed"
+    count: int | None = None  # arrays: how many elements differ
+    max_abs: float | None = None  # arrays: largest finite |a - b| among them (numeric dtypes)
+    first_index: tuple[int, ...] | None = None  # arrays: index of the first differing element
 
     @property
     def exact(self) -> bool:
@@ -165,8 +169,10 @@ def _numeric(a: np.ndarray) -> np.ndarray | None:
 
 
 def _compare_arrays(a: np.ndarray, b: np.ndarray, rtol: float | None, atol: float | None,
-                    names: tuple[str, str] = ("a", "b")) -> str | None:
-    """The report line for two arrays of equal dtype and shape, or None if equal."""
+                    names: tuple[str, str] = ("a", "b")
+                    ) -> tuple[str, int, float | None, tuple[int, ...]] | None:
+    """``(report line, count, max |a-b|, first index)`` for two arrays of equal dtype and
+    shape, or None if they are equal."""
     shape = a.shape
     a, b = a.reshape(-1), b.reshape(-1)  # 1-d: 0-d arrays would make masks numpy scalars
     tolerant = (rtol is not None or atol is not None) and _is_floaty(a.dtype)
@@ -188,6 +194,7 @@ def _compare_arrays(a: np.ndarray, b: np.ndarray, rtol: float | None, atol: floa
     first = tuple(int(i) for i in np.unravel_index(flat_first, shape))
     na, nb = names
     parts = [f"{n} of {a.size} elements differ"]
+    top: float | None = None
     if fa is None:
         fa, fb = _numeric(a), _numeric(b)
     if fa is not None and fb is not None:
@@ -205,7 +212,7 @@ def _compare_arrays(a: np.ndarray, b: np.ndarray, rtol: float | None, atol: floa
             parts.append(f"NaN in {na}: {nan_a}, NaN in {nb}: {nan_b}")
     where = "[" + ", ".join(map(str, first)) + "]"
     parts.append(f"first at {where}: {na}={_elem(a, flat_first)}, {nb}={_elem(b, flat_first)}")
-    return ", ".join(parts)
+    return ", ".join(parts), n, top, first
 
 
 def _short(x: Any, limit: int = 120) -> str:
@@ -242,14 +249,17 @@ def _scalar_equal(a: Any, b: Any) -> bool:
 
 class _Walker:
     def __init__(self, rtol: float | None, atol: float | None,
-                 names: tuple[str, str] = ("a", "b")):
+                 names: tuple[str, str] = ("a", "b"), exact_structure: bool = False):
         self.rtol, self.atol = rtol, atol
         self.names = names
+        self.exact_structure = exact_structure
         self.diffs: list[tuple[Path, TreeDifference]] = []
         self.nleaves = 0
 
-    def add(self, path: Path, kind: str, detail: str, leaf: str = "mixed") -> None:
-        self.diffs.append((path, TreeDifference(format_path(path), kind, detail, leaf)))
+    def add(self, path: Path, kind: str, detail: str, leaf: str = "mixed",
+            numbers: tuple = (None, None, None)) -> None:
+        self.diffs.append((path, TreeDifference(format_path(path), kind, detail, leaf,
+                                                *numbers)))
 
     def leaves_only_in(self, tree: Any, path: Path, kind: str) -> None:
         from ..tree import iter_leaves
@@ -261,6 +271,8 @@ class _Walker:
 
     def walk(self, a: Any, b: Any, path: Path) -> None:
         if isinstance(a, dict) and isinstance(b, dict):
+            if self.exact_structure and list(a) != list(b) and set(a) == set(b):
+                self.add(path, "type", "same keys in a different order")
             for k in a:
                 if k in b:
                     self.walk(a[k], b[k], (*path, k))
@@ -273,6 +285,9 @@ class _Walker:
         seq = (list, tuple)
         # A tuple saved and loaded back is a list: sequences compare by items, not by type.
         if type(a) in seq and type(b) in seq:
+            if self.exact_structure and type(a) is not type(b):
+                self.add(path, "type", f"{self.names[0]} is a {type(a).__name__}, "
+                                       f"{self.names[1]} is a {type(b).__name__}")
             for i in range(min(len(a), len(b))):
                 self.walk(a[i], b[i], (*path, i))
             for i in range(len(b), len(a)):
@@ -294,9 +309,10 @@ class _Walker:
                 self.add(path, "type",
                          f"{self.names[0]} is {_describe(x)}, {self.names[1]} is {_describe(y)}")
                 return
-            line = _compare_arrays(x, y, self.rtol, self.atol, self.names)
-            if line is not None:
-                self.add(path, "value", f"{_describe(x)}: {line}", str(x.dtype))
+            found = _compare_arrays(x, y, self.rtol, self.atol, self.names)
+            if found is not None:
+                line, *numbers = found
+                self.add(path, "value", f"{_describe(x)}: {line}", str(x.dtype), tuple(numbers))
             return
         if is_scalar_leaf(a) and is_scalar_leaf(b) and type(a) is type(b):
             if isinstance(a, float) and (self.rtol is not None or self.atol is not None):
@@ -312,20 +328,23 @@ class _Walker:
         self.add(path, "type", f"{self.names[0]} is {_describe(a)}, {self.names[1]} is {_describe(b)}")
 
 
-def diff_trees(a: Any, b: Any, *, rtol: float | None = None,
-               atol: float | None = None) -> list[TreeDifference]:
+def diff_trees(a: Any, b: Any, *, rtol: float | None = None, atol: float | None = None,
+               names: tuple[str, str] = ("a", "b"),
+               exact_structure: bool = False) -> list[TreeDifference]:
     """Every difference between two states, sorted by path (empty when they are equal).
 
     Both states are converted to neutral trees first, so framework objects are accepted.
     Without ``rtol``/``atol`` the comparison is bit for bit; with them, floating-point arrays
     and floats compare with ``|a - b| <= atol + rtol * |b|`` (NaN equals NaN), everything else
-    stays exact.
+    stays exact.  A tuple and a list with equal items are equal (a tuple restored through a
+    framework may come back as a list) unless ``exact_structure``, which also reports dicts
+    whose keys are in a different order (what ``unickpt diff`` uses for checkpoints).
 
     >>> import numpy as np
     >>> [d.path for d in diff_trees({"x": 1, "y": np.zeros(2)}, {"y": np.ones(2), "z": 2})]
     ['x', 'y', 'z']
     """
-    w = _Walker(rtol, atol)
+    w = _Walker(rtol, atol, names, exact_structure)
     w.walk(_neutral(a), _neutral(b), ())
     w.diffs.sort(key=lambda pd: (pd[1].path, pd[1].kind))
     return [d for _p, d in w.diffs]
