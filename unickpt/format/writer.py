@@ -27,6 +27,7 @@ import xxhash
 from .. import __version__
 from ..errors import UnsupportedLeafError
 from ..tree import LazyArray, Path, ShardedArray, format_path
+from ._gc import gc_paused
 from .dtypes import UnsupportedDtype, dtype_name, safetensors_code
 from .manifest import (
     FORMAT_VERSION,
@@ -99,6 +100,11 @@ def flatten(tree: Any, kinds: dict[Path, str] | None = None) -> tuple[Any, list[
 
     Returns ``(node, jobs, sharded)`` where ``sharded`` holds ``(ShardedArray, [job idx])``.
     """
+    with gc_paused():
+        return _flatten(tree)
+
+
+def _flatten(tree: Any) -> tuple[Any, list[_Job], list]:
     jobs: list[_Job] = []
     sharded: list[tuple[ShardedArray, list[int]]] = []
     seen: set[int] = set()
@@ -338,13 +344,14 @@ def write_tree(directory: str, tree: Any, *, metadata: dict | None = None,
     """
     t0 = time.perf_counter()
     node, jobs, sharded = prepared if prepared is not None else flatten(tree)
-    header, size = layout(jobs)
+    with gc_paused():  # only around the CPU-bound encoding, never the (long) I/O
+        header, size = layout(jobs)
+        items = _work_items(jobs)
     path = os.path.join(directory, DATA_FILE)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         os.ftruncate(fd, size)
         os.pwrite(fd, header, 0)
-        items = _work_items(jobs)
         nworkers = min(workers or default_workers(), max(1, len(items)))
         if nworkers == 1 or sum(n for n, _ in items) < (8 << 20):
             for _, write in items:
@@ -356,6 +363,20 @@ def write_tree(directory: str, tree: Any, *, metadata: dict | None = None,
         os.fsync(fd)
     finally:
         os.close(fd)
+    with gc_paused():
+        raw = _manifest_bytes(node, jobs, sharded, size, header, kinds, metadata, info)
+    mpath = os.path.join(directory, MANIFEST_NAME)
+    with open(mpath, "xb") as f:
+        f.write(raw)
+        f.flush()
+        os.fsync(f.fileno())
+    nbytes = sum(j.entry.nbytes for j in jobs)
+    return WriteStats(nbytes=nbytes, narrays=len(jobs), seconds=time.perf_counter() - t0)
+
+
+def _manifest_bytes(node: Any, jobs: list[_Job], sharded: list, size: int, header: bytes,
+                    kinds: dict[Path, str] | None, metadata: dict | None,
+                    info: dict | None) -> bytes:
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         library_version=__version__,
@@ -369,14 +390,7 @@ def write_tree(directory: str, tree: Any, *, metadata: dict | None = None,
         metadata=_plain(metadata or {}, "metadata"),
         info=_plain(info or {}, "info"),
     )
-    raw = manifest.to_bytes()
-    mpath = os.path.join(directory, MANIFEST_NAME)
-    with open(mpath, "xb") as f:
-        f.write(raw)
-        f.flush()
-        os.fsync(f.fileno())
-    nbytes = sum(j.entry.nbytes for j in jobs)
-    return WriteStats(nbytes=nbytes, narrays=len(jobs), seconds=time.perf_counter() - t0)
+    return manifest.to_bytes()
 
 
 def _plain(x: Any, what: str, path: Path = ()) -> Any:
