@@ -23,9 +23,13 @@ from .errors import (
     FormatVersionError,
     IncompatibleCheckpointError,
     LockedError,
+    RunRootError,
     UnickptError,
     UnsupportedLeafError,
 )
+from .factory import ManagerProtocol, create_manager
+from .manager import CheckpointInfo, CheckpointManager, Restored, StartDecision
+from .rng import RNG
 from .tree import LazyArray, Piece, ShardedArray, format_path
 
 __all__ = [
@@ -53,4 +57,12 @@ __all__ = [
     "LockedError",
     "AdapterError",
     "BackgroundSaveError",
+    "RunRootError",
+    "CheckpointManager",
+    "StartDecision",
+    "Restored",
+    "CheckpointInfo",
+    "ManagerProtocol",
+    "create_manager",
+    "RNG",
 ]

@@ -47,7 +47,7 @@ class SaveInfo:
 
 
 def save(path: str | os.PathLike, tree: Any, *, metadata: dict | None = None,
-         overwrite: bool = False, _info: dict | None = None,
+         overwrite: bool = False, _info: dict | Callable[..., dict] | None = None,
          _storage: Storage | None = None, _prepared: Any = None) -> SaveInfo:
     """Write one checkpoint at ``path`` atomically.
 

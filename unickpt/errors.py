@@ -27,6 +27,7 @@ __all__ = [
     "UnsupportedLeafError",
     "ConfigError",
     "LockedError",
+    "RunRootError",
     "AdapterError",
     "BackgroundSaveError",
 ]
@@ -112,6 +113,10 @@ class ConfigError(UnickptError, ValueError):
 
 class LockedError(UnickptError, RuntimeError):
     """Another process holds the run root's writer lock."""
+
+
+class RunRootError(UnickptError, OSError):
+    """A run root cannot be used: it is a file, or it cannot be created or written."""
 
 
 class AdapterError(UnickptError, RuntimeError):

@@ -28,6 +28,8 @@ from .adapters import adapter_for
 from .errors import IncompatibleCheckpointError, UnsupportedLeafError
 from .tree import LazyArray, Path, ShardedArray, format_path, is_scalar_leaf
 
+GENERATOR_KIND = "numpy.random.Generator"
+
 __all__ = ["SaveContext", "RestoreContext", "to_tree", "restore_tree", "is_stateful"]
 
 
@@ -72,6 +74,10 @@ class SaveContext:
             return obj.materialize(path) if self.snapshot else obj
         if isinstance(obj, ShardedArray):
             return obj
+        if isinstance(obj, np.random.Generator):
+            # A user-owned generator: its bit generator's state dict is plain data.
+            self.kinds[path] = GENERATOR_KIND
+            return self.to_tree(obj.bit_generator.state, path)
         hook = getattr(obj, "_unickpt_to_tree_", None)
         if hook is not None and not isinstance(obj, type):
             self.kinds[path] = getattr(obj, "_unickpt_kind_", type(obj).__qualname__)
@@ -159,6 +165,8 @@ class RestoreContext:
                 return lambda: target
             thunks = [self.plan(v, tree[i], (*path, i)) for i, v in enumerate(target)]
             return lambda: t(f() for f in thunks)
+        if isinstance(target, np.random.Generator):
+            return self._plan_generator(target, tree, path)
         hook = getattr(target, "_unickpt_prepare_restore_", None)
         if hook is not None and not isinstance(target, type):
             return hook(tree, self, path)
@@ -202,6 +210,25 @@ class RestoreContext:
             if k not in target and self._selected((*path, k)) != "none":
                 self.unexpected((*path, k))
         return lambda: {k: f() for k, f in thunks.items()}
+
+    def _plan_generator(self, target: np.random.Generator, tree: Any,
+                        path: Path) -> Callable[[], Any]:
+        algo = target.bit_generator.state.get("bit_generator")
+        if not isinstance(tree, dict) or tree.get("bit_generator") != algo:
+            got = tree.get("bit_generator") if isinstance(tree, dict) else _describe(tree)
+            self.mismatch(path, f"target is a numpy Generator({algo}), checkpoint has {got}")
+            return lambda: target
+
+        def writable(x: Any) -> Any:  # checkpoint arrays may be read-only memory maps
+            if isinstance(x, dict):
+                return {k: writable(v) for k, v in x.items()}
+            return np.array(x) if isinstance(x, np.ndarray) else x
+
+        def apply() -> Any:
+            target.bit_generator.state = writable(tree)
+            return target
+
+        return apply
 
     def _plan_array(self, target: np.ndarray | np.generic, tree: Any,
                     path: Path) -> Callable[[], Any]:

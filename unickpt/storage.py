@@ -36,6 +36,14 @@ class Storage(Protocol):
     def commit(self, temp: str, final: str, *, replace: bool = False) -> None: ...
     def remove_tree(self, path: str) -> None: ...
     def move(self, src: str, dst: str) -> None: ...
+    def is_dir(self, path: str) -> bool: ...
+    def is_file(self, path: str) -> bool: ...
+    def read_bytes(self, path: str) -> bytes: ...
+    def write_atomic(self, path: str, data: bytes) -> None: ...
+    def tree_size(self, path: str) -> int: ...
+    def mtime(self, path: str) -> float: ...
+    def make_dirs(self, path: str) -> None: ...
+    def remove_file(self, path: str) -> None: ...
 
 
 def fsync_dir(path: str) -> None:
@@ -128,6 +136,50 @@ class LocalStorage:
 
     def remove_tree(self, path: str) -> None:
         shutil.rmtree(path)
+
+    def is_dir(self, path: str) -> bool:
+        return os.path.isdir(path)
+
+    def is_file(self, path: str) -> bool:
+        return os.path.isfile(path)
+
+    def read_bytes(self, path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    def write_atomic(self, path: str, data: bytes) -> None:
+        """Replace the small file ``path`` atomically (temp file, fsync, rename, fsync dir)."""
+        tmp = temp_name(path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+    def tree_size(self, path: str) -> int:
+        """Bytes of the regular files directly inside ``path`` (a checkpoint is flat)."""
+        total = 0
+        with os.scandir(path) as it:
+            for e in it:
+                if e.is_file(follow_symlinks=False):
+                    total += e.stat(follow_symlinks=False).st_size
+        return total
+
+    def mtime(self, path: str) -> float:
+        return os.lstat(path).st_mtime
+
+    def make_dirs(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+
+    def remove_file(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
     def move(self, src: str, dst: str) -> None:
         if os.path.lexists(dst):

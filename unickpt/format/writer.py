@@ -336,11 +336,13 @@ def default_workers() -> int:
 
 
 def write_tree(directory: str, tree: Any, *, metadata: dict | None = None,
-               info: dict | None = None, kinds: dict[Path, str] | None = None,
+               info: dict | Callable[[WriteStats], dict] | None = None, kinds: dict[Path, str] | None = None,
                workers: int | None = None, prepared: tuple | None = None) -> WriteStats:
     """Write ``tree`` into the (existing, empty, uncommitted) ``directory``.
 
-    Files are fsynced; committing (rename into place) is the caller's job.
+    Files are fsynced; committing (rename into place) is the caller's job.  ``info`` may be
+    a callable that receives the :class:`WriteStats` of the array data (written and fsynced)
+    and returns the info map, so that a save can record its own size and duration.
     """
     t0 = time.perf_counter()
     node, jobs, sharded = prepared if prepared is not None else flatten(tree)
@@ -363,6 +365,9 @@ def write_tree(directory: str, tree: Any, *, metadata: dict | None = None,
         os.fsync(fd)
     finally:
         os.close(fd)
+    if callable(info):
+        info = info(WriteStats(nbytes=sum(j.entry.nbytes for j in jobs), narrays=len(jobs),
+                               seconds=time.perf_counter() - t0))
     with gc_paused():
         raw = _manifest_bytes(node, jobs, sharded, size, header, kinds, metadata, info)
     mpath = os.path.join(directory, MANIFEST_NAME)

@@ -1,0 +1,541 @@
+"""CheckpointManager: where a run starts, when it saves, what it keeps.
+
+The manager wires the pure policy (:mod:`unickpt.policy`) to the format, the storage and the
+adapters.  See docs/manager.md for every rule.
+
+>>> import tempfile, numpy as np, unickpt
+>>> root = tempfile.mkdtemp()
+>>> with unickpt.CheckpointManager(root, keep_last=2) as mgr:
+...     r = mgr.restore({"w": np.zeros(3), "step": 0})
+...     for step in range(r.step + 1, 4):
+...         _ = mgr.save(step, {"w": np.full(3, float(step)), "step": step})
+>>> [c.step for c in unickpt.CheckpointManager(root).checkpoints()]
+[2, 3]
+>>> with unickpt.CheckpointManager(root) as mgr:
+...     r = mgr.restore({"w": np.zeros(3), "step": 0})
+>>> r.resumed, r.step, r.state["w"].tolist()
+(True, 3, [3.0, 3.0, 3.0])
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import socket
+import sys
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import __version__
+from .background import BackgroundSaver
+from .errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    ConfigError,
+    CorruptCheckpointError,
+    RunRootError,
+    UnickptError,
+    UnsupportedLeafError,
+)
+from .format.reader import CheckpointReader, is_committed
+from .format.writer import WriteStats, flatten, write_tree
+from .policy import (
+    RESUME_MODES,
+    TRASH_PREFIX,
+    Listing,
+    format_run,
+    format_step,
+    make_config,
+    parse_step,
+    plan_start,
+    retain,
+    should_save,
+    to_delete,
+)
+from .run_root import RootLock, clean_leftovers, read_info, scan, write_pointer
+from .state import restore_tree, to_tree
+from .storage import LocalStorage, Storage, staged
+
+__all__ = ["CheckpointManager", "StartDecision", "Restored", "CheckpointInfo"]
+
+log = logging.getLogger("unickpt")
+_FRAMEWORKS = ("torch", "jax", "jaxlib", "flax", "optax", "orbax.checkpoint")
+
+
+@dataclass(frozen=True)
+class StartDecision:
+    """The single startup decision of a run (see :meth:`CheckpointManager.resolve_start`).
+
+    Attributes:
+        resume: whether a checkpoint is loaded.
+        step: its step; 0 on a cold start.
+        path: the checkpoint directory, or None.
+        reason: why (for logs).
+        archived_to: the ``run_<K>`` directory old checkpoints were moved into, or None.
+        archived: the names of the moved checkpoints.
+    """
+
+    resume: bool
+    step: int
+    path: str | None
+    reason: str
+    archived_to: str | None = None
+    archived: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What :meth:`CheckpointManager.restore` did.
+
+    ``state`` is the restored state: the same objects for mutable framework objects loaded
+    in place (modules, optimizers, Stateful objects), new values for immutable ones (numpy
+    arrays in a dict, Python scalars, JAX arrays).  On a cold start it is the given state,
+    untouched, and ``step`` is 0.
+    """
+
+    step: int
+    state: Any
+    resumed: bool
+    path: str | None
+    metadata: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One committed checkpoint as listed by :meth:`CheckpointManager.checkpoints`."""
+
+    step: int
+    path: str
+    time: float
+    size: int
+    metrics: dict = field(default_factory=dict)
+
+
+def _framework_versions() -> dict[str, str]:
+    # Only frameworks the process already imported: recording must never import one.
+    out = {}
+    for name in _FRAMEWORKS:
+        mod = sys.modules.get(name)
+        if mod is not None:
+            out[name] = str(getattr(mod, "__version__", "unknown"))
+    return out
+
+
+def _plain_metrics(metrics: Mapping[str, Any] | None, step: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in (metrics or {}).items():
+        if not isinstance(k, str):
+            raise UnsupportedLeafError(f"save(step={step}): metric name {k!r} must be a str")
+        if hasattr(v, "item") and getattr(v, "size", 1) == 1:
+            v = v.item()  # numpy / framework scalars
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise UnsupportedLeafError(
+                f"save(step={step}): metric {k!r} is {type(v).__name__}, not a number; put "
+                "other data in metadata=")
+        out[k] = v
+    return out
+
+
+def _as_select(select: Iterable[Any] | None) -> list[tuple] | None:
+    if select is None:
+        return None
+    if isinstance(select, (str, tuple)):
+        select = [select]
+    return [tuple(s.split("/")) if isinstance(s, str) else tuple(s) for s in select]
+
+
+class CheckpointManager:
+    """Resume, save on a schedule, keep what the retention rules say.
+
+    Args:
+        root: the run root; checkpoints are ``ROOT/step_<N>``.
+        storage: where bytes live (default: the local filesystem).
+        **options: see :class:`unickpt.policy.ManagerConfig` (``resume``, ``on_existing``,
+            ``enabled``, ``save_every``, ``save_every_seconds``, ``keep_last``,
+            ``keep_every``, ``keep_best``, ``best_metric``, ``best_mode``, ``async_save``,
+            ``stale_temp_seconds``, ``verify``).  They are validated here, before any I/O;
+            a bad value raises :class:`~unickpt.ConfigError` saying what is allowed.
+
+    The first call that needs the root (``resolve_start``, ``restore`` or ``save``) creates
+    it, takes its writer lock (a second manager on the same root gets
+    :class:`~unickpt.LockedError`), removes provably stale leftovers and applies the start
+    decision.  ``checkpoints()`` and ``latest()`` only look.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, storage: Storage | None = None,
+                 **options: Any):
+        self.config = make_config(options)
+        if not isinstance(root, (str, os.PathLike)) or not os.fspath(root):
+            raise ConfigError(f"root={root!r} is not allowed; give a directory path")
+        self.root = os.path.abspath(os.fspath(root))
+        self.storage: Storage = storage or LocalStorage()
+        self._lock = RootLock(self.root)
+        self._mutex = threading.RLock()  # root mutations: foreground vs background thread
+        self._decision: StartDecision | None = None
+        self._steps: set[int] = set()
+        self._metrics: dict[int, dict] = {}
+        self._resumed_step: int | None = None
+        self._last_saved_step: int | None = None
+        self._last_save_time = time.monotonic()
+        self._closed = False
+        self._saver = BackgroundSaver(self.root) if self.config.async_save else None
+
+    # ------------------------------------------------------------------ context manager
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception as e:  # do not mask the body's exception
+            warnings.warn(f"unickpt: closing the manager of {self.root} also failed: {e}",
+                          RuntimeWarning, stacklevel=2)
+
+    def __repr__(self) -> str:
+        return f"CheckpointManager({self.root!r}, {self.config})"
+
+    # ------------------------------------------------------------------ start
+    def _open_root(self) -> None:
+        root = self.root
+        if os.path.lexists(root) and not os.path.isdir(root):
+            raise RunRootError(f"run root {root} exists and is not a directory; point the "
+                               "manager at a directory")
+        try:
+            self.storage.make_dirs(root)
+        except OSError as e:
+            raise RunRootError(f"cannot create run root {root}: {e.strerror or e}; choose a "
+                               "writable location") from e
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise RunRootError(f"run root {root} is not writable by this process; fix its "
+                               "permissions or choose another root")
+        self._lock.acquire()
+
+    def _resolve_path(self, p: str) -> tuple[str, int | None, int]:
+        """``(abs path, step if inside the root else None, step recorded in it)``."""
+        path = os.path.abspath(p)
+        if not is_committed(path):
+            why = "does not exist" if not os.path.lexists(path) else (
+                "is not a directory" if not os.path.isdir(path) else
+                "has no manifest (not a unickpt checkpoint, or an uncommitted one)")
+            raise CheckpointNotFoundError(
+                f"resume={p!r} is not a committed checkpoint: {path} {why}. Allowed: "
+                f"{', '.join(map(repr, RESUME_MODES))}, an int step, or a checkpoint path")
+        info = read_info(self.storage, path)
+        if info is None:
+            raise CorruptCheckpointError(f"resume={p!r}: the manifest of {path} is damaged; "
+                                         "pick another checkpoint", path=path)
+        name_step = parse_step(os.path.basename(path))
+        recorded = info.get("step") if isinstance(info.get("step"), int) else name_step
+        inside = os.path.dirname(path) == self.root and name_step is not None
+        return path, (name_step if inside else None), recorded or 0
+
+    def resolve_start(self) -> StartDecision:
+        """Decide (once) where the run starts, and apply it (archive).  Idempotent.
+
+        >>> import tempfile, unickpt
+        >>> unickpt.CheckpointManager(tempfile.mkdtemp()).resolve_start().reason
+        "resume='auto': no committed checkpoint, cold start"
+        """
+        with self._mutex:
+            if self._decision is not None:
+                return self._decision
+            self._check_open()
+            cfg = self.config
+            if not cfg.enabled:
+                self._decision = StartDecision(False, 0, None, "checkpointing disabled")
+                return self._decision
+            resume = cfg.resume
+            external = None
+            if not isinstance(resume, int) and os.fspath(resume) not in RESUME_MODES:
+                path, inside_step, recorded = self._resolve_path(os.fspath(resume))
+                if inside_step is not None:
+                    resume = inside_step
+                else:
+                    external = (path, recorded)
+            self._open_root()
+            listing = scan(self.storage, self.root)
+            clean_leftovers(self.storage, self.root, listing, threshold=cfg.stale_temp_seconds)
+            if resume in ("auto", "must"):
+                listing = self._skip_unreadable(listing)
+            plan = plan_start(resume if external is None else "path", listing,
+                              on_existing=cfg.on_existing, root=self.root,
+                              external=external is not None,
+                              external_step=external[1] if external else None)
+            archived_to = None
+            if plan.archive:
+                archived_to = os.path.join(self.root, format_run(plan.archive_run))
+                self.storage.make_dirs(archived_to)
+                for s in plan.archive:
+                    self.storage.move(os.path.join(self.root, format_step(s)),
+                                      os.path.join(archived_to, format_step(s)))
+            self._steps = set(listing.steps) - set(plan.archive)
+            if plan.archive:
+                write_pointer(self.storage, self.root,
+                              format_step(max(self._steps)) if self._steps else None)
+            path = external[0] if external else (
+                os.path.join(self.root, plan.name) if plan.name else None)
+            if plan.resume and external is None:
+                self._resumed_step = plan.step
+            if plan.resume:
+                self._last_saved_step = plan.step
+            reason = plan.reason
+            if archived_to:
+                reason += f"; archived {len(plan.archive)} checkpoints into {archived_to}"
+            self._decision = StartDecision(plan.resume, plan.step, path, reason, archived_to,
+                                           tuple(format_step(s) for s in plan.archive))
+            log.info("unickpt: %s: %s", self.root, reason)
+            return self._decision
+
+    def _skip_unreadable(self, listing: Listing) -> Listing:
+        # Walk down from the newest: a checkpoint whose manifest cannot be decoded counts as
+        # incomplete (never resumed from), with a warning; older ones stay candidates.
+        steps = list(listing.steps)
+        while steps:
+            info = read_info(self.storage, os.path.join(self.root, format_step(steps[-1])))
+            if info is not None:
+                self._metrics.setdefault(steps[-1], dict(info.get("metrics") or {}))
+                break
+            bad = steps.pop()
+            warnings.warn(f"unickpt: {self.root}/{format_step(bad)} has a damaged manifest; "
+                          "resuming from an older checkpoint", UserWarning, stacklevel=4)
+        return Listing(tuple(steps), listing.uncommitted, listing.runs, listing.temps,
+                       listing.trash, listing.other)
+
+    # ------------------------------------------------------------------ restore
+    def restore(self, state: Any, *, strict: bool = True,
+                select: Iterable[Any] | None = None) -> Restored:
+        """Load the start checkpoint into ``state`` (resolving the start first if needed).
+
+        Structure, shapes and dtypes are checked for the whole state before anything is
+        changed; every problem is listed in one :class:`~unickpt.IncompatibleCheckpointError`.
+        ``strict=False`` ignores entries missing on either side (fine-tuning from a
+        checkpoint without optimizer state, say); ``select=["params", ("opt", "mu")]``
+        restores only those subtrees (``"a/b"`` strings split on ``/``; use tuples for keys
+        containing ``/`` or int list indices) and leaves the rest of ``state`` as given.
+        """
+        d = self.resolve_start()
+        if not d.resume or d.path is None:
+            return Restored(0, state, False, None)
+        with CheckpointReader(d.path) as r:
+            # mmap + verify: every array is checksummed in place, then copied into its target
+            tree = r.tree(mmap=True, verify=self.config.verify)
+            m = r.manifest
+            new = restore_tree(state, tree, strict=strict, select=_as_select(select),
+                               checkpoint=d.path, kinds=m.kinds,
+                               warn=lambda msg: warnings.warn(msg, UserWarning, stacklevel=3))
+        return Restored(d.step, new, True, d.path, dict(m.metadata),
+                        dict(m.info.get("metrics") or {}))
+
+    # ------------------------------------------------------------------ save
+    def save(self, step: int, state: Any, *, metrics: Mapping[str, Any] | None = None,
+             metadata: Mapping[str, Any] | None = None, force: bool = False) -> bool:
+        """Save ``state`` as ``step`` if the schedule says so; True when it wrote (or, with
+        ``async_save``, started writing) a checkpoint.
+
+        Saving a step that is already saved is a no-op (False), even with ``force``.  With
+        ``async_save=True`` this returns after a host snapshot of ``state``; a second save
+        first waits for the previous one.  An earlier background failure is raised here as
+        :class:`~unickpt.BackgroundSaveError`.
+        """
+        self._check_open()
+        if not self.config.enabled:
+            return False
+        if self._saver is not None:
+            self._poll_background()
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ConfigError(f"save(step={step!r}): a step is a non-negative int")
+        self.resolve_start()
+        cfg = self.config
+        now = time.monotonic()
+        with self._mutex:
+            newest = max(self._steps) if self._steps else None
+            decision = should_save(step, save_every=cfg.save_every,
+                                   save_every_seconds=cfg.save_every_seconds, force=force,
+                                   now=now, last_save_time=self._last_save_time,
+                                   last_saved_step=self._last_saved_step, existing=self._steps)
+        if not decision.save:
+            return False
+        if newest is not None and step < newest:
+            raise ConfigError(
+                f"save(step={step}): {self.root} already holds the newer {format_step(newest)}; "
+                "steps must increase (resume from it, or use on_existing='archive' with "
+                "resume='never' to start over)")
+        plain_metrics = _plain_metrics(metrics, step)
+        final = os.path.join(self.root, format_step(step))
+        # Not committed (else it would be in _steps), so not ours: never write into it.
+        if self.storage.is_dir(final) or self.storage.is_file(final):
+            raise CheckpointExistsError(
+                f"save(step={step}): {final} exists but is not a committed checkpoint (left "
+                "by another tool?); move or delete it, unickpt never writes into it")
+        t0 = time.perf_counter()
+        if self._saver is not None:
+            self._wait_background()  # at most one save in flight: its snapshot is freed first
+            t0 = time.perf_counter()
+            tree, kinds = to_tree(state, snapshot=True)
+            prepared = flatten(tree)  # validates every leaf here, in the caller's thread
+            self._last_saved_step, self._last_save_time = step, now
+            self._saver.submit(lambda: self._write(step, prepared, kinds, plain_metrics,
+                                                   metadata, t0), format_step(step))
+            return True
+        tree, kinds = to_tree(state)
+        prepared = flatten(tree)
+        self._write(step, prepared, kinds, plain_metrics, metadata, t0)
+        self._last_saved_step, self._last_save_time = step, now
+        return True
+
+    def _info(self, step: int, metrics: dict, t0: float, stats: WriteStats) -> dict:
+        seconds = time.perf_counter() - t0
+        cfg = self.config
+        return {
+            "step": step,
+            "time": time.time(),
+            "metrics": metrics,
+            "unickpt_version": __version__,
+            "frameworks": _framework_versions(),
+            "python": platform.python_version(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "save_seconds": seconds,
+            "nbytes": stats.nbytes,
+            "narrays": stats.narrays,
+            "bandwidth": stats.nbytes / seconds if seconds > 0 else 0.0,
+            "async": cfg.async_save,
+            "resumed_from": self._resumed_step,
+            "retention": cfg.retention_options(),
+        }
+
+    def _write(self, step: int, prepared: Any, kinds: dict, metrics: dict,
+               metadata: Mapping[str, Any] | None, t0: float) -> None:
+        name = format_step(step)
+        final = os.path.join(self.root, name)
+        recorded: dict = {}
+
+        def info(stats: WriteStats) -> dict:
+            recorded.update(self._info(step, metrics, t0, stats))
+            return recorded
+
+        with staged(self.storage, final) as tmp:
+            write_tree(tmp, None, metadata=dict(metadata or {}), info=info, kinds=kinds,
+                       prepared=prepared)
+            with self._mutex:
+                self.storage.commit(tmp, final)
+        with self._mutex:
+            self._steps.add(step)
+            self._metrics[step] = metrics
+            if step == max(self._steps):
+                write_pointer(self.storage, self.root, name)
+            self._apply_retention()
+        total = time.perf_counter() - t0
+        nbytes = recorded.get("nbytes", 0)
+        log.info("unickpt: saved %s: %.1f MB in %.2fs (%.1f MB/s)%s", final, nbytes / 1e6,
+                 total, nbytes / 1e6 / total if total > 0 else math.inf,
+                 f", metrics {metrics}" if metrics else "")
+
+    def _metrics_of(self, step: int) -> dict:
+        if step not in self._metrics:
+            info = read_info(self.storage, os.path.join(self.root, format_step(step)))
+            self._metrics[step] = dict((info or {}).get("metrics") or {})
+        return self._metrics[step]
+
+    def _apply_retention(self) -> None:
+        cfg = self.config
+        if not cfg.has_retention:
+            return
+        steps = sorted(self._steps)
+        metrics = {s: self._metrics_of(s) for s in steps} if cfg.keep_best else {}
+        kept = retain(steps, metrics, keep_last=cfg.keep_last, keep_every=cfg.keep_every,
+                      keep_best=cfg.keep_best, best_metric=cfg.best_metric,
+                      best_mode=cfg.best_mode,
+                      protected=() if self._resumed_step is None else (self._resumed_step,))
+        for s in to_delete(kept):
+            name = format_step(s)
+            # Rename out of the step_N namespace first: a crash mid-delete leaves trash that
+            # no reader looks at, never a step_N with half its files.
+            trash = os.path.join(self.root, f"{TRASH_PREFIX}{name}.{uuid.uuid4().hex[:8]}")
+            self.storage.move(os.path.join(self.root, name), trash)
+            self._steps.discard(s)
+            self._metrics.pop(s, None)
+            try:
+                self.storage.remove_tree(trash)
+            except OSError as e:
+                log.warning("unickpt: could not remove %s: %s (removed at the next start)",
+                            trash, e)
+
+    # ------------------------------------------------------------------ background
+    def _poll_background(self) -> None:
+        try:
+            self._saver.poll()
+        except UnickptError:
+            self._forget_failed()
+            raise
+
+    def _wait_background(self) -> None:
+        try:
+            self._saver.wait()
+        except UnickptError:
+            self._forget_failed()
+            raise
+
+    def _forget_failed(self) -> None:
+        with self._mutex:
+            self._last_saved_step = max(self._steps) if self._steps else None
+
+    def wait(self) -> None:
+        """Block until the background save (if any) is committed; raise its error."""
+        if self._saver is not None:
+            self._wait_background()
+
+    def close(self) -> None:
+        """Flush pending work, then release the root's lock.  Raises a background error."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            self._lock.release()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UnickptError(f"the CheckpointManager of {self.root} is closed; create a "
+                               "new one")
+
+    # ------------------------------------------------------------------ lookups
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """The committed checkpoints of the root, oldest first (no side effects)."""
+        if not self.storage.is_dir(self.root):
+            return []
+        out = []
+        for s in scan(self.storage, self.root).steps:
+            out.append(self._describe(s))
+        return out
+
+    def latest(self) -> CheckpointInfo | None:
+        """The newest committed checkpoint, or None (no side effects)."""
+        if not self.storage.is_dir(self.root):
+            return None
+        newest = scan(self.storage, self.root).newest
+        return None if newest is None else self._describe(newest)
+
+    def _describe(self, step: int) -> CheckpointInfo:
+        path = os.path.join(self.root, format_step(step))
+        info = read_info(self.storage, path) or {}
+        try:
+            size = self.storage.tree_size(path)
+            mtime = self.storage.mtime(path)
+        except OSError:  # deleted meanwhile (retention of a running writer)
+            size, mtime = 0, 0.0
+        t = info.get("time")
+        return CheckpointInfo(step, path, float(t) if isinstance(t, (int, float)) else mtime,
+                              size, dict(info.get("metrics") or {}))
