@@ -124,6 +124,7 @@ def bench_state(name: str, tree: dict, systems: list[System], repeats: int, work
                 dt = time.perf_counter() - t0
             times[s.name]["save"].append(dt)
             times[s.name]["rss"].append(m.extra)
+            save_rss = m.extra
             if drop:
                 cold = drop_caches() and cold
             _settle()
@@ -148,7 +149,7 @@ def bench_state(name: str, tree: dict, systems: list[System], repeats: int, work
                     _same(flat, _states.flatten(mm), "unickpt (mmap)")
                 del mm
             log(f"  {name} rep {rep} {s.name:22s} save {dt:7.3f}s  load {dl:7.3f}s  "
-                f"rss+{m.extra / 2**20:7.1f}MiB")
+                f"save rss+{save_rss / 2**20:6.1f}MiB")
             if os.path.isdir(path):
                 shutil.rmtree(path)
             else:

@@ -199,3 +199,27 @@ def test_benchmark_quick_smoke(tmp_path):
     assert "| unickpt |" in md and "### targets" in md
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in os.listdir(out) if p.startswith(".bench-")]  # workdir removed
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(names=st.lists(st.text(st.characters(exclude_categories=("Cs",)), max_size=6),
+                      min_size=1, max_size=6, unique=True))
+def test_safetensors_header_is_exactly_json_dumps(names, tmp_path):
+    """The hand-built header is byte for byte what json.dumps writes, for any tensor name."""
+    d = tmp_path / f"h{len(os.listdir(tmp_path))}"
+    d.mkdir()
+    tree = {n: np.arange(i + 1, dtype=np.int16) for i, n in enumerate(names)}
+    writer_mod.write_tree(str(d), tree)
+    raw = (d / "arrays.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    text = raw[8:8 + n].rstrip(b" ")
+    header = json.loads(text)
+    assert text == json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
+    from safetensors.numpy import load_file
+
+    loaded = load_file(str(d / "arrays.safetensors"))
+    assert len(loaded) == len(names)
+    with CheckpointReader(d) as r:
+        for i, e in enumerate(r.manifest.arrays):
+            _same(loaded[e.name], tree[r.array_paths[i][0]])

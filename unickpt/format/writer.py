@@ -14,6 +14,7 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -187,6 +188,10 @@ def _tensor_names(jobs: list[_Job]) -> list[str]:
     return names
 
 
+# Characters json.dumps(ensure_ascii=False) escapes in a string.
+_NEEDS_ESCAPE = re.compile(r'[\x00-\x1f"\\]').search
+
+
 @functools.lru_cache(maxsize=1024)
 def _dtype_info(dt: np.dtype) -> tuple[str, str, bool, str]:
     """(manifest name, safetensors code, header keeps the shape, byte order) of a dtype."""
@@ -208,18 +213,25 @@ def layout(jobs: list[_Job], file: str = DATA_FILE) -> tuple[bytes, int]:
     sizes = [math.prod(j.shape) * j.dtype.itemsize for j in jobs]  # stored itemsize is the same
     order = sorted(range(len(jobs)), key=lambda i: -jobs[i].dtype.itemsize)  # stable
     names = _tensor_names(jobs)
-    header: dict[str, Any] = {"__metadata__": {"format": "unickpt", "unickpt_format":
-                                               str(FORMAT_VERSION)}}
+    # The header is the JSON that json.dumps(..., ensure_ascii=False, separators=(",", ":"))
+    # gives for {"__metadata__": ..., name: {"dtype", "shape", "data_offsets"}, ...}, built
+    # with one f-string per array (a dict per array plus json.dumps costs 3x as much).
+    parts = [json.dumps({"__metadata__": {"format": "unickpt", "unickpt_format":
+                                          str(FORMAT_VERSION)}}, separators=(",", ":"))[:-1]]
     rel = 0
     rel_offsets = [0] * len(jobs)
     for i in order:
         _name, code, keep_shape, _bo = infos[i]
         nbytes = sizes[i]
-        header[names[i]] = {"dtype": code, "shape": list(jobs[i].shape) if keep_shape
-                            else [nbytes], "data_offsets": [rel, rel + nbytes]}
+        name = names[i]
+        key = (json.dumps(name, ensure_ascii=False) if _NEEDS_ESCAPE(name)
+               else f'"{name}"')
+        shape = ",".join(map(str, jobs[i].shape)) if keep_shape else str(nbytes)
+        parts.append(f'{key}:{{"dtype":"{code}","shape":[{shape}],'
+                     f'"data_offsets":[{rel},{rel + nbytes}]}}')
         rel_offsets[i] = rel
         rel += nbytes
-    raw = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
+    raw = (",".join(parts) + "}").encode()
     pad = (-(8 + len(raw))) % HEADER_ALIGN
     raw += b" " * pad
     data_start = 8 + len(raw)
