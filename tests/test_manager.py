@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from unickpt import (
     IncompatibleCheckpointError,
     RunRootError,
 )
+from unickpt.run_root import host_tag
 
 
 def state(v: float = 0.0, n: int = 4) -> dict:
@@ -214,7 +217,7 @@ def test_no_schedule_saves_every_call_and_resumed_step_is_noop(tmp_path):
         r = m.restore(state(0))
         assert m.save(r.step, r.state) is False
         assert m.save(1, state(1)) is False  # already saved: a no-op
-        with pytest.raises(ConfigError, match="already holds the newer step_2"):
+        with pytest.raises(ConfigError, match="already has the newer step_2"):
             m.save(0, state(0))
 
 
@@ -402,3 +405,37 @@ def test_closed_manager_refuses(tmp_path):
     m.close()
     with pytest.raises(unickpt.UnickptError, match="is closed"):
         m.save(1, state())
+
+
+def test_corrupt_checkpoint_is_reported_on_restore(tmp_path):
+    fill(tmp_path, [1])
+    data = tmp_path / "step_1" / "arrays.safetensors"
+    raw = bytearray(data.read_bytes())
+    raw[-5] ^= 0x01  # flip one bit of the last array's data
+    data.write_bytes(bytes(raw))
+    target = state(0)
+    with CheckpointManager(tmp_path) as m:
+        with pytest.raises(unickpt.CorruptCheckpointError, match="step_1: leaf .*checksum"):
+            m.restore(target)
+    assert target["params"]["w"].sum() == 0
+
+
+def test_damaged_newest_manifest_falls_back(tmp_path):
+    fill(tmp_path, [1, 2])
+    (tmp_path / "step_2" / "manifest.msgpack").write_bytes(b"\x00garbage")
+    with CheckpointManager(tmp_path) as m:
+        with pytest.warns(UserWarning, match="step_2 has a damaged manifest"):
+            assert m.resolve_start().step == 1
+        with pytest.raises(CheckpointExistsError, match="not a committed checkpoint"):
+            m.save(2, state(2))
+
+
+def test_pointer_temp_files_are_cleaned(tmp_path):
+    fill(tmp_path, [1])
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    (tmp_path / f".unickpt-tmp.latest.{host_tag()}.{p.pid}.abcd1234").write_text("step_")
+    with CheckpointManager(tmp_path) as m:
+        m.resolve_start()
+    assert names(tmp_path) == ["latest", "step_1"]
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".unickpt-tmp")] == []

@@ -265,3 +265,93 @@ def test_create_manager_errors(tmp_path, spec, msg, cause):
     with pytest.raises(ConfigError, match=msg) as ei:
         unickpt.create_manager(spec, tmp_path)
     assert isinstance(ei.value.__cause__, cause)
+
+
+# ---------------------------------------------------------------- the example
+EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       "examples", "numpy_resume.py")
+
+
+def test_example_killed_and_resumed_matches_uninterrupted_run(tmp_path):
+    def run(root, *extra):
+        return subprocess.run([sys.executable, EXAMPLE, str(root), *extra],
+                              capture_output=True, text=True, env=ENV, timeout=120)
+
+    crashed = run(tmp_path / "a", "--crash-at", "37")
+    assert crashed.returncode == -9 and "crashing at step 37" in crashed.stdout
+    resumed = run(tmp_path / "a")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "start: step 30" in resumed.stdout
+    clean = run(tmp_path / "b")
+    assert "start: step 0" in clean.stdout
+    digest = [ln for ln in clean.stdout.splitlines() if ln.startswith("done:")]
+    assert digest and digest == [ln for ln in resumed.stdout.splitlines()
+                                 if ln.startswith("done:")]
+
+
+def test_dropped_manager_releases_its_lock(tmp_path):
+    m = CheckpointManager(tmp_path)
+    m.resolve_start()
+    del m  # no close(): the lock must not outlive the object
+    with CheckpointManager(tmp_path) as m2:
+        m2.resolve_start()
+
+
+class FullDisk(LocalStorage):
+    def __init__(self, fail: str):
+        self.fail = fail
+
+    def commit(self, temp, final, *, replace=False):
+        if self.fail == "commit":
+            raise OSError(28, "No space left on device")
+        super().commit(temp, final, replace=replace)
+
+    def write_atomic(self, path, data):
+        if self.fail == "pointer":
+            raise OSError(122, "Disk quota exceeded")
+        super().write_atomic(path, data)
+
+
+def test_disk_full_during_save_is_reported_with_the_step(tmp_path):
+    storage = FullDisk("")
+    with CheckpointManager(tmp_path, storage=storage, keep_last=1) as m:
+        m.save(1, big_state(1, mb=1))
+        storage.fail = "commit"
+        with pytest.raises(OSError, match="No space left on device while saving .*step_2: "
+                                          "nothing was committed") as ei:
+            m.save(2, big_state(2, mb=1))
+        assert ei.value.errno == 28
+        storage.fail = "pointer"
+        assert m.save(3, big_state(3, mb=1)) is True  # committed; the pointer is advisory
+    assert sorted(n for n in os.listdir(tmp_path) if not n.startswith(".unickpt.")) == \
+        ["latest", "step_3"]
+    assert (tmp_path / "latest").read_text() == "step_1\n"  # stale, and the scan wins
+    assert CheckpointManager(tmp_path).latest().step == 3
+
+
+def test_async_step_order_and_metadata_snapshot(tmp_path):
+    meta = {"tags": ["a"]}
+    with CheckpointManager(tmp_path, async_save=True) as m:
+        m.save(10, big_state(10, mb=1), metadata=meta)
+        meta["tags"].append("changed later")
+        with pytest.raises(ConfigError, match="already has the newer step_10"):
+            m.save(5, big_state(5, mb=1))  # step 10 may still be in flight: still refused
+    assert unickpt.inspect(tmp_path / "step_10").metadata == {"tags": ["a"]}
+
+
+def test_external_resume_does_not_constrain_new_steps(tmp_path):
+    with CheckpointManager(tmp_path / "pre") as m:
+        m.save(7000, {"w": np.ones(2)})
+    with CheckpointManager(tmp_path / "ft", resume=str(tmp_path / "pre" / "step_7000")) as m:
+        r = m.restore({"w": np.zeros(2)})
+        assert r.step == 7000 and r.state["w"].tolist() == [1.0, 1.0]
+        assert m.save(1, r.state) is True  # fine-tuning counts its own steps
+
+
+def test_create_manager_module_with_missing_dependency(tmp_path, monkeypatch):
+    (tmp_path / "needs_dep_zz.py").write_text("import not_installed_dep_zz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match="importing 'needs_dep_zz' failed: it needs "
+                                          "'not_installed_dep_zz'") as ei:
+        unickpt.create_manager("needs_dep_zz:Manager", tmp_path / "run")
+    assert isinstance(ei.value.__cause__, ModuleNotFoundError)

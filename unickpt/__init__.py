@@ -28,7 +28,8 @@ from .errors import (
     UnsupportedLeafError,
 )
 from .factory import ManagerProtocol, create_manager
-from .manager import CheckpointInfo, CheckpointManager, Restored, StartDecision
+from .manager import CheckpointManager
+from .records import CheckpointInfo, Restored, StartDecision
 from .rng import RNG
 from .tree import LazyArray, Piece, ShardedArray, format_path
 

@@ -6,8 +6,8 @@
 ...                     metadata={"note": "demo"})
 >>> unickpt.load(f"{d}/step_1")["step"]
 1
->>> unickpt.inspect(f"{d}/step_1").leaves[0].path
-'step'
+>>> [leaf.path for leaf in unickpt.inspect(f"{d}/step_1").leaves]
+['w', 'step']
 >>> unickpt.verify(f"{d}/step_1").ok
 True
 """
@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import CheckpointExistsError, CorruptCheckpointError
+from .errors import CheckpointExistsError, CorruptCheckpointError, UnsupportedLeafError
 from .format.reader import CheckpointReader, is_committed
 from .format.writer import flatten, write_tree
 from .state import to_tree
@@ -68,7 +68,12 @@ def save(path: str | os.PathLike, tree: Any, *, metadata: dict | None = None,
             raise CheckpointExistsError(
                 f"{final} exists and is not a unickpt checkpoint; refusing to replace it")
     if _prepared is None:
-        neutral, kinds = to_tree(tree)
+        try:
+            neutral, kinds = to_tree(tree)
+        except RecursionError:
+            raise UnsupportedLeafError(
+                f"cannot save {final}: the state contains a reference cycle or is nested far "
+                "too deeply to be a state tree") from None
         prepared = flatten(neutral)  # validates every leaf before anything touches the disk
     else:
         prepared, kinds = _prepared

@@ -79,6 +79,9 @@ def _load_class(spec: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
+        if e.name and not (module_name == e.name or module_name.startswith(e.name + ".")):
+            raise ConfigError(f"{where}: importing {module_name!r} failed: it needs "
+                              f"{e.name!r}, which is not installed") from e
         raise ConfigError(f"{where}: module {module_name!r} not found ({e.msg}); is the package "
                           "installed and on sys.path?") from e
     except Exception as e:  # the module exists but importing it failed: show why

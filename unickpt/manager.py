@@ -22,18 +22,14 @@ from __future__ import annotations
 import logging
 import math
 import os
-import platform
-import socket
-import sys
 import threading
 import time
 import uuid
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
-from . import __version__
 from .background import BackgroundSaver
 from .errors import (
     CheckpointExistsError,
@@ -42,10 +38,9 @@ from .errors import (
     CorruptCheckpointError,
     RunRootError,
     UnickptError,
-    UnsupportedLeafError,
 )
 from .format.reader import CheckpointReader, is_committed
-from .format.writer import WriteStats, flatten, write_tree
+from .format.writer import WriteStats, _plain, flatten, write_tree
 from .policy import (
     RESUME_MODES,
     TRASH_PREFIX,
@@ -59,6 +54,13 @@ from .policy import (
     should_save,
     to_delete,
 )
+from .records import (
+    CheckpointInfo,
+    Restored,
+    StartDecision,
+    checkpoint_info,
+    plain_metrics,
+)
 from .run_root import RootLock, clean_leftovers, read_info, scan, write_pointer
 from .state import restore_tree, to_tree
 from .storage import LocalStorage, Storage, staged
@@ -66,82 +68,6 @@ from .storage import LocalStorage, Storage, staged
 __all__ = ["CheckpointManager", "StartDecision", "Restored", "CheckpointInfo"]
 
 log = logging.getLogger("unickpt")
-_FRAMEWORKS = ("torch", "jax", "jaxlib", "flax", "optax", "orbax.checkpoint")
-
-
-@dataclass(frozen=True)
-class StartDecision:
-    """The single startup decision of a run (see :meth:`CheckpointManager.resolve_start`).
-
-    Attributes:
-        resume: whether a checkpoint is loaded.
-        step: its step; 0 on a cold start.
-        path: the checkpoint directory, or None.
-        reason: why (for logs).
-        archived_to: the ``run_<K>`` directory old checkpoints were moved into, or None.
-        archived: the names of the moved checkpoints.
-    """
-
-    resume: bool
-    step: int
-    path: str | None
-    reason: str
-    archived_to: str | None = None
-    archived: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Restored:
-    """What :meth:`CheckpointManager.restore` did.
-
-    ``state`` is the restored state: the same objects for mutable framework objects loaded
-    in place (modules, optimizers, Stateful objects), new values for immutable ones (numpy
-    arrays in a dict, Python scalars, JAX arrays).  On a cold start it is the given state,
-    untouched, and ``step`` is 0.
-    """
-
-    step: int
-    state: Any
-    resumed: bool
-    path: str | None
-    metadata: dict = field(default_factory=dict)
-    metrics: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """One committed checkpoint as listed by :meth:`CheckpointManager.checkpoints`."""
-
-    step: int
-    path: str
-    time: float
-    size: int
-    metrics: dict = field(default_factory=dict)
-
-
-def _framework_versions() -> dict[str, str]:
-    # Only frameworks the process already imported: recording must never import one.
-    out = {}
-    for name in _FRAMEWORKS:
-        mod = sys.modules.get(name)
-        if mod is not None:
-            out[name] = str(getattr(mod, "__version__", "unknown"))
-    return out
-
-
-def _plain_metrics(metrics: Mapping[str, Any] | None, step: int) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in (metrics or {}).items():
-        if not isinstance(k, str):
-            raise UnsupportedLeafError(f"save(step={step}): metric name {k!r} must be a str")
-        if hasattr(v, "item") and getattr(v, "size", 1) == 1:
-            v = v.item()  # numpy / framework scalars
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise UnsupportedLeafError(
-                f"save(step={step}): metric {k!r} is {type(v).__name__}, not a number; put "
-                "other data in metadata=")
-        out[k] = v
-    return out
 
 
 def _as_select(select: Iterable[Any] | None) -> list[tuple] | None:
@@ -187,6 +113,9 @@ class CheckpointManager:
         self._last_save_time = time.monotonic()
         self._closed = False
         self._saver = BackgroundSaver(self.root) if self.config.async_save else None
+        # A manager dropped without close() must not keep its root locked for the rest of
+        # the process (notebooks re-create managers); the finalizer holds only the lock.
+        weakref.finalize(self, self._lock.release)
 
     # ------------------------------------------------------------------ context manager
     def __enter__(self) -> CheckpointManager:
@@ -286,9 +215,7 @@ class CheckpointManager:
             path = external[0] if external else (
                 os.path.join(self.root, plan.name) if plan.name else None)
             if plan.resume and external is None:
-                self._resumed_step = plan.step
-            if plan.resume:
-                self._last_saved_step = plan.step
+                self._resumed_step = self._last_saved_step = plan.step
             reason = plan.reason
             if archived_to:
                 reason += f"; archived {len(plan.archive)} checkpoints into {archived_to}"
@@ -359,7 +286,8 @@ class CheckpointManager:
         cfg = self.config
         now = time.monotonic()
         with self._mutex:
-            newest = max(self._steps) if self._steps else None
+            # the newest committed step, or the one in flight (an async save not yet done)
+            newest = max(self._steps | ({self._last_saved_step} - {None}), default=None)
             decision = should_save(step, save_every=cfg.save_every,
                                    save_every_seconds=cfg.save_every_seconds, force=force,
                                    now=now, last_save_time=self._last_save_time,
@@ -368,10 +296,12 @@ class CheckpointManager:
             return False
         if newest is not None and step < newest:
             raise ConfigError(
-                f"save(step={step}): {self.root} already holds the newer {format_step(newest)}; "
+                f"save(step={step}): {self.root} already has the newer {format_step(newest)}; "
                 "steps must increase (resume from it, or use on_existing='archive' with "
                 "resume='never' to start over)")
-        plain_metrics = _plain_metrics(metrics, step)
+        clean_metrics = plain_metrics(metrics, step)
+        # checked and copied now: the caller may change its dict while an async save runs
+        clean_metadata = _plain(dict(metadata or {}), "metadata")
         final = os.path.join(self.root, format_step(step))
         # Not committed (else it would be in _steps), so not ours: never write into it.
         if self.storage.is_dir(final) or self.storage.is_file(final):
@@ -385,38 +315,23 @@ class CheckpointManager:
             tree, kinds = to_tree(state, snapshot=True)
             prepared = flatten(tree)  # validates every leaf here, in the caller's thread
             self._last_saved_step, self._last_save_time = step, now
-            self._saver.submit(lambda: self._write(step, prepared, kinds, plain_metrics,
-                                                   metadata, t0), format_step(step))
+            self._saver.submit(lambda: self._write(step, prepared, kinds, clean_metrics,
+                                                   clean_metadata, t0), format_step(step))
             return True
         tree, kinds = to_tree(state)
         prepared = flatten(tree)
-        self._write(step, prepared, kinds, plain_metrics, metadata, t0)
+        self._write(step, prepared, kinds, clean_metrics, clean_metadata, t0)
         self._last_saved_step, self._last_save_time = step, now
         return True
 
     def _info(self, step: int, metrics: dict, t0: float, stats: WriteStats) -> dict:
-        seconds = time.perf_counter() - t0
-        cfg = self.config
-        return {
-            "step": step,
-            "time": time.time(),
-            "metrics": metrics,
-            "unickpt_version": __version__,
-            "frameworks": _framework_versions(),
-            "python": platform.python_version(),
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "save_seconds": seconds,
-            "nbytes": stats.nbytes,
-            "narrays": stats.narrays,
-            "bandwidth": stats.nbytes / seconds if seconds > 0 else 0.0,
-            "async": cfg.async_save,
-            "resumed_from": self._resumed_step,
-            "retention": cfg.retention_options(),
-        }
+        return checkpoint_info(step, metrics, time.perf_counter() - t0, stats,
+                               async_save=self.config.async_save,
+                               resumed_from=self._resumed_step,
+                               retention=self.config.retention_options())
 
-    def _write(self, step: int, prepared: Any, kinds: dict, metrics: dict,
-               metadata: Mapping[str, Any] | None, t0: float) -> None:
+    def _write(self, step: int, prepared: Any, kinds: dict, metrics: dict, metadata: dict,
+               t0: float) -> None:
         name = format_step(step)
         final = os.path.join(self.root, name)
         recorded: dict = {}
@@ -425,16 +340,24 @@ class CheckpointManager:
             recorded.update(self._info(step, metrics, t0, stats))
             return recorded
 
-        with staged(self.storage, final) as tmp:
-            write_tree(tmp, None, metadata=dict(metadata or {}), info=info, kinds=kinds,
-                       prepared=prepared)
-            with self._mutex:
-                self.storage.commit(tmp, final)
+        try:
+            with staged(self.storage, final) as tmp:
+                write_tree(tmp, None, metadata=metadata, info=info, kinds=kinds,
+                           prepared=prepared)
+                with self._mutex:
+                    self.storage.commit(tmp, final)
+        except OSError as e:  # disk full, quota, I/O error: say which save and what is left
+            raise OSError(e.errno, f"{e.strerror or e} while saving {final}: nothing was "
+                                   "committed and earlier checkpoints are intact") from e
         with self._mutex:
             self._steps.add(step)
             self._metrics[step] = metrics
             if step == max(self._steps):
-                write_pointer(self.storage, self.root, name)
+                try:
+                    write_pointer(self.storage, self.root, name)
+                except OSError as e:  # the pointer is informational: readers scan
+                    log.warning("unickpt: %s is committed but the latest pointer could not "
+                                "be updated: %s", final, e)
             self._apply_retention()
         total = time.perf_counter() - t0
         nbytes = recorded.get("nbytes", 0)
@@ -458,14 +381,20 @@ class CheckpointManager:
                       keep_best=cfg.keep_best, best_metric=cfg.best_metric,
                       best_mode=cfg.best_mode,
                       protected=() if self._resumed_step is None else (self._resumed_step,))
-        for s in to_delete(kept):
-            name = format_step(s)
-            # Rename out of the step_N namespace first: a crash mid-delete leaves trash that
-            # no reader looks at, never a step_N with half its files.
-            trash = os.path.join(self.root, f"{TRASH_PREFIX}{name}.{uuid.uuid4().hex[:8]}")
-            self.storage.move(os.path.join(self.root, name), trash)
+        doomed = to_delete(kept)
+        if not doomed:
+            return
+        # Rename out of the step_N namespace first (durably, one fsync for the batch): a
+        # crash mid-delete then leaves trash that no reader looks at, never a step_N with
+        # half its files.  A crash before that fsync leaves the checkpoints whole.
+        pairs = [(os.path.join(self.root, format_step(s)),
+                  os.path.join(self.root, f"{TRASH_PREFIX}{format_step(s)}."
+                                          f"{uuid.uuid4().hex[:8]}")) for s in doomed]
+        self.storage.move_many(pairs)
+        for s in doomed:
             self._steps.discard(s)
             self._metrics.pop(s, None)
+        for _, trash in pairs:
             try:
                 self.storage.remove_tree(trash)
             except OSError as e:

@@ -32,7 +32,7 @@ from .format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, read_manifest_by
 from .policy.naming import LATEST_NAME, LOCK_NAME, Listing, classify, parse_step
 from .storage import Storage, parse_temp_name
 
-__all__ = ["scan", "RootLock", "clean_leftovers", "read_info", "write_pointer",
+__all__ = ["scan", "RootLock", "clean_leftovers", "read_info", "read_manifest", "write_pointer", "temp_is_stale",
            "read_pointer", "host_tag", "pid_alive"]
 
 log = logging.getLogger("unickpt")

@@ -76,6 +76,11 @@ class LazyArray:
         return a
 
 
+def _host(data: Any) -> np.ndarray:
+    """A piece's data as a host array (lazy pieces are fetched)."""
+    return data.materialize() if isinstance(data, LazyArray) else np.asarray(data)
+
+
 @dataclass(frozen=True)
 class Piece:
     """One stored piece of a sharded array: ``index`` is a tuple of ``(start, stop)`` per dim."""
@@ -105,7 +110,7 @@ class ShardedArray:
         """Materialise the full global array on the host."""
         out = np.empty(self.shape, dtype=self.dtype)
         for p in self.pieces:
-            out[tuple(slice(a, b) for a, b in p.index)] = np.asarray(p.data)
+            out[tuple(slice(a, b) for a, b in p.index)] = _host(p.data)
         return out
 
     def read(self, index: tuple[slice, ...]) -> np.ndarray:
@@ -119,7 +124,7 @@ class ShardedArray:
                 continue
             src = tuple(slice(x - pa, h - pa) for x, h, (pa, _) in zip(lo, hi, p.index))
             dst = tuple(slice(x - a, h - a) for x, h, (a, _) in zip(lo, hi, bounds))
-            out[dst] = np.asarray(p.data)[src]
+            out[dst] = _host(p.data)[src]
         return out
 
 

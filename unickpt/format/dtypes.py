@@ -35,7 +35,7 @@ _SAFETENSORS_CODES = {
 
 _NUMPY_NAMES = [
     "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-    "float16", "float32", "float64", "complex64", "complex128", "longdouble", "clongdouble",
+    "float16", "float32", "float64", "complex64", "complex128",
 ]
 _ML_DTYPES_NAMES = [
     "bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
@@ -50,6 +50,24 @@ for _n in _NUMPY_NAMES:
 for _n in _ML_DTYPES_NAMES:
     if hasattr(ml_dtypes, _n):  # older ml_dtypes lack some of the newer types
         _BY_NAME[_n] = np.dtype(getattr(ml_dtypes, _n))
+
+# ``long double`` differs between platforms (x87 80-bit extended on x86-64, IEEE binary128 on
+# aarch64 Linux, plain double on Windows), yet numpy names both 16-byte variants "float128".
+# The manifest therefore names the bit format, and a reader refuses one its platform lacks.
+def _longdouble_names() -> tuple[str, str] | None:
+    fi = np.finfo(np.longdouble)
+    if np.dtype(np.longdouble).itemsize == 16 and fi.nmant == 63 and fi.nexp == 15:
+        return "float80_x87", "complex_float80_x87"
+    if np.dtype(np.longdouble).itemsize == 16 and fi.nmant == 112 and fi.nexp == 15:
+        return "float128_ieee", "complex_float128_ieee"
+    return None  # same as double (then saved as float64), or a format the spec does not name
+
+
+_LONGDOUBLE = _longdouble_names()
+_LONGDOUBLE_ALL = ("float80_x87", "complex_float80_x87", "float128_ieee", "complex_float128_ieee")
+if _LONGDOUBLE is not None and np.dtype(np.longdouble) != np.dtype(np.float64):
+    _BY_NAME[_LONGDOUBLE[0]] = np.dtype(np.longdouble)
+    _BY_NAME[_LONGDOUBLE[1]] = np.dtype(np.clongdouble)
 
 _TIME_RE = re.compile(r"^(datetime64|timedelta64)\[(Y|M|W|D|h|m|s|ms|us|ns|ps|fs|as)\]$")
 _FIXED_RE = re.compile(r"^([SUV])([0-9]{1,9})$")
@@ -67,7 +85,11 @@ def dtype_name(dtype: np.dtype) -> str:
     """
     if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
         raise UnsupportedDtype(f"dtype {dtype!r} cannot be stored (object or structured dtype)")
-    if dtype.name in _BY_NAME and _BY_NAME[dtype.name] == dtype.newbyteorder("="):
+    native = dtype.newbyteorder("=")
+    if _LONGDOUBLE is not None and native in (np.dtype(np.longdouble), np.dtype(np.clongdouble)) \
+            and np.dtype(np.longdouble) != np.dtype(np.float64):
+        return _LONGDOUBLE[0] if dtype.kind == "f" else _LONGDOUBLE[1]
+    if dtype.name in _BY_NAME and _BY_NAME[dtype.name] == native:
         return dtype.name
     if dtype.kind in "mM":
         name = dtype.newbyteorder("=").name
@@ -80,10 +102,6 @@ def dtype_name(dtype: np.dtype) -> str:
             raise UnsupportedDtype(f"dtype {dtype!r} cannot be stored")
         return f"{dtype.kind}{n}"
     name = dtype.name
-    if np.dtype(dtype).newbyteorder("=") == np.dtype(np.longdouble):
-        return "longdouble"
-    if dtype.kind == "c" and dtype.newbyteorder("=") == np.dtype(np.clongdouble):
-        return "clongdouble"
     if name not in _BY_NAME:
         raise UnsupportedDtype(f"dtype {dtype!r} is not supported by the unickpt format")
     return name
@@ -95,6 +113,9 @@ def dtype_from_name(name: object) -> np.dtype:
         raise UnsupportedDtype(f"dtype name must be a string, got {type(name).__name__}")
     if name in _BY_NAME:
         return _BY_NAME[name]
+    if name in _LONGDOUBLE_ALL:
+        raise UnsupportedDtype(f"dtype {name!r} (a long double format) does not exist on this "
+                               "platform; read this checkpoint on a machine with that format")
     if _TIME_RE.match(name):
         return np.dtype(name)
     m = _FIXED_RE.match(name)
@@ -114,3 +135,12 @@ def safetensors_code(name: str) -> str:
 def stored_dtype(dtype: np.dtype) -> np.dtype:
     """The little-endian dtype in which bytes are laid out on disk."""
     return dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype
+
+
+def has_byteorder(dtype: np.dtype) -> bool:
+    """Whether ``dtype`` can be big-endian (multi-byte builtin numbers, times and ``U``).
+
+    ``ml_dtypes`` types cannot: numpy turns a byte-swapped bfloat16 into a plain void dtype.
+    """
+    return (dtype.itemsize > 1 and dtype.kind in "iufcmMU"
+            and dtype.newbyteorder(">").kind == dtype.kind)

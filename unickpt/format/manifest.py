@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,14 +19,15 @@ import xxhash
 
 from ..errors import CorruptCheckpointError, FormatVersionError
 from ..tree import Path, format_path
-from .dtypes import UnsupportedDtype, dtype_from_name
+from .dtypes import UnsupportedDtype, dtype_from_name, has_byteorder
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.msgpack"
 MAX_MANIFEST_BYTES = 1 << 30  # 1 GiB: far above any real manifest, bounds a hostile one
 MAX_NDIM = 64
-MAX_DEPTH = 512
+MAX_DEPTH = 256  # tree nesting; the writer refuses deeper trees
 _INT64_MIN, _UINT64_MAX = -(1 << 63), (1 << 64) - 1
+_BIG_INT = re.compile(r"-?(0|[1-9][0-9]*)\Z")  # int() alone would accept "1_0", " 7", "+7"
 
 
 @dataclass
@@ -59,10 +61,14 @@ class ShardedEntry:
     dtype: str
     shape: tuple[int, ...]
     pieces: list[tuple[tuple[tuple[int, int], ...], int]]  # (index, array entry number)
+    byteorder: str = "<"  # of the global array as the user gave it
 
     def to_msg(self) -> dict:
-        return {"dtype": self.dtype, "shape": list(self.shape),
-                "pieces": [{"index": [list(b) for b in idx], "array": a} for idx, a in self.pieces]}
+        d = {"dtype": self.dtype, "shape": list(self.shape),
+             "pieces": [{"index": [list(b) for b in idx], "array": a} for idx, a in self.pieces]}
+        if self.byteorder != "<":
+            d["byteorder"] = self.byteorder
+        return d
 
 
 @dataclass
@@ -148,12 +154,9 @@ def decode_node(node: Any, ctx: _Ctx, path: Path = (), depth: int = 0) -> Any:
     if tag == "s":
         return ctx.sharded(_index(payload, len(ctx.manifest.sharded), ctx, path), path)
     if tag == "i":
-        if not isinstance(payload, str) or len(payload) > 100_000:
+        if not isinstance(payload, str) or len(payload) > 100_000 or not _BIG_INT.match(payload):
             ctx.fail(f"malformed big int at {format_path(path)}")
-        try:
-            return int(payload)
-        except ValueError:
-            ctx.fail(f"malformed big int at {format_path(path)}")
+        return int(payload)
     ctx.fail(f"unknown node tag {tag!r} at {format_path(path)}")
 
 
@@ -206,6 +209,12 @@ def read_manifest_bytes(raw: bytes, where: object) -> Manifest:
         fail(f"body is not msgpack ({type(e).__name__})")
     if not isinstance(m, dict):
         fail("body is not a map")
+    if m.get("format_version") != version:
+        fail(f"body format_version {m.get('format_version')!r} differs from the outer {version}")
+    if "tree" not in m:
+        fail("field 'tree' missing")
+    if m.get("checksum", "xxh3_64") != "xxh3_64":
+        fail(f"unknown checksum algorithm {m.get('checksum')!r}")
     return _validate(m, fail)
 
 
@@ -256,11 +265,14 @@ def _validate(m: dict, fail) -> Manifest:
         if not 0 <= xxh <= _UINT64_MAX:
             fail(f"array {i}: checksum out of range")
         bo = a.get("byteorder", "<")
-        if bo not in ("<", ">"):
-            fail(f"array {i}: byteorder {bo!r}")
+        if bo not in ("<", ">") or (bo == ">" and not has_byteorder(dt)):
+            fail(f"array {i}: byteorder {bo!r} for dtype {a['dtype']}")
+        scalar = a.get("scalar", False)
+        if not isinstance(scalar, bool) or (scalar and shape != ()):
+            fail(f"array {i}: 'scalar' must be a bool, true only for shape []")
         spans.setdefault(fname, []).append((offset, offset + nbytes, i))
         arrays.append(ArrayEntry(fname, need(a, "name", str, f"array {i}"), a["dtype"],
-                                 shape, offset, nbytes, xxh, bo, bool(a.get("scalar", False))))
+                                 shape, offset, nbytes, xxh, bo, scalar))
     for fname, sp in spans.items():
         sp.sort()
         for (_s0, e0, i0), (s1, _e1, i1) in zip(sp, sp[1:]):
@@ -296,15 +308,25 @@ def _validate(m: dict, fail) -> Manifest:
             if ae.shape != tuple(b - a0 for a0, b in bounds) or ae.dtype != s["dtype"]:
                 fail(f"sharded {i}: piece array {ai} does not match its index/dtype")
             covered += math.prod(b - a0 for a0, b in bounds)
+            for other, _ in pieces:  # pieces must not overlap (else holes hide in the sum)
+                if all(max(a0, c0) < min(b0, d0) for (a0, b0), (c0, d0) in zip(bounds, other)):
+                    fail(f"sharded {i}: pieces {other} and {bounds} overlap")
             pieces.append((bounds, ai))
         if covered != math.prod(gshape):
             fail(f"sharded {i}: pieces cover {covered} of {math.prod(gshape)} elements")
-        sharded.append(ShardedEntry(s["dtype"], gshape, pieces))
+        sbo = s.get("byteorder", "<")
+        if sbo not in ("<", ">") or (sbo == ">" and not has_byteorder(dt)):
+            fail(f"sharded {i}: byteorder {sbo!r}")
+        sharded.append(ShardedEntry(s["dtype"], gshape, pieces, sbo))
 
     kinds = {}
-    for item in m.get("kinds", []) or []:
+    kinds_raw = m.get("kinds", [])
+    if not isinstance(kinds_raw, list):
+        fail("kinds must be a list")
+    for item in kinds_raw:
         if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], list)
-                and isinstance(item[1], str)):
+                and isinstance(item[1], str) and all(
+                    isinstance(k, (str, int)) and not isinstance(k, bool) for k in item[0])):
             fail("malformed kinds entry")
         kinds[tuple(item[0])] = item[1]
     metadata, info = m.get("metadata", {}), m.get("info", {})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import mmap as _mmap
 import os
+import stat
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,7 @@ from .manifest import (
 )
 
 READ_CHUNK = 64 << 20
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 TEMP_PREFIX = ".unickpt-"
 # Arrays up to SMALL_READ bytes that lie back to back in a file are read with one preadv per
 # batch (up to BATCH_READ bytes) and returned as views of that batch's buffer: with 10,000
@@ -66,17 +68,28 @@ class CheckpointReader:
                 "interrupted save; it is not a checkpoint and will be cleaned up")
         mpath = os.path.join(self.path, MANIFEST_NAME)
         try:
-            with open(mpath, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
+            # O_NONBLOCK: a FIFO planted as the manifest must not hang the reader
+            with open(os.open(mpath, os.O_RDONLY | _NONBLOCK), "rb") as f:
+                st = os.fstat(f.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    raise CheckpointNotFoundError(
+                        f"no checkpoint at {self.path}: {MANIFEST_NAME} is not a regular file")
+                size = st.st_size
                 if size > MAX_MANIFEST_BYTES:
                     raise CorruptCheckpointError(
                         f"{self.path}: manifest is {size} bytes (limit {MAX_MANIFEST_BYTES})",
                         path=self.path)
                 raw = f.read(size)
+        except CheckpointNotFoundError:
+            raise
         except FileNotFoundError:
             raise CheckpointNotFoundError(
                 f"no checkpoint at {self.path}: {MANIFEST_NAME} is missing (not a unickpt "
                 "checkpoint, or an uncommitted one)") from None
+        except IsADirectoryError:
+            raise CheckpointNotFoundError(
+                f"no checkpoint at {self.path}: {MANIFEST_NAME} is a directory, not a file "
+                "(not a unickpt checkpoint)") from None
         with gc_paused():
             self.manifest: Manifest = read_manifest_bytes(raw, self.path)
             self._files: dict[str, tuple[int, _mmap.mmap | None]] = {}
@@ -95,30 +108,36 @@ class CheckpointReader:
             fe = next(f for f in self.manifest.files if f.name == name)
             fpath = os.path.join(self.path, name)
             try:
-                fd = os.open(fpath, os.O_RDONLY)
+                fd = os.open(fpath, os.O_RDONLY | _NONBLOCK)
             except FileNotFoundError:
                 raise CorruptCheckpointError(
                     f"{self.path}: array file {name!r} is missing; restore from another "
-                    "checkpoint", path=self.path,
-                    leaves=[format_path(self.array_paths.get(i, ()))
-                            for i, a in enumerate(self.manifest.arrays) if a.file == name]
-                ) from None
-            actual = os.fstat(fd).st_size
+                    "checkpoint", path=self.path, leaves=self._leaves_in(name)) from None
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                os.close(fd)
+                raise CorruptCheckpointError(
+                    f"{self.path}: array file {name!r} is not a regular file", path=self.path,
+                    leaves=self._leaves_in(name))
+            actual = st.st_size
             if actual != fe.size:
                 os.close(fd)
                 raise CorruptCheckpointError(
                     f"{self.path}: array file {name!r} is {actual} bytes, the manifest says "
                     f"{fe.size} (truncated or replaced); restore from another checkpoint",
-                    path=self.path)
+                    path=self.path, leaves=self._leaves_in(name))
             head = os.pread(fd, 8, 0)
             if len(head) != 8 or int.from_bytes(head, "little") + 8 != fe.data_start:
                 os.close(fd)
                 raise CorruptCheckpointError(
                     f"{self.path}: array file {name!r} has a damaged safetensors header",
-                    path=self.path)
+                    path=self.path, leaves=self._leaves_in(name))
             mm = _mmap.mmap(fd, 0, access=_mmap.ACCESS_READ) if actual else None
             self._files[name] = (fd, mm)
             return fd, mm
+
+    def _leaves_in(self, name: str) -> list[str]:
+        return [self._leaf_name(i) for i, a in enumerate(self.manifest.arrays) if a.file == name]
 
     def close(self) -> None:
         """Close file descriptors (memory-mapped arrays stay valid)."""
@@ -279,7 +298,8 @@ class CheckpointReader:
 
         def shard(i: int, _p: Path) -> Any:
             s = self.manifest.sharded[i]
-            sa = ShardedArray(s.shape, dtype_from_name(s.dtype),
+            dt = dtype_from_name(s.dtype)
+            sa = ShardedArray(s.shape, dt.newbyteorder(">") if s.byteorder == ">" else dt,
                               [Piece(idx, arrays[a]) for idx, a in s.pieces])
             return sa.assemble() if assemble else sa
 

@@ -33,6 +33,7 @@ from .dtypes import UnsupportedDtype, dtype_name, safetensors_code
 from .manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
+    MAX_DEPTH,
     ArrayEntry,
     FileEntry,
     Manifest,
@@ -123,7 +124,14 @@ def _flatten(tree: Any) -> tuple[Any, list[_Job], list]:
     def enc(x: Any, path: Path) -> Any:
         if type(x) is np.ndarray:  # the common leaf first: saves ~1 us per array
             return ["a", add_array(x, path)]
-        if x is None or isinstance(x, (bool, str, bytes)):
+        # numpy scalars first: np.float64 / np.str_ / np.bytes_ subclass float / str / bytes,
+        # and must come back as the numpy type they are.
+        if isinstance(x, np.generic):
+            return ["a", add_array(np.asarray(x), path, scalar=True)]
+        if x is None or isinstance(x, (bool, bytes)):
+            return x
+        if isinstance(x, str):
+            _check_utf8(x, path)
             return x
         if isinstance(x, int):
             return x if check_int_range(x) else ["i", str(x)]
@@ -133,14 +141,15 @@ def _flatten(tree: Any) -> tuple[Any, list[_Job], list]:
             return ["a", add_array(x, path)]
         if isinstance(x, LazyArray):
             return ["a", add_array(x, path)]
-        if isinstance(x, np.generic):
-            return ["a", add_array(np.asarray(x), path, scalar=True)]
         if isinstance(x, ShardedArray):
             idx = [add_array(p.data if isinstance(p.data, LazyArray) else np.asarray(p.data),
                              (*path, f"<piece {i}>")) for i, p in enumerate(x.pieces)]
             sharded.append((x, idx))
             return ["s", len(sharded) - 1]
         if isinstance(x, (dict, list, tuple)):
+            if len(path) >= MAX_DEPTH:
+                raise UnsupportedLeafError(f"cannot save {format_path(path[:8])}/...: the tree "
+                                           f"is nested deeper than {MAX_DEPTH} levels")
             if id(x) in seen:
                 raise UnsupportedLeafError(f"cannot save {format_path(path)}: the tree "
                                            "contains a reference cycle")
@@ -154,6 +163,8 @@ def _flatten(tree: Any) -> tuple[Any, list[_Job], list]:
                             raise UnsupportedLeafError(
                                 f"cannot save {format_path(path)}: dict key {k!r} of type "
                                 f"{type(k).__name__} (keys must be str or 64-bit int)")
+                        if isinstance(k, str):
+                            _check_utf8(k, path)
                         flat.append(k)
                         flat.append(enc(v, (*path, k)))
                     return ["d", flat]
@@ -175,8 +186,18 @@ def _flatten(tree: Any) -> tuple[Any, list[_Job], list]:
     return enc(tree, ()), jobs, sharded
 
 
+def _check_utf8(s: str, path: Path) -> None:
+    """Strings are stored as UTF-8: refuse lone surrogates before anything is written."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UnsupportedLeafError(
+            f"cannot save {format_path(path)}: string {s[:40]!r} is not valid Unicode (lone "
+            "surrogate); store it as bytes") from None
+
+
 def _tensor_names(jobs: list[_Job]) -> list[str]:
-    names, used = [], set()
+    names, used = [], {"__metadata__"}  # reserved by safetensors for the header metadata
     for j in jobs:
         base = "/".join(map(str, j.path)) or "<root>"
         name, n = base, 1
@@ -200,18 +221,25 @@ def _dtype_info(dt: np.dtype) -> tuple[str, str, bool, str]:
     return name, code, code != "U8" or name == "uint8", ">" if dt.byteorder == ">" else "<"
 
 
+def _align(itemsize: int) -> int:
+    return min(itemsize & -itemsize, HEADER_ALIGN) if itemsize else HEADER_ALIGN
+
+
 def layout(jobs: list[_Job], file: str = DATA_FILE) -> tuple[bytes, int]:
     """Assign offsets and build the safetensors header.  Returns ``(header bytes, file size)``.
 
-    Arrays are placed by decreasing item size so every array starts at a multiple of its own
-    item size (natural alignment for zero-copy memory maps) without gaps, which safetensors
+    Arrays are placed by decreasing alignment so every array starts at a multiple of its own
+    alignment (natural alignment for zero-copy memory maps) without gaps, which safetensors
     forbids; the header is padded with spaces so the data section starts 64-byte aligned.
     """
     # One pass per array with per-dtype facts cached: this loop runs once per leaf, so with
     # 10,000 small leaves it is a visible part of a save.
     infos = [_dtype_info(j.dtype) for j in jobs]
     sizes = [math.prod(j.shape) * j.dtype.itemsize for j in jobs]  # stored itemsize is the same
-    order = sorted(range(len(jobs)), key=lambda i: -jobs[i].dtype.itemsize)  # stable
+    # By decreasing power-of-two alignment (the lowest set bit of the item size, at most 64):
+    # every array's size is a multiple of its own alignment and of all that follow, so each
+    # array starts naturally aligned even with odd item sizes such as U3 (12) or V3.
+    order = sorted(range(len(jobs)), key=lambda i: -_align(jobs[i].dtype.itemsize))  # stable
     names = _tensor_names(jobs)
     # The header is the JSON that json.dumps(..., ensure_ascii=False, separators=(",", ":"))
     # gives for {"__metadata__": ..., name: {"dtype", "shape", "data_offsets"}, ...}, built
@@ -255,8 +283,8 @@ def _chunks(a: np.ndarray | LazyArray, path: Path) -> Iterable[memoryview]:
             yield mv[s:s + CHUNK_BYTES]
         return
     # Non-contiguous: copy a block of leading-axis rows at a time.
-    flat_rows = a.reshape(a.shape[0], -1) if a.ndim > 1 else a.reshape(-1, 1)
-    row_bytes = max(1, flat_rows.shape[1] * a.dtype.itemsize)
+    # (row size from the shape: reshaping a non-contiguous array would copy all of it)
+    row_bytes = max(1, math.prod(a.shape[1:]) * a.dtype.itemsize)
     step = max(1, CHUNK_BYTES // row_bytes)
     for s in range(0, a.shape[0], step):
         yield memoryview(np.ascontiguousarray(a[s:s + step]).reshape(-1).view(np.uint8))
@@ -400,7 +428,8 @@ def _manifest_bytes(node: Any, jobs: list[_Job], sharded: list, size: int, heade
         tree=node,
         arrays=[j.entry for j in jobs],
         sharded=[ShardedEntry(dtype_name(s.dtype), tuple(s.shape),
-                              [(tuple(p.index), ji) for p, ji in zip(s.pieces, idx)])
+                              [(tuple(p.index), ji) for p, ji in zip(s.pieces, idx)],
+                              ">" if np.dtype(s.dtype).byteorder == ">" else "<")
                  for s, idx in sharded],
         files=[FileEntry(DATA_FILE, size, len(header))],
         kinds=dict(kinds or {}),
@@ -412,7 +441,10 @@ def _manifest_bytes(node: Any, jobs: list[_Job], sharded: list, size: int, heade
 
 def _plain(x: Any, what: str, path: Path = ()) -> Any:
     """Check that user metadata is plain msgpack data (no arrays, no objects)."""
-    if x is None or isinstance(x, (bool, str, bytes, float)):
+    if x is None or isinstance(x, (bool, bytes, float)):
+        return x
+    if isinstance(x, str):
+        _check_utf8(x, path)
         return x
     if isinstance(x, int):
         if not check_int_range(x):
@@ -426,6 +458,8 @@ def _plain(x: Any, what: str, path: Path = ()) -> Any:
             if not isinstance(k, (str, int)) or isinstance(k, bool):
                 raise UnsupportedLeafError(f"{what} at {format_path(path)}: key {k!r} "
                                            "must be str or int")
+            if isinstance(k, str):
+                _check_utf8(k, path)
             out[k] = _plain(v, what, (*path, k))
         return out
     if isinstance(x, (list, tuple)):

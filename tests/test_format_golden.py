@@ -1,0 +1,232 @@
+"""Golden checkpoints of format v1 (tests/golden/v1, written once by make_golden.py) stay
+loadable, bit for bit.  Expected values are rebuilt here independently, never by re-saving."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import ml_dtypes
+import msgpack
+import numpy as np
+import pytest
+import xxhash
+from _bitwise import assert_bitwise_equal
+
+import unickpt
+
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "v1")
+
+
+# Deliberately a copy of make_golden.pat/raw: if the generator changes, these tests must not.
+def pat(n: int, seed: int = 0) -> bytes:
+    return bytes((i * 37 + 11 + seed) % 256 for i in range(n))
+
+
+def raw(dtype, shape, seed=0) -> np.ndarray:
+    dt = np.dtype(dtype)
+    return np.frombuffer(pat(int(np.prod(shape)) * dt.itemsize, seed), dt).reshape(shape)
+
+
+def f64(bits: int) -> float:
+    return struct.unpack("<d", struct.pack("<Q", bits))[0]
+
+
+def _load(name: str, **kw):
+    path = os.path.join(GOLDEN, name)
+    assert unickpt.verify(path).ok
+    return unickpt.load(path, **kw)
+
+
+def test_golden_set_is_complete_and_small():
+    names = set(os.listdir(GOLDEN))
+    assert {"tiny", "scalars", "numeric", "ml_dtypes", "layouts", "strings_times", "structure",
+            "sharded", "metadata", "root_array", "root_scalar", "empty_tree",
+            "longdouble_x87"} <= names
+    total = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(GOLDEN)
+                for f in fs)
+    assert total < 200_000
+
+
+def test_tiny():
+    assert_bitwise_equal({"w": np.array([1.0, 2.0], np.float32), "step": 7}, _load("tiny"))
+
+
+def test_scalars():
+    exp = {
+        "none": None, "true": True, "false": False, "zero": 0, "neg": -1,
+        "i64max": 9223372036854775807, "i64min": -9223372036854775808,
+        "u64max": 18446744073709551615, "past_u64": 18446744073709551616,
+        "below_i64": -9223372036854775809, "huge": -(3 ** 200),
+        "float": 1.5, "neg_zero": -0.0, "inf": float("inf"), "ninf": float("-inf"),
+        "qnan_payload": f64(0x7FF8000000000001), "snan_payload": f64(0x7FF0000000000123),
+        "neg_nan": f64(0xFFF8000000000000), "subnormal": f64(1), "str": "",
+        "text": "ü/.🙂\x00", "bytes": b"", "bytes2": b"\x00\xff\x80",
+    }
+    assert_bitwise_equal(exp, _load("scalars"))
+
+
+def test_numeric_dtypes_and_numpy_scalars():
+    names = ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+             "float16", "float32", "float64", "complex64", "complex128"]
+    exp = {n: raw(n, (2, 3), i) for i, n in enumerate(names)}
+    exp["scalars"] = [np.float32(1.5), np.int64(-7), np.bool_(True), np.uint8(255),
+                      np.complex64(1 - 2j), np.float64(-0.0), np.float16(np.inf)]
+    assert_bitwise_equal(exp, _load("numeric"))
+
+
+def test_ml_dtypes():
+    names = ["bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
+             "float8_e4m3b11fnuz", "int4", "uint4", "int2", "uint2"]
+    exp = {n: raw(getattr(ml_dtypes, n), (5,), i) for i, n in enumerate(names)}
+    exp["bf16_scalar"] = ml_dtypes.bfloat16(3.25)
+    assert_bitwise_equal(exp, _load("ml_dtypes"))
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_layouts(mmap):
+    base = raw("int32", (4, 6), 3)
+    exp = {
+        "zero_d": np.array(42.5), "empty": np.zeros((0, 3), np.float32),
+        "empty_3d": np.zeros((2, 0, 4), np.int16),
+        "fortran": raw("float64", (3, 4), 5), "strided": base[::2, 1::2], "transposed": base.T,
+        "big_endian_f4": raw("float32", (2, 2), 7).astype(">f4"),
+        "big_endian_i8": np.array([0, 1, 2], ">i8"),
+        "big_endian_c16": np.array([1 + 2j, -0.0 - 1j], ">c16"),
+        "lazy": np.array([1, 2, 65535], np.uint16),
+    }
+    got = _load("layouts", mmap=mmap)
+    assert_bitwise_equal(exp, got)
+    assert got["big_endian_f4"].dtype.str == ">f4"
+
+
+def test_strings_and_times():
+    exp = {
+        "unicode": np.array(["", "a", "ü🙂x"], "<U3"), "unicode_be": np.array(["ab", "c"], ">U2"),
+        "bytes": np.array([b"", b"\x00\xff", b"abcd"], "S4"),
+        "void": np.frombuffer(pat(6), "V3"),
+        "datetime_ns": np.array(["2024-02-29T12:34:56.789", "NaT"], "datetime64[ns]"),
+        "datetime_D": np.array(["1970-01-01", "2262-04-11"], "datetime64[D]"),
+        "timedelta_s": np.array([-1, 0, 86400], "timedelta64[s]"),
+        "np_str": np.str_("scalar ü"), "np_bytes": np.bytes_(b"\x01\x02"),
+        "np_datetime": np.datetime64("2000-01-01T00:00", "m"),
+    }
+    assert_bitwise_equal(exp, _load("strings_times"))
+
+
+def test_structure_keys_and_containers():
+    exp = {
+        "": {"/": {".": {"..": 1}}},
+        "a/b": [1, (2, [3, ()]), [], {}],
+        "ключ": {0: "int key", -5: "neg", 18446744073709551615: "u64 key", "0": "str key"},
+        "tuple": (None, (True,), ("x", b"y")),
+        "deep": {"l1": {"l2": {"l3": {"l4": [[[np.array([1, 2], np.int8)]]]}}}},
+        "dupe_names": {"x": np.zeros(1, np.int8), "x#2": np.ones(1, np.int8)},
+    }
+    assert_bitwise_equal(exp, _load("structure"))
+
+
+def test_sharded_arrays_assemble():
+    a = raw("float32", (4, 6), 9)
+    exp = {"rows": a, "grid": a, "big_endian": np.array([1, 2, 3], ">i4"),
+           "scalar_global": np.array(2.5)}
+    assert_bitwise_equal(exp, _load("sharded"))
+    with unickpt.format.CheckpointReader(os.path.join(GOLDEN, "sharded")) as r:
+        kept = r.tree(assemble=False)
+    assert [p.index for p in kept["grid"].pieces][0] == ((0, 2), (0, 3))
+
+
+def test_metadata_and_info():
+    path = os.path.join(GOLDEN, "metadata")
+    assert_bitwise_equal({"x": np.array([0, 1, 2], np.int64)}, unickpt.load(path))
+    ins = unickpt.inspect(path)
+    assert ins.metadata == {"lr": 0.001, "tags": ["a", "b"], "nested": {"k": None, 3: b"\x00"},
+                            "big": 18446744073709551615}
+    assert ins.info == {"step": 7, "writer": "make_golden"}
+    assert ins.format_version == 1 and ins.library_version == "0.1.0"
+
+
+def test_roots_that_are_not_dicts():
+    assert_bitwise_equal(np.array([0, 1, 2, 3], np.uint8), _load("root_array"))
+    assert_bitwise_equal("just a string", _load("root_scalar"))
+    assert_bitwise_equal({}, _load("empty_tree"))
+
+
+def test_long_double_x87():
+    path = os.path.join(GOLDEN, "longdouble_x87")
+    x87 = np.dtype(np.longdouble).itemsize == 16 and np.finfo(np.longdouble).nmant == 63
+    if not x87:
+        with pytest.raises(unickpt.CorruptCheckpointError, match="float80_x87"):
+            unickpt.load(path)
+        return
+    assert_bitwise_equal({"ld": raw(np.longdouble, (2,), 1), "cld": raw(np.clongdouble, (1,), 2)},
+                         unickpt.load(path))
+
+
+# ------------------------------------------------------------------ the bytes themselves
+TINY_MANIFEST_HEX = (
+    "83a7756e69636b707401a478786833cf48e8fdb65a886523a4626f6479c4fe8aae666f726d61745f76657273"
+    "696f6e01af6c6962726172795f76657273696f6ea5302e312e30a8636865636b73756da7787868335f3634a4"
+    "7472656592a16494a17792a16100a47374657007a66172726179739187a466696c65b26172726179732e7361"
+    "666574656e736f7273a46e616d65a177a56474797065a7666c6f61743332a573686170659102a66f66667365"
+    "74cc80a66e627974657308a478786833cf4de8d78f7134f4b7a77368617264656490a566696c65739183a46e"
+    "616d65b26172726179732e7361666574656e736f7273a473697a65cc88aa646174615f7374617274cc80a56b"
+    "696e647390a86d6574616461746180a4696e666f80"
+)
+
+
+def test_tiny_manifest_bytes_are_stable():
+    """The worked example of docs/FORMAT.md, byte for byte."""
+    with open(os.path.join(GOLDEN, "tiny", "manifest.msgpack"), "rb") as f:
+        assert f.read().hex() == TINY_MANIFEST_HEX
+
+
+def _spec_reader(path: str) -> dict:
+    """A minimal reader written from docs/FORMAT.md alone (msgpack + json + numpy, no unickpt)."""
+    with open(os.path.join(path, "manifest.msgpack"), "rb") as f:
+        outer = msgpack.unpackb(f.read(), raw=False)
+    assert outer["unickpt"] == 1
+    assert outer["xxh3"] == xxhash.xxh3_64_intdigest(outer["body"])
+    body = msgpack.unpackb(outer["body"], raw=False, strict_map_key=False)
+    (fe,) = body["files"]
+    with open(os.path.join(path, fe["name"]), "rb") as f:
+        data = f.read()
+    assert len(data) == fe["size"]
+    hlen = int.from_bytes(data[:8], "little")
+    assert 8 + hlen == fe["data_start"] and fe["data_start"] % 64 == 0
+    header = json.loads(data[8:8 + hlen])
+    arrays = []
+    for e in body["arrays"]:
+        chunk = data[e["offset"]:e["offset"] + e["nbytes"]]
+        assert xxhash.xxh3_64_intdigest(chunk) == e["xxh3"]
+        h = header[e["name"]]
+        assert fe["data_start"] + h["data_offsets"][0] == e["offset"]
+        dt = np.dtype(e["dtype"]).newbyteorder("<")
+        a = np.frombuffer(chunk, dt).reshape(e["shape"])
+        if e.get("byteorder") == ">":
+            a = a.astype(dt.newbyteorder(">"))
+        arrays.append(a[()] if e.get("scalar") else a)
+
+    def node(n):
+        if not isinstance(n, list):
+            return n
+        tag, payload = n
+        if tag == "d":
+            return {payload[i]: node(payload[i + 1]) for i in range(0, len(payload), 2)}
+        if tag in ("l", "t"):
+            items = [node(x) for x in payload]
+            return items if tag == "l" else tuple(items)
+        if tag == "a":
+            return arrays[payload]
+        if tag == "i":
+            return int(payload)
+        raise AssertionError(tag)
+
+    return node(body["tree"])
+
+
+@pytest.mark.parametrize("name", ["tiny", "scalars", "numeric", "structure", "layouts"])
+def test_an_independent_reader_written_from_the_spec_agrees(name):
+    path = os.path.join(GOLDEN, name)
+    assert_bitwise_equal(unickpt.load(path), _spec_reader(path))
