@@ -10,6 +10,7 @@ views whose pages are read later, on first touch).
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -195,13 +196,17 @@ def dcp_system() -> System:
     import torch.distributed.checkpoint as dcp
 
     def save(sd: dict, path: str) -> None:
-        dcp.save(sd, checkpoint_id=path, no_dist=True)
+        with warnings.catch_warnings():  # "assuming the intent is to save in a single process"
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save(sd, checkpoint_id=path, no_dist=True)
         fsync_tree(path)
 
     def load(path: str, sd: dict) -> dict:
         # DCP restores in place: allocating the destinations is part of a restore.
         out = {k: torch.empty_like(v) for k, v in sd.items()}
-        dcp.load(out, checkpoint_id=path, no_dist=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(out, checkpoint_id=path, no_dist=True)
         return out
 
     return System("torch DCP", prepare=_torch_flat, save=save, load=load,
