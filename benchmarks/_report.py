@@ -65,7 +65,8 @@ def summarize(doc: dict) -> dict:
                 if op in row and op in u and name != "unickpt (mmap)":
                     row[op + "_ratio"] = row[op] / u[op]  # unickpt speed / this system's speed
         out[st["state"]] = {"bytes": size, "narrays": st["narrays"],
-                            "cold_cache": st["cold_cache"], "rows": rows}
+                            "cold_cache": st["cold_cache"],
+                            "cache_note": st.get("cache_note", ""), "rows": rows}
     return out
 
 
@@ -140,7 +141,7 @@ def markdown(doc: dict, summary: dict) -> str:
              + " (they do not all fsync themselves). Ratio = unickpt speed / system speed "
              "(> 1: unickpt faster). RSS = peak extra resident memory during the save.", ""]
     for state, s in summary.items():
-        cache = "cold page cache" if s["cold_cache"] else "WARM page cache (could not drop it)"
+        cache = s["cache_note"] or ("cold page cache" if s["cold_cache"] else "WARM page cache")
         lines += [f"### {state}: {doc['descriptions'].get(state, '')} "
                   f"({s['bytes'] / 2**20:.0f} MiB, {s['narrays']} arrays; restores from {cache})",
                   "",

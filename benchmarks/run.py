@@ -158,6 +158,9 @@ def bench_state(name: str, tree: dict, systems: list[System], repeats: int, work
             else:
                 os.remove(path)
     return {"state": name, "bytes": size, "narrays": len(flat), "cold_cache": cold,
+            "cache_note": ("cold page cache" if cold else "WARM page cache (dropping it "
+                           "was not permitted)" if drop else "WARM page cache (not dropped: "
+                           "--quick or --no-drop-caches)"),
             "runs": times}
 
 
