@@ -29,6 +29,14 @@ from .errors import (
 )
 from .factory import ManagerProtocol, create_manager
 from .manager import CheckpointManager
+from .migration import (
+    HyperparameterMismatchError,
+    MigrationError,
+    MigrationReport,
+    Rule,
+    UnsupportedOptimizerError,
+    migrate,
+)
 from .records import CheckpointInfo, Restored, StartDecision
 from .rng import RNG
 from .tree import LazyArray, Piece, ShardedArray, format_path
@@ -58,6 +66,12 @@ __all__ = [
     "LockedError",
     "AdapterError",
     "BackgroundSaveError",
+    "migrate",
+    "MigrationReport",
+    "Rule",
+    "MigrationError",
+    "HyperparameterMismatchError",
+    "UnsupportedOptimizerError",
     "RunRootError",
     "CheckpointManager",
     "StartDecision",

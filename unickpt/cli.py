@@ -48,7 +48,7 @@ __all__ = ["app", "main", "COMMAND_MODULES", "diff_trees", "LeafDiff"]
 
 #: Modules imported by :func:`main` so that the commands they define with ``@app.command()``
 #: exist (e.g. the run-root commands ``ls`` / ``migrate``); missing ones are skipped.
-COMMAND_MODULES: list[str] = ["unickpt.cli_ls"]
+COMMAND_MODULES: list[str] = ["unickpt.cli_ls", "unickpt.cli_convert", "unickpt.cli_migrate"]
 
 app = typer.Typer(
     name="unickpt",

@@ -255,8 +255,10 @@ class CheckpointManager:
         if not d.resume or d.path is None:
             return Restored(0, state, False, None)
         with CheckpointReader(d.path) as r:
-            # mmap + verify: every array is checksummed in place, then copied into its target
-            tree = r.tree(mmap=True, verify=self.config.verify)
+            # mmap + verify: every array is checksummed in place, then copied into its target.
+            # Sharded arrays stay pieces (assemble=False): an adapter reads only the regions
+            # its target sharding needs (no full host gather); np.asarray(piece) assembles.
+            tree = r.tree(mmap=True, verify=self.config.verify, assemble=False)
             m = r.manifest
             new = restore_tree(state, tree, strict=strict, select=_as_select(select),
                                checkpoint=d.path, kinds=m.kinds,

@@ -78,8 +78,11 @@ class SaveContext:
             # A user-owned generator: its bit generator's state dict is plain data.
             self.kinds[path] = GENERATOR_KIND
             return self.to_tree(obj.bit_generator.state, path)
-        hook = getattr(obj, "_unickpt_to_tree_", None)
+        # Looked up on the type: objects with a catch-all __getattr__ (nnx.Rngs) would
+        # otherwise hand back something callable for any name.
+        hook = getattr(type(obj), "_unickpt_to_tree_", None)
         if hook is not None and not isinstance(obj, type):
+            hook = obj._unickpt_to_tree_
             self.kinds[path] = getattr(obj, "_unickpt_kind_", type(obj).__qualname__)
             return hook(self, path)
         found = adapter_for(obj)
@@ -103,6 +106,8 @@ class RestoreContext:
         strict: missing/unexpected entries are errors (shape/dtype mismatches always are).
         select: if given, only paths under these prefixes are restored.
         checkpoint: the checkpoint's path, for messages.
+        root: the whole restore target (set by the first :meth:`plan` call), so adapters can
+            look across it as they do on save (e.g. to name optimizer parameters).
     """
 
     def __init__(self, *, strict: bool = True, select: Iterable[Path] | None = None,
@@ -111,6 +116,7 @@ class RestoreContext:
         self.select = None if select is None else [tuple(p) for p in select]
         self.checkpoint = checkpoint
         self.kinds = kinds or {}
+        self.root: Any = None
         self.missing_paths: list[str] = []
         self.unexpected_paths: list[str] = []
         self.mismatched: list[tuple[str, str]] = []
@@ -149,6 +155,8 @@ class RestoreContext:
     # -- planning
     def plan(self, target: Any, tree: Any, path: Path = ()) -> Callable[[], Any]:
         """Check ``tree`` against ``target``; return a thunk producing the restored value."""
+        if not path and self.root is None:
+            self.root = target
         sel = self._selected(path)
         if sel == "none":
             return lambda: target
@@ -167,8 +175,9 @@ class RestoreContext:
             return lambda: t(f() for f in thunks)
         if isinstance(target, np.random.Generator):
             return self._plan_generator(target, tree, path)
-        hook = getattr(target, "_unickpt_prepare_restore_", None)
+        hook = getattr(type(target), "_unickpt_prepare_restore_", None)
         if hook is not None and not isinstance(target, type):
+            hook = target._unickpt_prepare_restore_
             return hook(tree, self, path)
         found = adapter_for(target)
         if found is not None:

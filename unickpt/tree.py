@@ -113,6 +113,11 @@ class ShardedArray:
             out[tuple(slice(a, b) for a, b in p.index)] = _host(p.data)
         return out
 
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        # Code that expects a plain array leaf (np.asarray(leaf)) gets the assembled array.
+        out = self.assemble()
+        return out if dtype is None else out.astype(dtype, copy=False)
+
     def read(self, index: tuple[slice, ...]) -> np.ndarray:
         """Read the region ``index`` (slices with explicit bounds) from the overlapping pieces."""
         bounds = [s.indices(n)[:2] for s, n in zip(index, self.shape)]
