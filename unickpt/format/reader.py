@@ -41,6 +41,21 @@ SMALL_READ = 64 << 10
 BATCH_READ = 4 << 20
 
 
+class _Ref:
+    """Placeholder for array ``i`` in the decoded tree skeleton."""
+
+    __slots__ = ("i",)
+
+    def __init__(self, i: int):
+        self.i = i
+
+
+class _ShardedRef(_Ref):
+    """Placeholder for sharded entry ``i``."""
+
+    __slots__ = ()
+
+
 def is_committed(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a committed checkpoint directory (cheap: no manifest decoding)."""
     p = os.fspath(path)
@@ -96,9 +111,18 @@ class CheckpointReader:
             self._lock = threading.Lock()
             # array index -> tree path, for naming leaves in errors (found without reading data)
             self.array_paths: dict[int, Path] = {}
-            self._decode(lambda i, p: self.array_paths.setdefault(i, p),
-                         lambda i, p: [self.array_paths.setdefault(a, (*p, f"<piece {k}>"))
-                                       for k, (_, a) in enumerate(self.manifest.sharded[i].pieces)])
+            self._skeleton = self._decode(self._array_ref, self._sharded_ref)
+
+    # The first (validating) decode keeps the tree with placeholders where arrays go, so that
+    # tree() only substitutes them instead of decoding and validating the manifest again.
+    def _array_ref(self, i: int, p: Path) -> _Ref:
+        self.array_paths.setdefault(i, p)
+        return _Ref(i)
+
+    def _sharded_ref(self, i: int, p: Path) -> _ShardedRef:
+        for k, (_, a) in enumerate(self.manifest.sharded[i].pieces):
+            self.array_paths.setdefault(a, (*p, f"<piece {k}>"))
+        return _ShardedRef(i)
 
     # ---------------------------------------------------------------- files
     def _file(self, name: str) -> tuple[int, _mmap.mmap | None]:
@@ -303,5 +327,19 @@ class CheckpointReader:
                               [Piece(idx, arrays[a]) for idx, a in s.pieces])
             return sa.assemble() if assemble else sa
 
+        def fill(x: Any) -> Any:
+            t = type(x)
+            if t is dict:
+                return {k: fill(v) for k, v in x.items()}
+            if t is list:
+                return [fill(v) for v in x]
+            if t is tuple:
+                return tuple([fill(v) for v in x])
+            if t is _Ref:
+                return arrays[x.i]
+            if t is _ShardedRef:
+                return shard(x.i, ())
+            return x  # immutable scalars (None, bool, int, float, str, bytes)
+
         with gc_paused():
-            return self._decode(lambda i, _p: arrays[i], shard)
+            return fill(self._skeleton)
