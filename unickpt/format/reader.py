@@ -19,6 +19,7 @@ import xxhash
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError
 from ..tree import Path, Piece, ShardedArray, format_path
+from ._gc import gc_paused
 from .dtypes import dtype_from_name
 from .manifest import (
     MANIFEST_NAME,
@@ -33,6 +34,26 @@ from .manifest import (
 READ_CHUNK = 64 << 20
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 TEMP_PREFIX = ".unickpt-"
+# Arrays up to SMALL_READ bytes that lie back to back in a file are read with one preadv per
+# batch (up to BATCH_READ bytes) and returned as views of that batch's buffer: with 10,000
+# small leaves one syscall and one allocation per array would dominate a restore.
+SMALL_READ = 64 << 10
+BATCH_READ = 4 << 20
+
+
+class _Ref:
+    """Placeholder for array ``i`` in the decoded tree skeleton."""
+
+    __slots__ = ("i",)
+
+    def __init__(self, i: int):
+        self.i = i
+
+
+class _ShardedRef(_Ref):
+    """Placeholder for sharded entry ``i``."""
+
+    __slots__ = ()
 
 
 def is_committed(path: str | os.PathLike) -> bool:
@@ -84,14 +105,24 @@ class CheckpointReader:
             raise CheckpointNotFoundError(
                 f"no checkpoint at {self.path}: {MANIFEST_NAME} is a directory, not a file "
                 "(not a unickpt checkpoint)") from None
-        self.manifest: Manifest = read_manifest_bytes(raw, self.path)
-        self._files: dict[str, tuple[int, _mmap.mmap | None]] = {}
-        self._lock = threading.Lock()
-        # array index -> tree path, for naming leaves in errors (found without reading data)
-        self.array_paths: dict[int, Path] = {}
-        self._decode(lambda i, p: self.array_paths.setdefault(i, p),
-                     lambda i, p: [self.array_paths.setdefault(a, (*p, f"<piece {k}>"))
-                                   for k, (_, a) in enumerate(self.manifest.sharded[i].pieces)])
+        with gc_paused():
+            self.manifest: Manifest = read_manifest_bytes(raw, self.path)
+            self._files: dict[str, tuple[int, _mmap.mmap | None]] = {}
+            self._lock = threading.Lock()
+            # array index -> tree path, for naming leaves in errors (found without reading data)
+            self.array_paths: dict[int, Path] = {}
+            self._skeleton = self._decode(self._array_ref, self._sharded_ref)
+
+    # The first (validating) decode keeps the tree with placeholders where arrays go, so that
+    # tree() only substitutes them instead of decoding and validating the manifest again.
+    def _array_ref(self, i: int, p: Path) -> _Ref:
+        self.array_paths.setdefault(i, p)
+        return _Ref(i)
+
+    def _sharded_ref(self, i: int, p: Path) -> _ShardedRef:
+        for k, (_, a) in enumerate(self.manifest.sharded[i].pieces):
+            self.array_paths.setdefault(a, (*p, f"<piece {k}>"))
+        return _ShardedRef(i)
 
     # ---------------------------------------------------------------- files
     def _file(self, name: str) -> tuple[int, _mmap.mmap | None]:
@@ -215,12 +246,72 @@ class CheckpointReader:
              assemble: bool = True, workers: int = 4) -> Any:
         """Decode the whole tree.  Sharded arrays are assembled unless ``assemble=False``."""
         verify = (not mmap) if verify is None else verify
+        return self._tree(mmap, verify, assemble, workers)
+
+    def _read_batch(self, batch: list[int], verify: bool) -> list[np.ndarray]:
+        """Read file-adjacent small arrays with one preadv; each result views the buffer."""
+        ents = [self.manifest.arrays[i] for i in batch]
+        fd, _mm = self._file(ents[0].file)
+        start = ents[0].offset
+        buf = np.empty(ents[-1].offset + ents[-1].nbytes - start, np.uint8)
+        mv = memoryview(buf)
+        pos = 0
+        while pos < len(buf):
+            n = os.preadv(fd, [mv[pos:]], start + pos)
+            if n <= 0:
+                raise self._corrupt(batch[0], "unexpected end of file")
+            pos += n
+        out = []
+        for i, e in zip(batch, ents):
+            raw = buf[e.offset - start:e.offset - start + e.nbytes]
+            if verify and xxhash.xxh3_64_intdigest(raw) != e.xxh3:
+                raise self._corrupt(i, "checksum mismatch")
+            dt = dtype_from_name(e.dtype)
+            a = raw.view(dt).reshape(e.shape) if e.nbytes else np.empty(e.shape, dt)
+            if not a.flags.aligned:  # after an odd-itemsize array (e.g. S3): own, aligned copy
+                a = a.copy()
+            if e.byteorder == ">":
+                a = a.astype(dt.newbyteorder(">"))
+            out.append(a[()] if e.scalar else a)
+        return out
+
+    def _small_batches(self, small: list[int]) -> list[list[int]]:
+        """Group small arrays that lie back to back in one file (no gap) into batches."""
+        arrs = self.manifest.arrays
+        batches: list[list[int]] = []
+        cur: list[int] = []
+        size = 0
+        for i in sorted(small, key=lambda i: (arrs[i].file, arrs[i].offset)):
+            e = arrs[i]
+            if cur:
+                last = arrs[cur[-1]]
+                if (last.file != e.file or last.offset + last.nbytes != e.offset
+                        or size + e.nbytes > BATCH_READ):
+                    batches.append(cur)
+                    cur, size = [], 0
+            cur.append(i)
+            size += e.nbytes
+        if cur:
+            batches.append(cur)
+        return batches
+
+    def _tree(self, mmap: bool, verify: bool, assemble: bool, workers: int) -> Any:
         n = len(self.manifest.arrays)
         arrays: list[Any] = [None] * n
         big = [i for i in range(n) if self.manifest.arrays[i].nbytes >= (1 << 20)]
         small = [i for i in range(n) if self.manifest.arrays[i].nbytes < (1 << 20)]
-        for i in small:
-            arrays[i] = self.read_array(i, mmap=mmap, verify=verify)
+        with gc_paused():  # many small objects; the big reads below run with gc on
+            if mmap:
+                for i in small:
+                    arrays[i] = self.read_array(i, mmap=mmap, verify=verify)
+            else:
+                tiny = [i for i in small if self.manifest.arrays[i].nbytes <= SMALL_READ]
+                for i in small:
+                    if self.manifest.arrays[i].nbytes > SMALL_READ:
+                        arrays[i] = self.read_array(i, verify=verify)
+                for batch in self._small_batches(tiny):
+                    for i, a in zip(batch, self._read_batch(batch, verify)):
+                        arrays[i] = a
         if len(big) > 1 and workers > 1 and not mmap:
             with ThreadPoolExecutor(workers, thread_name_prefix="unickpt-read") as ex:
                 for i, a in zip(big, ex.map(lambda j: self.read_array(j, verify=verify), big)):
@@ -236,4 +327,19 @@ class CheckpointReader:
                               [Piece(idx, arrays[a]) for idx, a in s.pieces])
             return sa.assemble() if assemble else sa
 
-        return self._decode(lambda i, _p: arrays[i], shard)
+        def fill(x: Any) -> Any:
+            t = type(x)
+            if t is dict:
+                return {k: fill(v) for k, v in x.items()}
+            if t is list:
+                return [fill(v) for v in x]
+            if t is tuple:
+                return tuple([fill(v) for v in x])
+            if t is _Ref:
+                return arrays[x.i]
+            if t is _ShardedRef:
+                return shard(x.i, ())
+            return x  # immutable scalars (None, bool, int, float, str, bytes)
+
+        with gc_paused():
+            return fill(self._skeleton)

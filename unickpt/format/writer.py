@@ -9,9 +9,13 @@ needs is bounded by ``CHUNK_BYTES`` per worker thread, not by the state size.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import math
 import os
+import re
+import sys
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +28,8 @@ import xxhash
 from .. import __version__
 from ..errors import UnsupportedLeafError
 from ..tree import LazyArray, Path, ShardedArray, format_path
-from .dtypes import UnsupportedDtype, dtype_name, safetensors_code, stored_dtype
+from ._gc import gc_paused
+from .dtypes import UnsupportedDtype, dtype_name, safetensors_code
 from .manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -39,6 +44,38 @@ from .manifest import (
 DATA_FILE = "arrays.safetensors"
 CHUNK_BYTES = 16 << 20
 HEADER_ALIGN = 64
+# Arrays up to SMALL_BYTES are written in batches (one pwritev per batch of up to BATCH_BYTES
+# or IOV_MAX buffers) instead of one job each: with 10,000 small leaves the per-array Python
+# and syscall overhead, not the disk, is what a save would otherwise spend its time on.
+SMALL_BYTES = 64 << 10
+BATCH_BYTES = 4 << 20
+BATCH_IOVECS = 1024
+
+
+
+def _writeback_starter() -> Callable[[int, int, int], Any] | None:
+    """A call that starts writing a just-written byte range to disk without waiting.
+
+    Kicking writeback chunk by chunk overlaps the disk with the copying into the page cache, so
+    the final fsync finds little left to do (on a 2-core VM: ~0.3 s instead of ~0.6 s per
+    GiB).  Linux: ``sync_file_range(SYNC_FILE_RANGE_WRITE)``; elsewhere ``posix_fadvise
+    (DONTNEED)`` where it exists (which starts writeback too), else nothing.  Only a hint: the
+    fsync at the end is what makes the data durable and reports any I/O error.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+            return lambda fd, off, n: fn(fd, off, n, 2)  # 2 = SYNC_FILE_RANGE_WRITE
+        except (OSError, AttributeError):
+            pass
+    if hasattr(os, "posix_fadvise"):
+        return lambda fd, off, n: os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
+    return None
+
+
+_start_writeback = _writeback_starter()
 
 
 @dataclass
@@ -65,6 +102,11 @@ def flatten(tree: Any, kinds: dict[Path, str] | None = None) -> tuple[Any, list[
 
     Returns ``(node, jobs, sharded)`` where ``sharded`` holds ``(ShardedArray, [job idx])``.
     """
+    with gc_paused():
+        return _flatten(tree)
+
+
+def _flatten(tree: Any) -> tuple[Any, list[_Job], list]:
     jobs: list[_Job] = []
     sharded: list[tuple[ShardedArray, list[int]]] = []
     seen: set[int] = set()
@@ -73,13 +115,15 @@ def flatten(tree: Any, kinds: dict[Path, str] | None = None) -> tuple[Any, list[
         a = arr
         dt = a.dtype
         try:
-            dtype_name(dt)
+            _dtype_info(dt)
         except UnsupportedDtype as e:
             raise UnsupportedLeafError(f"cannot save {format_path(path)}: {e}") from None
-        jobs.append(_Job(path, a, dt, tuple(int(n) for n in a.shape), scalar))
+        jobs.append(_Job(path, a, dt, tuple(map(int, a.shape)), scalar))
         return len(jobs) - 1
 
     def enc(x: Any, path: Path) -> Any:
+        if type(x) is np.ndarray:  # the common leaf first: saves ~1 us per array
+            return ["a", add_array(x, path)]
         # numpy scalars first: np.float64 / np.str_ / np.bytes_ subclass float / str / bytes,
         # and must come back as the numpy type they are.
         if isinstance(x, np.generic):
@@ -155,7 +199,7 @@ def _check_utf8(s: str, path: Path) -> None:
 def _tensor_names(jobs: list[_Job]) -> list[str]:
     names, used = [], {"__metadata__"}  # reserved by safetensors for the header metadata
     for j in jobs:
-        base = "/".join(str(k) for k in j.path) or "<root>"
+        base = "/".join(map(str, j.path)) or "<root>"
         name, n = base, 1
         while name in used:
             n += 1
@@ -163,6 +207,18 @@ def _tensor_names(jobs: list[_Job]) -> list[str]:
         used.add(name)
         names.append(name)
     return names
+
+
+# Characters json.dumps(ensure_ascii=False) escapes in a string.
+_NEEDS_ESCAPE = re.compile(r'[\x00-\x1f"\\]').search
+
+
+@functools.lru_cache(maxsize=1024)
+def _dtype_info(dt: np.dtype) -> tuple[str, str, bool, str]:
+    """(manifest name, safetensors code, header keeps the shape, byte order) of a dtype."""
+    name = dtype_name(dt)
+    code = safetensors_code(name)
+    return name, code, code != "U8" or name == "uint8", ">" if dt.byteorder == ">" else "<"
 
 
 def _align(itemsize: int) -> int:
@@ -176,34 +232,41 @@ def layout(jobs: list[_Job], file: str = DATA_FILE) -> tuple[bytes, int]:
     alignment (natural alignment for zero-copy memory maps) without gaps, which safetensors
     forbids; the header is padded with spaces so the data section starts 64-byte aligned.
     """
+    # One pass per array with per-dtype facts cached: this loop runs once per leaf, so with
+    # 10,000 small leaves it is a visible part of a save.
+    infos = [_dtype_info(j.dtype) for j in jobs]
+    sizes = [math.prod(j.shape) * j.dtype.itemsize for j in jobs]  # stored itemsize is the same
     # By decreasing power-of-two alignment (the lowest set bit of the item size, at most 64):
     # every array's size is a multiple of its own alignment and of all that follow, so each
     # array starts naturally aligned even with odd item sizes such as U3 (12) or V3.
-    order = sorted(range(len(jobs)), key=lambda i: -_align(stored_dtype(jobs[i].dtype).itemsize))
+    order = sorted(range(len(jobs)), key=lambda i: -_align(jobs[i].dtype.itemsize))  # stable
     names = _tensor_names(jobs)
-    header: dict[str, Any] = {"__metadata__": {"format": "unickpt", "unickpt_format":
-                                               str(FORMAT_VERSION)}}
+    # The header is the JSON that json.dumps(..., ensure_ascii=False, separators=(",", ":"))
+    # gives for {"__metadata__": ..., name: {"dtype", "shape", "data_offsets"}, ...}, built
+    # with one f-string per array (a dict per array plus json.dumps costs 3x as much).
+    parts = [json.dumps({"__metadata__": {"format": "unickpt", "unickpt_format":
+                                          str(FORMAT_VERSION)}}, separators=(",", ":"))[:-1]]
     rel = 0
     rel_offsets = [0] * len(jobs)
     for i in order:
-        j = jobs[i]
-        name = dtype_name(j.dtype)
-        nbytes = math.prod(j.shape) * j.dtype.itemsize
-        code = safetensors_code(name)
-        shape = list(j.shape) if code != "U8" or name == "uint8" else [nbytes]
-        header[names[i]] = {"dtype": code, "shape": shape, "data_offsets": [rel, rel + nbytes]}
+        _name, code, keep_shape, _bo = infos[i]
+        nbytes = sizes[i]
+        name = names[i]
+        key = (json.dumps(name, ensure_ascii=False) if _NEEDS_ESCAPE(name)
+               else f'"{name}"')
+        shape = ",".join(map(str, jobs[i].shape)) if keep_shape else str(nbytes)
+        parts.append(f'{key}:{{"dtype":"{code}","shape":[{shape}],'
+                     f'"data_offsets":[{rel},{rel + nbytes}]}}')
         rel_offsets[i] = rel
         rel += nbytes
-    raw = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
+    raw = (",".join(parts) + "}").encode()
     pad = (-(8 + len(raw))) % HEADER_ALIGN
     raw += b" " * pad
     data_start = 8 + len(raw)
     for i, j in enumerate(jobs):
-        name = dtype_name(j.dtype)
-        j.entry = ArrayEntry(file=file, name=names[i], dtype=name, shape=j.shape,
-                             offset=data_start + rel_offsets[i],
-                             nbytes=math.prod(j.shape) * j.dtype.itemsize, xxh3=0,
-                             byteorder=">" if j.dtype.byteorder == ">" else "<", scalar=j.scalar)
+        name, _code, _keep, byteorder = infos[i]
+        j.entry = ArrayEntry(file, names[i], name, j.shape, data_start + rel_offsets[i],
+                             sizes[i], 0, byteorder, j.scalar)
     return len(raw).to_bytes(8, "little") + raw, data_start + rel
 
 
@@ -232,14 +295,80 @@ def _write_job(fd: int, j: _Job) -> None:
     pos = j.entry.offset
     for mv in _chunks(j.array, j.path):
         h.update(mv)
+        start = pos
         while len(mv):
             n = os.pwrite(fd, mv, pos)
             pos += n
             mv = mv[n:]
+        if _start_writeback is not None and pos - start >= SMALL_BYTES:
+            _start_writeback(fd, start, pos - start)
     if pos != j.entry.offset + j.entry.nbytes:
         raise RuntimeError(f"{format_path(j.path)}: wrote {pos - j.entry.offset} bytes, "
                            f"expected {j.entry.nbytes}")
     j.entry.xxh3 = h.intdigest()
+
+
+def _small_bytes(j: _Job) -> bytes:
+    """A small array's bytes, C order, little-endian (one C-level copy, at most SMALL_BYTES)."""
+    a = j.array.materialize(j.path) if isinstance(j.array, LazyArray) else np.asarray(j.array)
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    return a.tobytes()
+
+
+def _write_batch(fd: int, batch: list[_Job]) -> None:
+    """Write file-adjacent small arrays with one pwritev, hashing each array's bytes."""
+    bufs = []
+    for j in batch:
+        b = _small_bytes(j)
+        if len(b) != j.entry.nbytes:
+            raise RuntimeError(f"{format_path(j.path)}: has {len(b)} bytes, expected "
+                               f"{j.entry.nbytes}")
+        j.entry.xxh3 = xxhash.xxh3_64_intdigest(b)
+        bufs.append(b)
+    start = pos = batch[0].entry.offset
+    end = batch[-1].entry.offset + batch[-1].entry.nbytes
+    while pos < end:
+        n = os.pwritev(fd, bufs, pos)
+        if n <= 0:
+            raise OSError(f"short write at offset {pos}")
+        pos += n
+        if pos < end:  # partial write (rare): drop what went out and continue
+            while n and n >= len(bufs[0]):
+                n -= len(bufs[0])
+                bufs.pop(0)
+            if n:
+                bufs[0] = bufs[0][n:]
+    if _start_writeback is not None and end - start >= SMALL_BYTES:
+        _start_writeback(fd, start, end - start)
+
+
+def _work_items(jobs: list[_Job]) -> list[tuple[int, Callable[[int], None]]]:
+    """``(bytes, write(fd))`` per big array and per batch of file-adjacent small arrays."""
+    items: list[tuple[int, Callable[[int], None]]] = []
+    batch: list[_Job] = []
+    size = 0
+
+    def flush() -> None:
+        nonlocal batch, size
+        if batch:
+            b = batch
+            items.append((size, lambda fd: _write_batch(fd, b)))
+        batch, size = [], 0
+
+    for j in sorted(jobs, key=lambda j: j.entry.offset):
+        n = j.entry.nbytes
+        if n > SMALL_BYTES:
+            items.append((n, functools.partial(_write_job, j=j)))
+            continue
+        if batch and (size + n > BATCH_BYTES or len(batch) >= BATCH_IOVECS or
+                      batch[-1].entry.offset + batch[-1].entry.nbytes != j.entry.offset):
+            flush()
+        batch.append(j)
+        size += n
+    flush()
+    items.sort(key=lambda it: -it[0])
+    return items
 
 
 def default_workers() -> int:
@@ -257,20 +386,21 @@ def write_tree(directory: str, tree: Any, *, metadata: dict | None = None,
     """
     t0 = time.perf_counter()
     node, jobs, sharded = prepared if prepared is not None else flatten(tree)
-    header, size = layout(jobs)
+    with gc_paused():  # only around the CPU-bound encoding, never the (long) I/O
+        header, size = layout(jobs)
+        items = _work_items(jobs)
     path = os.path.join(directory, DATA_FILE)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         os.ftruncate(fd, size)
         os.pwrite(fd, header, 0)
-        big = sorted(jobs, key=lambda j: -j.entry.nbytes)
-        nworkers = min(workers or default_workers(), max(1, len(jobs)))
-        if nworkers == 1 or sum(j.entry.nbytes for j in jobs) < (8 << 20):
-            for j in big:
-                _write_job(fd, j)
+        nworkers = min(workers or default_workers(), max(1, len(items)))
+        if nworkers == 1 or sum(n for n, _ in items) < (8 << 20):
+            for _, write in items:
+                write(fd)
         else:
             with ThreadPoolExecutor(nworkers, thread_name_prefix="unickpt-write") as ex:
-                for f in [ex.submit(_write_job, fd, j) for j in big]:
+                for f in [ex.submit(write, fd) for _, write in items]:
                     f.result()
         os.fsync(fd)
     finally:
@@ -278,6 +408,20 @@ def write_tree(directory: str, tree: Any, *, metadata: dict | None = None,
     if callable(info):
         info = info(WriteStats(nbytes=sum(j.entry.nbytes for j in jobs), narrays=len(jobs),
                                seconds=time.perf_counter() - t0))
+    with gc_paused():
+        raw = _manifest_bytes(node, jobs, sharded, size, header, kinds, metadata, info)
+    mpath = os.path.join(directory, MANIFEST_NAME)
+    with open(mpath, "xb") as f:
+        f.write(raw)
+        f.flush()
+        os.fsync(f.fileno())
+    nbytes = sum(j.entry.nbytes for j in jobs)
+    return WriteStats(nbytes=nbytes, narrays=len(jobs), seconds=time.perf_counter() - t0)
+
+
+def _manifest_bytes(node: Any, jobs: list[_Job], sharded: list, size: int, header: bytes,
+                    kinds: dict[Path, str] | None, metadata: dict | None,
+                    info: dict | None) -> bytes:
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         library_version=__version__,
@@ -292,14 +436,7 @@ def write_tree(directory: str, tree: Any, *, metadata: dict | None = None,
         metadata=_plain(metadata or {}, "metadata"),
         info=_plain(info or {}, "info"),
     )
-    raw = manifest.to_bytes()
-    mpath = os.path.join(directory, MANIFEST_NAME)
-    with open(mpath, "xb") as f:
-        f.write(raw)
-        f.flush()
-        os.fsync(f.fileno())
-    nbytes = sum(j.entry.nbytes for j in jobs)
-    return WriteStats(nbytes=nbytes, narrays=len(jobs), seconds=time.perf_counter() - t0)
+    return manifest.to_bytes()
 
 
 def _plain(x: Any, what: str, path: Path = ()) -> Any:
