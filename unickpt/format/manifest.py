@@ -218,6 +218,10 @@ def read_manifest_bytes(raw: bytes, where: object) -> Manifest:
     return _validate(m, fail)
 
 
+_ARRAY_FIELDS = (("file", str), ("dtype", str), ("shape", list), ("nbytes", int),
+                 ("offset", int), ("xxh3", int), ("name", str))
+
+
 def _validate(m: dict, fail) -> Manifest:
     def need(d: dict, key: str, typ, what: str):
         v = d.get(key)
@@ -247,32 +251,38 @@ def _validate(m: dict, fail) -> Manifest:
     for i, a in enumerate(need(m, "arrays", list, "manifest")):
         if not isinstance(a, dict):
             fail(f"array entry {i} is not a map")
-        fname = need(a, "file", str, f"array {i}")
+        # Fast path for the common case (a manifest can hold 10^5 arrays): check every field's
+        # type at once and build error labels only when something is wrong.  `type(x) is int`
+        # also rules out bools.
+        fname, dname, shape_raw = a.get("file"), a.get("dtype"), a.get("shape")
+        nbytes, offset, xxh, tname = a.get("nbytes"), a.get("offset"), a.get("xxh3"), a.get("name")
+        if not (type(fname) is str and type(dname) is str and type(shape_raw) is list
+                and type(nbytes) is int and type(offset) is int and type(xxh) is int
+                and type(tname) is str):
+            for key, typ in _ARRAY_FIELDS:
+                need(a, key, typ, f"array {i}")
         if fname not in file_by_name:
             fail(f"array {i} refers to unlisted file {fname!r}")
         try:
-            dt = dtype_from_name(need(a, "dtype", str, f"array {i}"))
+            dt = dtype_from_name(dname)
         except UnsupportedDtype as e:
             fail(f"array {i}: {e}")
-        shape = _shape(need(a, "shape", list, f"array {i}"), fail, f"array {i}")
-        nbytes, offset = need(a, "nbytes", int, f"array {i}"), need(a, "offset", int, f"array {i}")
+        shape = _shape(shape_raw, fail, i)
         if math.prod(shape) * dt.itemsize != nbytes:
             fail(f"array {i}: nbytes {nbytes} does not match shape {shape} of {dt.name}")
         fe = file_by_name[fname]
         if offset < fe.data_start or offset + nbytes > fe.size:
             fail(f"array {i}: bytes [{offset}, {offset + nbytes}) lie outside file {fname!r}")
-        xxh = need(a, "xxh3", int, f"array {i}")
         if not 0 <= xxh <= _UINT64_MAX:
             fail(f"array {i}: checksum out of range")
         bo = a.get("byteorder", "<")
-        if bo not in ("<", ">") or (bo == ">" and not has_byteorder(dt)):
+        if bo != "<" and (bo != ">" or not has_byteorder(dt)):
             fail(f"array {i}: byteorder {bo!r} for dtype {a['dtype']}")
         scalar = a.get("scalar", False)
-        if not isinstance(scalar, bool) or (scalar and shape != ()):
+        if scalar is not False and (scalar is not True or shape != ()):
             fail(f"array {i}: 'scalar' must be a bool, true only for shape []")
         spans.setdefault(fname, []).append((offset, offset + nbytes, i))
-        arrays.append(ArrayEntry(fname, need(a, "name", str, f"array {i}"), a["dtype"],
-                                 shape, offset, nbytes, xxh, bo, scalar))
+        arrays.append(ArrayEntry(fname, tname, dname, shape, offset, nbytes, xxh, bo, scalar))
     for fname, sp in spans.items():
         sp.sort()
         for (_s0, e0, i0), (s1, _e1, i1) in zip(sp, sp[1:]):
@@ -339,13 +349,16 @@ def _validate(m: dict, fail) -> Manifest:
         arrays=arrays, sharded=sharded, files=files, kinds=kinds, metadata=metadata, info=info)
 
 
-def _shape(v: list, fail, what: str) -> tuple[int, ...]:
+def _shape(v: list, fail, what: str | int) -> tuple[int, ...]:
+    """Validate a shape; ``what`` names its owner (an int means array entry ``what``)."""
+    label = f"array {what}" if isinstance(what, int) else what
     if len(v) > MAX_NDIM:
-        fail(f"{what}: {len(v)} dimensions (limit {MAX_NDIM})")
-    if not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < (1 << 62) for x in v):
-        fail(f"{what}: shape {v!r} is not a list of non-negative integers")
+        fail(f"{label}: {len(v)} dimensions (limit {MAX_NDIM})")
+    for x in v:
+        if type(x) is not int or not 0 <= x < (1 << 62):  # type() check also rules out bool
+            fail(f"{label}: shape {v!r} is not a list of non-negative integers")
     if math.prod(v) >= (1 << 62):
-        fail(f"{what}: shape {v!r} is absurdly large")
+        fail(f"{label}: shape {v!r} is absurdly large")
     return tuple(v)
 
 
