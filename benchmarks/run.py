@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
     os.makedirs(args.out, exist_ok=True)
-    workdir = tempfile.mkdtemp(prefix=".bench-", dir=args.workdir or args.out)
+    # absolute: orbax refuses relative checkpoint paths
+    workdir = os.path.abspath(tempfile.mkdtemp(prefix=".bench-", dir=args.workdir or args.out))
     drop = not args.no_drop_caches and not args.quick
 
     def log(msg: str) -> None:

@@ -11,8 +11,6 @@ use ``hard_kill``: each interrupted run is a subprocess killed at a save, then t
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 import unickpt
@@ -24,9 +22,10 @@ STEPS = flax_quickstart.STEPS  # 40; saves every 6 steps (flax_quickstart.SAVE_E
 
 
 def final_checkpoint(root) -> str:
-    steps = [int(n[5:]) for n in os.listdir(root) if n.startswith("step_") and n[5:].isdigit()
-             and os.path.exists(os.path.join(root, n, "manifest.msgpack"))]
-    return os.path.join(root, f"step_{max(steps)}")
+    """The newest committed checkpoint of ``root`` (``latest()`` only looks; it takes no lock)."""
+    newest = unickpt.CheckpointManager(root).latest()
+    assert newest is not None, f"no committed checkpoint in {root}"
+    return newest.path
 
 
 def train(root, total_steps, stop_at=None):
