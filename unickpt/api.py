@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import CheckpointExistsError, CorruptCheckpointError, UnsupportedLeafError
+from .format import _hash
 from .format.reader import CheckpointReader, is_committed
 from .format.writer import flatten, write_tree
 from .state import to_tree
@@ -59,6 +60,7 @@ def save(path: str | os.PathLike, tree: Any, *, metadata: dict | None = None,
     """
     t0 = time.perf_counter()
     final = os.path.abspath(os.fspath(path))
+    _hash.require(f"saving {final}")  # before any I/O: nothing is half-written without it
     storage = _storage or LocalStorage()
     if os.path.lexists(final):
         if not overwrite:

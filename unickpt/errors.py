@@ -30,6 +30,7 @@ __all__ = [
     "RunRootError",
     "AdapterError",
     "BackgroundSaveError",
+    "MissingDependencyError",
 ]
 
 
@@ -125,3 +126,7 @@ class AdapterError(UnickptError, RuntimeError):
 
 class BackgroundSaveError(UnickptError, RuntimeError):
     """A background (async) save failed; the original exception is chained as ``__cause__``."""
+
+
+class MissingDependencyError(UnickptError, ImportError):
+    """An optional package an operation needs is not installed (the message says which)."""

@@ -39,6 +39,7 @@ from .errors import (
     RunRootError,
     UnickptError,
 )
+from .format import _hash
 from .format.reader import CheckpointReader, is_committed
 from .format.writer import WriteStats, _plain, flatten, write_tree
 from .policy import (
@@ -284,6 +285,7 @@ class CheckpointManager:
             self._poll_background()
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ConfigError(f"save(step={step!r}): a step is a non-negative int")
+        _hash.require(f"saving into {self.root}")
         self.resolve_start()
         cfg = self.config
         now = time.monotonic()

@@ -15,10 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-import xxhash
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError
 from ..tree import Path, Piece, ShardedArray, format_path
+from . import _hash
 from ._gc import gc_paused
 from .dtypes import dtype_from_name
 from .manifest import (
@@ -109,6 +109,7 @@ class CheckpointReader:
             self.manifest: Manifest = read_manifest_bytes(raw, self.path)
             self._files: dict[str, tuple[int, _mmap.mmap | None]] = {}
             self._lock = threading.Lock()
+            self._warned_unverified = False
             # array index -> tree path, for naming leaves in errors (found without reading data)
             self.array_paths: dict[int, Path] = {}
             self._skeleton = self._decode(self._array_ref, self._sharded_ref)
@@ -187,8 +188,18 @@ class CheckpointReader:
             "earlier one (or run `unickpt verify` for a full report)", path=self.path,
             leaves=[name])
 
+    def _can_verify(self, verify: bool) -> bool:
+        """``verify``, unless xxhash is missing: then warn (once per reader) and read anyway."""
+        if verify and not _hash.available():
+            if not self._warned_unverified:
+                self._warned_unverified = True
+                _hash.warn_unverified(self.path)
+            return False
+        return verify
+
     def read_array(self, i: int, *, mmap: bool = False, verify: bool = True) -> np.ndarray:
         """Return array ``i`` of the manifest, as the dtype it was saved with."""
+        verify = self._can_verify(verify)
         e: ArrayEntry = self.manifest.arrays[i]
         dt = dtype_from_name(e.dtype)
         fd, mm = self._file(e.file)
@@ -198,13 +209,13 @@ class CheckpointReader:
             else:
                 a = np.frombuffer(mm, dtype=dt, count=e.nbytes // dt.itemsize,
                                   offset=e.offset).reshape(e.shape)
-            if verify and xxhash.xxh3_64_intdigest(memoryview(mm)[e.offset:e.offset + e.nbytes]
+            if verify and _hash.digest(memoryview(mm)[e.offset:e.offset + e.nbytes]
                                                    if e.nbytes else b"") != e.xxh3:
                 raise self._corrupt(i, "checksum mismatch")
         else:
             a = np.empty(e.shape, dt)
             buf = memoryview(a.reshape(-1).view(np.uint8)) if e.nbytes else memoryview(b"")
-            h = xxhash.xxh3_64()
+            h = _hash.hasher() if verify else None
             pos = 0
             while pos < e.nbytes:
                 n = os.preadv(fd, [buf[pos:pos + READ_CHUNK]], e.offset + pos)
@@ -221,11 +232,12 @@ class CheckpointReader:
 
     def verify_all(self, progress: Callable[[int], None] | None = None) -> list[str]:
         """Check every array; returns the names of bad leaves (empty when all is well)."""
+        _hash.require(f"verifying {self.path}")
         bad = []
         for i, e in enumerate(self.manifest.arrays):
             try:
                 fd, mm = self._file(e.file)
-                got = xxhash.xxh3_64()
+                got = _hash.hasher()
                 for s in range(0, e.nbytes, READ_CHUNK):
                     got.update(memoryview(mm)[e.offset + s:e.offset + min(e.nbytes, s + READ_CHUNK)])
                 if got.intdigest() != e.xxh3:
@@ -245,7 +257,7 @@ class CheckpointReader:
     def tree(self, *, mmap: bool = False, verify: bool | None = None,
              assemble: bool = True, workers: int = 4) -> Any:
         """Decode the whole tree.  Sharded arrays are assembled unless ``assemble=False``."""
-        verify = (not mmap) if verify is None else verify
+        verify = self._can_verify((not mmap) if verify is None else verify)
         return self._tree(mmap, verify, assemble, workers)
 
     def _read_batch(self, batch: list[int], verify: bool) -> list[np.ndarray]:
@@ -264,7 +276,7 @@ class CheckpointReader:
         out = []
         for i, e in zip(batch, ents):
             raw = buf[e.offset - start:e.offset - start + e.nbytes]
-            if verify and xxhash.xxh3_64_intdigest(raw) != e.xxh3:
+            if verify and _hash.digest(raw) != e.xxh3:
                 raise self._corrupt(i, "checksum mismatch")
             dt = dtype_from_name(e.dtype)
             a = raw.view(dt).reshape(e.shape) if e.nbytes else np.empty(e.shape, dt)

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import xxhash
 
 from .. import __version__
 from ..errors import UnsupportedLeafError
 from ..tree import LazyArray, Path, ShardedArray, format_path
+from . import _hash
 from ._gc import gc_paused
 from .dtypes import UnsupportedDtype, dtype_name, safetensors_code
 from .manifest import (
@@ -291,7 +291,7 @@ def _chunks(a: np.ndarray | LazyArray, path: Path) -> Iterable[memoryview]:
 
 
 def _write_job(fd: int, j: _Job) -> None:
-    h = xxhash.xxh3_64()
+    h = _hash.hasher()
     pos = j.entry.offset
     for mv in _chunks(j.array, j.path):
         h.update(mv)
@@ -324,7 +324,7 @@ def _write_batch(fd: int, batch: list[_Job]) -> None:
         if len(b) != j.entry.nbytes:
             raise RuntimeError(f"{format_path(j.path)}: has {len(b)} bytes, expected "
                                f"{j.entry.nbytes}")
-        j.entry.xxh3 = xxhash.xxh3_64_intdigest(b)
+        j.entry.xxh3 = _hash.digest(b)
         bufs.append(b)
     start = pos = batch[0].entry.offset
     end = batch[-1].entry.offset + batch[-1].entry.nbytes
