@@ -1,15 +1,20 @@
 """Benchmark unickpt against its peers on the same states, in one run.
 
-    python benchmarks/run.py [--quick] [--out bench-results] [--repeats 3]
+    python benchmarks/run.py [--quick] [--out bench-results] [--repeats 5] [--fs disk,tmpfs]
 
 For each state (``big``: ~1 GiB in 64 float32 arrays; ``small``: 10,000 small arrays;
 ``transformer``: bf16 weights + fp32 Adam moments) every system saves (durably: peers that do
 not fsync get an fsync of what they wrote, inside the timed region) and restores (materialized;
-``unickpt (mmap)`` separately), systems alternating round-robin, ``--repeats`` times; medians are
-reported with GB/s, the ratio unickpt/peer and the peak extra RSS during each save (sampled).
-The page cache is dropped before every restore when the process may (root); otherwise restores
-are warm-cache reads and the outputs say so.  Writes ``results.json``, ``results.md`` and
-``results.png`` into ``--out``.
+``unickpt (mmap)``, a lazy open, separately), systems alternating round-robin, ``--repeats``
+times, once with the checkpoints on the disk and once on tmpfs (``/dev/shm``: the library's own
+cost without the disk).  Best-of-N and medians are reported side by side with the spread
+(max/min) and whether each ratio is stable, with GB/s, the ratio unickpt/peer and the peak
+extra RSS during each save (sampled).  The machine's write bound (best parallel direct write of
+the same bytes) and the start-up cost (whole processes, ``startup.py``) are measured in the
+same run.  The page cache is dropped before every restore when the process may (root);
+otherwise restores are warm-cache reads and the outputs say so.  ``--quick`` (or
+``UNICKPT_BENCH_QUICK=1``) shrinks the states so the whole run takes a few minutes.  Writes
+``results.json``, ``results.md`` and ``results.png`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -29,9 +34,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(1, os.path.dirname(HERE))  # this checkout's unickpt wins over an installed one
 
+import _bound  # noqa: E402
 import _report  # noqa: E402
 import _states  # noqa: E402
 import numpy as np  # noqa: E402
+import startup  # noqa: E402
 from _systems import System, all_systems  # noqa: E402
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -104,7 +111,7 @@ def _same(expected: dict[str, np.ndarray], got: dict[str, np.ndarray], who: str)
 
 
 def bench_state(name: str, tree: dict, systems: list[System], repeats: int, workdir: str,
-                drop: bool, log: Any) -> dict:
+                drop: bool, log: Any, fs: str = "disk") -> dict:
     flat = _states.flatten(tree)
     size = sum(a.nbytes for a in flat.values())
     native = {s.name: s.prepare(tree) for s in systems}
@@ -151,14 +158,17 @@ def bench_state(name: str, tree: dict, systems: list[System], repeats: int, work
                 if rep == 0:
                     _same(flat, _states.flatten(mm), "unickpt (mmap)")
                 del mm
-            log(f"  {name} rep {rep} {s.name:22s} save {dt:7.3f}s  load {dl:7.3f}s  "
+            log(f"  {name} [{fs}] rep {rep} {s.name:22s} save {dt:7.3f}s  load {dl:7.3f}s  "
                 f"save rss+{save_rss / 2**20:6.1f}MiB")
             if os.path.isdir(path):
                 shutil.rmtree(path)
             else:
                 os.remove(path)
-    return {"state": name, "bytes": size, "narrays": len(flat), "cold_cache": cold,
-            "cache_note": ("cold page cache" if cold else "WARM page cache (dropping it "
+    if fs == "tmpfs":  # the data live in memory: there is no page cache to drop
+        cold = False
+    return {"state": name, "fs": fs, "bytes": size, "narrays": len(flat), "cold_cache": cold,
+            "cache_note": ("tmpfs (in memory: no disk)" if fs == "tmpfs" else
+                           "cold page cache" if cold else "WARM page cache (dropping it "
                            "was not permitted)" if drop else "WARM page cache (not dropped: "
                            "--quick or --no-drop-caches)"),
             "runs": times}
@@ -204,22 +214,37 @@ def bench_async(tree: dict, repeats: int, workdir: str, log: Any) -> dict | None
     return {"memcpy": copy, "blocking": block, "total": total}
 
 
+def _tmpfs_dir(need: int) -> str | None:
+    """A fresh directory on /dev/shm when it exists and has room for ``need`` bytes."""
+    if not os.path.isdir("/dev/shm"):
+        return None
+    st = os.statvfs("/dev/shm")
+    if st.f_bavail * st.f_frsize < need:
+        return None
+    return tempfile.mkdtemp(prefix=".bench-", dir="/dev/shm")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small states, 1 repeat (smoke test)")
+    ap.add_argument("--quick", action="store_true",
+                    default=os.environ.get("UNICKPT_BENCH_QUICK", "") not in ("", "0"),
+                    help="small states, 3 repeats: a few minutes (or UNICKPT_BENCH_QUICK=1)")
     ap.add_argument("--out", default="bench-results", help="output directory")
-    ap.add_argument("--repeats", type=int, default=None, help="repeats (default 3, quick 1)")
+    ap.add_argument("--repeats", type=int, default=None, help="repeats (default 5, quick 3)")
     ap.add_argument("--states", default="big,small,transformer")
+    ap.add_argument("--fs", default="disk,tmpfs",
+                    help="where checkpoints go: disk (--workdir), tmpfs (/dev/shm), or both")
     ap.add_argument("--systems", default=None, help="comma-separated names (default: all)")
     ap.add_argument("--no-drop-caches", action="store_true", help="keep the page cache")
+    ap.add_argument("--no-startup", action="store_true", help="skip the start-up processes")
     ap.add_argument("--workdir", default=None, help="where checkpoints are written "
                     "(default: a temporary directory inside --out)")
     args = ap.parse_args(argv)
-    repeats = args.repeats or (1 if args.quick else 3)
+    repeats = args.repeats or (3 if args.quick else 5)
     os.makedirs(args.out, exist_ok=True)
     # absolute: orbax refuses relative checkpoint paths
     workdir = os.path.abspath(tempfile.mkdtemp(prefix=".bench-", dir=args.workdir or args.out))
-    drop = not args.no_drop_caches and not args.quick
+    drop = not args.no_drop_caches
 
     def log(msg: str) -> None:
         print(msg, flush=True)
@@ -233,23 +258,40 @@ def main(argv: list[str] | None = None) -> int:
     machine["load_at_start"] = os.getloadavg()
     log(f"machine: {machine['cpu_count']} cpus, {machine['ram_gib']:.1f} GiB RAM, "
         f"load {machine['load_at_start'][0]:.2f}; systems: {[s.name for s in systems]}")
-    results = []
+    big_bytes = _states.nbytes(_states.big(args.quick)) if "big" in args.states else 64 << 20
+    dirs = {}
+    for fs in args.fs.split(","):
+        d = workdir if fs == "disk" else _tmpfs_dir(4 * big_bytes) if fs == "tmpfs" else None
+        if d is None:
+            log(f"{fs}: not available here, left out")
+        else:
+            dirs[fs] = d
+    results, bound = [], {}
     try:
+        for fs, d in dirs.items():  # the bound first: the same bytes as the big state
+            bound[fs] = _bound.measure(d, big_bytes, repeats, log)
         for sname in args.states.split(","):
             tree = _states.STATES[sname](args.quick)
             log(f"state {sname}: {_states.nbytes(tree) / 2**20:.1f} MiB")
-            results.append(bench_state(sname, tree, systems, repeats, workdir, drop, log))
+            for fs, d in dirs.items():
+                results.append(bench_state(sname, tree, systems, repeats, d,
+                                           drop and fs == "disk", log, fs))
+                _settle()
             del tree
             _settle()
         async_res = None
         if any(s.name == "unickpt" for s in systems):
             async_res = bench_async(_states.big(args.quick), repeats, workdir, log)
     finally:
+        for d in dirs.values():
+            shutil.rmtree(d, ignore_errors=True)
         shutil.rmtree(workdir, ignore_errors=True)
+    start = None if args.no_startup else startup.measure(max(5, repeats), 100, log)
     machine["load_at_end"] = os.getloadavg()
     doc = {"quick": args.quick, "repeats": repeats, "machine": machine, "missing": missing,
            "fsync_added": {s.name: s.fsync_added for s in systems},
            "descriptions": _states.DESCRIPTIONS, "states": results, "async": async_res,
+           "write_bound": bound, "startup": start,
            "elapsed_s": time.perf_counter() - t_start}
     _report.write_all(doc, args.out)
     log(f"wrote {args.out}/results.json, results.md, results.png in "

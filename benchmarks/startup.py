@@ -81,7 +81,7 @@ def measure(repeats: int = 7, n_ckpts: int = 100, log: Any = print) -> dict[str,
                 "import unickpt": [py, "-c", "import unickpt"],
                 f"unickpt ls (root of {n_ckpts})": [py, "-m", "unickpt", "ls", root]}
         times: dict[str, list[float]] = {k: [] for k in cmds}
-        for k, c in cmds.items():  # warm the OS file cache for every command once, untimed
+        for c in cmds.values():  # warm the OS file cache for every command once, untimed
             _run(c, env)
         for _ in range(repeats):
             for k, c in cmds.items():
