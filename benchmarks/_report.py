@@ -165,12 +165,18 @@ def _fmt_s(x: float | None) -> str:
     return f"{x * 1000:.1f} ms" if x < 0.1 else f"{x * 1000:.0f} ms" if x < 1 else f"{x:.2f} s"
 
 
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB" if n < (10 << 20) else f"{n / 2**20:.0f} MiB"
+
+
 def _cell(r: dict, op: str) -> str:
     """best | median | spread | ratio best (median), '~' marking an unstable ratio."""
     if op not in r:
         return "- | - | - | - | "
     ratio = "-"
-    if op + "_ratio" in r:
+    if r.get("self"):
+        ratio = "1.00x"
+    elif op + "_ratio" in r:
         ratio = (f"{r[op + '_ratio_best']:.2f}x ({r[op + '_ratio']:.2f}x)"
                  + ("" if r[op + "_stable"] else " ~"))
     return (f"{_fmt_s(r[op + '_best'])} | {_fmt_s(r[op])} | {r[op + '_spread']:.2f}x | "
@@ -183,8 +189,8 @@ def _memory_lines(summary: dict) -> list[str]:
     for key, s in summary.items():
         u = s["rows"].get("unickpt", {})
         if "rss_extra" in u and s["fs"] == "disk":
-            out.append(f"{key} ({s['bytes'] / 2**20:.0f} MiB, {s['narrays']} arrays): "
-                       f"+{u['rss_extra'] / 2**20:.0f} MiB ({u['rss_frac'] * 100:.0f}%)")
+            out.append(f"{key} ({_mib(s['bytes'])}, {s['narrays']} arrays): "
+                       f"+{_mib(u['rss_extra'])} ({u['rss_frac'] * 100:.0f}%)")
     if not out:
         return []
     return ["Extra memory of a unickpt save (peak RSS over the baseline), per state: "
@@ -215,19 +221,23 @@ def markdown(doc: dict, summary: dict) -> str:
              "extra resident memory during the save.", ""]
     for state, s in summary.items():
         cache = s["cache_note"] or ("cold page cache" if s["cold_cache"] else "WARM page cache")
-        lines += [f"### {state}: {doc['descriptions'].get(s['state'], '')} "
-                  f"({s['bytes'] / 2**20:.0f} MiB, {s['narrays']} arrays; restores from {cache})",
+        desc = doc["descriptions"].get(s["state"], "")
+        if doc["quick"]:
+            desc = f"quick, shrunk version of: {desc}"
+        lines += [f"### {state}: {desc} "
+                  f"({_mib(s['bytes'])}, {s['narrays']} arrays; restores from {cache})",
                   "",
                   "| system | save best | median | spread | unickpt / it | "
                   "restore best | median | spread | unickpt / it | GB/s save / restore | "
                   "save extra RSS |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, r in s["rows"].items():
-            rss = (f"{r['rss_extra'] / 2**20:.0f} MiB ({r['rss_frac'] * 100:.0f}%)"
+            rss = (f"{_mib(r['rss_extra'])} ({r['rss_frac'] * 100:.0f}%)"
                    if "rss_extra" in r else "-")
             gbs = " / ".join(f"{r[op + '_gbs']:.2f}" if op in r else "-"
                              for op in ("save", "load"))
             label = name + (" (lazy open)" if name == "unickpt (mmap)" else "")
+            r = dict(r, self=name == "unickpt")
             lines.append(f"| {label} | {_cell(r, 'save')}{_cell(r, 'load')}{gbs} | {rss} |")
         unstable = [n for n, r in s["rows"].items() for op in ("save", "load")
                     if op + "_stable" in r and not r[op + "_stable"] and n != "unickpt"]
@@ -293,8 +303,13 @@ def chart(doc: dict, summary: dict, path: str) -> None:
             else:
                 vals = [rows[n][op + "_gbs"] for n in names]
                 ax.set_xlabel("GB/s, best of N (higher is better)")
+            wb = (doc.get("write_bound") or {}).get("disk")
+            if op == "save" and wb and wb["bytes"] == summary[state]["bytes"]:
+                names.append(f"write bound ({wb['best_method']})")  # the machine's best write
+                vals.append(wb["best_gbs"])
             colors = ["tab:red" if n.startswith("unickpt") else
-                      "tab:gray" if _is_raw(n) else "tab:blue" for n in names]
+                      "tab:gray" if _is_raw(n) or n.startswith("write bound") else "tab:blue"
+                      for n in names]
             ax.barh(names, vals, color=colors)
             ax.invert_yaxis()
             ax.set_title(title, fontsize=10)
