@@ -79,6 +79,110 @@ class Syscalls:
             setattr(os, n, f)
 
 
+# Coarse phases of a save and a load, timed by wrapping the functions by name (a dozen calls
+# per checkpoint, so the wrappers cost nothing measurable, unlike cProfile's per-call hooks).
+# Names that a refactoring removed are skipped, so the script keeps working as the code moves.
+PHASES = [
+    ("save", "unickpt.api", "to_tree", "adapter pass: state -> neutral tree (per-array walk)"),
+    ("save", "unickpt.api", "flatten", "flatten + validate every leaf (per-array walk)"),
+    ("save", "unickpt.format.writer", "layout", "offsets + safetensors header (per array)"),
+    ("save", "unickpt.format.writer", "_work_items", "write batching plan"),
+    ("save", "unickpt.format.writer", "_manifest_bytes", "manifest entries + msgpack (per array)"),
+    ("save", "unickpt.api", "write_tree", "everything inside the temp dir (nests the next 4)"),
+    ("save", "unickpt.api", "staged", "temp dir mkdir (enter) / cleanup (exit)"),
+    ("save", "unickpt.storage.LocalStorage", "commit", "rename + parent/dir fsyncs"),
+    ("load", "unickpt.format.reader", "read_manifest_bytes", "manifest decode + validation"),
+    ("load", "unickpt.format.manifest", "_validate", "validation (part of the above)"),
+    ("load", "unickpt.format.reader", "decode_node", "tree decode (per array)"),
+    ("load", "unickpt.format.reader.CheckpointReader", "_read_batch",
+     "preadv + checksum + views (per batch)"),
+]
+
+
+def _resolve(dotted: str) -> Any:
+    import importlib
+
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for p in parts[i:]:
+            obj = getattr(obj, p)
+        return obj
+    raise ImportError(dotted)
+
+
+class Phases:
+    """Accumulated seconds per wrapped phase while active (os.fsync / os.mkdir counted too)."""
+
+    def __init__(self) -> None:
+        self.secs: dict[str, float] = {}
+        self._undo: list[tuple[Any, str, Any]] = []
+
+    def _wrap(self, owner: Any, attr: str, label: str) -> None:
+        orig = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
+        if isinstance(orig, (staticmethod, classmethod)):
+            return
+        import contextlib
+
+        if label.startswith("temp dir"):  # a context manager: time enter and exit
+            @contextlib.contextmanager
+            def cm(*a: Any, **k: Any) -> Any:
+                t0 = time.perf_counter()
+                with orig(*a, **k) as v:
+                    self.secs[label] = self.secs.get(label, 0.0) + time.perf_counter() - t0
+                    yield v
+                    t0 = time.perf_counter()
+                self.secs[label] += time.perf_counter() - t0
+            new: Any = cm
+        else:
+            def new(*a: Any, **k: Any) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return orig(*a, **k)
+                finally:
+                    self.secs[label] = self.secs.get(label, 0.0) + time.perf_counter() - t0
+        setattr(owner, attr, new)
+        self._undo.append((owner, attr, orig))
+
+    def __enter__(self) -> Phases:
+        for _op, mod, attr, label in PHASES:
+            try:
+                owner = _resolve(mod)
+                if attr in getattr(owner, "__dict__", {}):
+                    self._wrap(owner, attr, f"{attr}: {label}")
+            except (ImportError, AttributeError):
+                pass
+        self._wrap(os, "fsync", "os.fsync (all)")
+        self._wrap(os, "mkdir", "os.mkdir (all)")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for owner, attr, orig in reversed(self._undo):
+            setattr(owner, attr, orig)
+
+
+def phases(save: Callable[[str], Any], load: Callable[[str], Any], path: Callable[[], str],
+           repeats: int) -> None:
+    """Best-of-N time per phase of unickpt's save and load (each phase's own best)."""
+    best: dict[str, dict[str, float]] = {"save": {}, "load": {}}
+    for _ in range(repeats):
+        p = path()
+        for op, fn in (("save", save), ("load", load)):
+            with Phases() as ph:
+                t0 = time.perf_counter()
+                fn(p)
+                ph.secs["TOTAL"] = time.perf_counter() - t0
+            for k, v in ph.secs.items():
+                best[op][k] = min(best[op].get(k, v), v)
+    for op in ("save", "load"):
+        print(f"\nunickpt {op} phases (best of {repeats} each, phases may nest):")
+        for k, v in sorted(best[op].items(), key=lambda kv: -kv[1]):
+            print(f"  {v * 1e3:7.1f} ms  {k}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=10_000)
@@ -123,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         for key, ts in times.items():
             print(f"{key:18s} best {min(ts) * 1e3:7.1f} ms  median "
                   f"{statistics.median(ts) * 1e3:7.1f} ms")
+        phases(ops["unickpt"][0], ops["unickpt"][1], path, args.repeats)
         for sname, (save, load, ext) in ops.items():
             p = path(ext)
             for oname, fn in (("save", save), ("load", load)):
