@@ -119,7 +119,7 @@ def raw_system() -> System:
                 out[k] = b
         return out
 
-    return System("raw write+fsync (1 thread)", prepare=lambda t: t, save=save, load=load,
+    return System("raw write+fsync", prepare=lambda t: t, save=save, load=load,
                   to_numpy=lambda d: d, fsync_added=False, version="os.write")
 
 

@@ -186,6 +186,7 @@ def test_benchmark_quick_smoke(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [ROOT, os.path.join(ROOT, "adapters"), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--quick",
+                           "--repeats", "1", "--fs", "disk", "--no-startup",
                            "--out", str(out)], capture_output=True, text=True, timeout=120,
                           env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
