@@ -64,7 +64,10 @@ def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n", type=int, default=10_000, help="checkpoints in the root")
+    quick = os.environ.get("UNICKPT_BENCH_QUICK", "") not in ("", "0")
+    ap.add_argument("--n", type=int, default=1_000 if quick else 10_000,
+                    help="checkpoints in the root (default 10,000; 1,000 with "
+                    "UNICKPT_BENCH_QUICK=1)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="bench-results")
     args = ap.parse_args(argv)
