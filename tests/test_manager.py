@@ -19,7 +19,7 @@ from unickpt import (
     IncompatibleCheckpointError,
     RunRootError,
 )
-from unickpt.run_root import host_tag
+from unickpt.storage import host_tag
 
 
 def state(v: float = 0.0, n: int = 4) -> dict:
@@ -199,7 +199,7 @@ def test_final_forced_save_on_interval_writes_nothing_new(tmp_path):
 
 def test_save_every_seconds(tmp_path, monkeypatch):
     clock = [1000.0]
-    monkeypatch.setattr("unickpt.manager.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("unickpt.manager.core.time.monotonic", lambda: clock[0])
     with CheckpointManager(tmp_path, save_every_seconds=60) as m:
         assert m.save(1, state(1)) is False
         clock[0] += 61

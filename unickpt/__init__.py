@@ -23,13 +23,14 @@ from .errors import (
     FormatVersionError,
     IncompatibleCheckpointError,
     LockedError,
+    ManagerClosedError,
     MissingDependencyError,
     RunRootError,
     UnickptError,
     UnsupportedLeafError,
 )
-from .factory import ManagerProtocol, create_manager
-from .manager import CheckpointManager
+from .manager import CheckpointManager, ManagerProtocol, create_manager
+from .manager.records import CheckpointInfo, Restored, StartDecision
 from .migration import (
     HyperparameterMismatchError,
     MigrationError,
@@ -38,7 +39,7 @@ from .migration import (
     UnsupportedOptimizerError,
     migrate,
 )
-from .records import CheckpointInfo, Restored, StartDecision
+from .policy.options import ManagerConfig
 from .rng import RNG
 from .tree import LazyArray, Piece, ShardedArray, format_path
 
@@ -65,6 +66,7 @@ __all__ = [
     "UnsupportedLeafError",
     "ConfigError",
     "LockedError",
+    "ManagerClosedError",
     "AdapterError",
     "BackgroundSaveError",
     "MissingDependencyError",
@@ -76,6 +78,7 @@ __all__ = [
     "UnsupportedOptimizerError",
     "RunRootError",
     "CheckpointManager",
+    "ManagerConfig",
     "StartDecision",
     "Restored",
     "CheckpointInfo",

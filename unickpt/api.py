@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import CheckpointExistsError, CorruptCheckpointError, UnsupportedLeafError
-from .format import _hash
+from .format import checksum
+from .format.commit import commit_checkpoint, prepare
 from .format.reader import CheckpointReader, is_committed
-from .format.writer import flatten, write_tree
 from .state import to_tree
-from .storage import LocalStorage, Storage, staged
+from .storage import LocalStorage
 from .tree import Path, format_path
 
 __all__ = ["save", "load", "inspect", "verify", "SaveInfo", "Inspection", "LeafInfo",
@@ -48,41 +48,36 @@ class SaveInfo:
 
 
 def save(path: str | os.PathLike, tree: Any, *, metadata: dict | None = None,
-         overwrite: bool = False, _info: dict | Callable[..., dict] | None = None,
-         _storage: Storage | None = None, _prepared: Any = None) -> SaveInfo:
+         overwrite: bool = False, _info: dict | None = None) -> SaveInfo:
     """Write one checkpoint at ``path`` atomically.
 
     ``tree`` is a state tree; framework objects (torch modules, JAX arrays, ...) are converted
     by their adapter.  ``metadata`` is plain user data (str/number/bool/None/bytes/list/dict).
     The checkpoint appears at ``path`` complete or not at all.  An existing committed
     checkpoint there is refused (``CheckpointExistsError``) unless ``overwrite=True``, which
-    replaces it atomically.
+    replaces it atomically.  (``_info`` is the manifest's ``info`` map, for tools that record
+    a step; it will move to an internal entry point.)
     """
     t0 = time.perf_counter()
-    final = os.path.abspath(os.fspath(path))
-    _hash.require(f"saving {final}")  # before any I/O: nothing is half-written without it
-    storage = _storage or LocalStorage()
-    if os.path.lexists(final):
+    storage = LocalStorage()
+    final = storage.resolve(path)
+    checksum.require(f"saving {final}")  # before any I/O: nothing is half-written without it
+    if storage.exists(final):
         if not overwrite:
             raise CheckpointExistsError(
                 f"{final} already exists; pass overwrite=True to replace it atomically")
-        if not is_committed(final):
+        if not is_committed(final, storage):
             raise CheckpointExistsError(
                 f"{final} exists and is not a unickpt checkpoint; refusing to replace it")
-    if _prepared is None:
-        try:
-            neutral, kinds = to_tree(tree)
-        except RecursionError:
-            raise UnsupportedLeafError(
-                f"cannot save {final}: the state contains a reference cycle or is nested far "
-                "too deeply to be a state tree") from None
-        prepared = flatten(neutral)  # validates every leaf before anything touches the disk
-    else:
-        prepared, kinds = _prepared
-    with staged(storage, final) as tmp:
-        stats = write_tree(tmp, None, metadata=metadata, info=_info, kinds=kinds,
-                           prepared=prepared)
-        storage.commit(tmp, final, replace=overwrite)
+    try:
+        neutral, kinds = to_tree(tree)
+    except RecursionError:
+        raise UnsupportedLeafError(
+            f"cannot save {final}: the state contains a reference cycle or is nested far "
+            "too deeply to be a state tree") from None
+    prepared = prepare(neutral, kinds)  # validates every leaf before anything touches storage
+    stats = commit_checkpoint(storage, final, prepared, metadata=metadata, info=_info,
+                              replace=overwrite)
     return SaveInfo(final, stats.nbytes, stats.narrays, time.perf_counter() - t0)
 
 
