@@ -25,7 +25,7 @@ from .format import checksum
 from .format.commit import commit_checkpoint, prepare
 from .format.reader import CheckpointReader, is_committed
 from .state import to_tree
-from .storage import LocalStorage
+from .storage import LocalStorage, Storage
 from .tree import Path, format_path
 
 __all__ = ["save", "load", "inspect", "verify", "SaveInfo", "Inspection", "LeafInfo",
@@ -48,18 +48,20 @@ class SaveInfo:
 
 
 def save(path: str | os.PathLike, tree: Any, *, metadata: dict | None = None,
-         overwrite: bool = False, _info: dict | None = None) -> SaveInfo:
+         overwrite: bool = False, storage: Storage | None = None,
+         _info: dict | None = None) -> SaveInfo:
     """Write one checkpoint at ``path`` atomically.
 
     ``tree`` is a state tree; framework objects (torch modules, JAX arrays, ...) are converted
     by their adapter.  ``metadata`` is plain user data (str/number/bool/None/bytes/list/dict).
     The checkpoint appears at ``path`` complete or not at all.  An existing committed
     checkpoint there is refused (``CheckpointExistsError``) unless ``overwrite=True``, which
-    replaces it atomically.  (``_info`` is the manifest's ``info`` map, for tools that record
+    replaces it atomically.  ``storage`` is where bytes live (default: the local
+    filesystem; see docs/storage.md).  (``_info`` is the manifest's ``info`` map, for tools that record
     a step; it will move to an internal entry point.)
     """
     t0 = time.perf_counter()
-    storage = LocalStorage()
+    storage = storage or LocalStorage()
     final = storage.resolve(path)
     checksum.require(f"saving {final}")  # before any I/O: nothing is half-written without it
     if storage.exists(final):
@@ -81,7 +83,8 @@ def save(path: str | os.PathLike, tree: Any, *, metadata: dict | None = None,
     return SaveInfo(final, stats.nbytes, stats.narrays, time.perf_counter() - t0)
 
 
-def load(path: str | os.PathLike, *, mmap: bool = False, verify: bool | None = None) -> Any:
+def load(path: str | os.PathLike, *, mmap: bool = False, verify: bool | None = None,
+         storage: Storage | None = None) -> Any:
     """Read a checkpoint as a tree of numpy arrays and Python values.
 
     With ``mmap=True`` arrays are read-only views of the file (zero copy); otherwise they are
@@ -89,7 +92,7 @@ def load(path: str | os.PathLike, *, mmap: bool = False, verify: bool | None = N
     raises :class:`~unickpt.CorruptCheckpointError` naming the damaged leaf.  Needs only
     numpy, msgpack and ml_dtypes.
     """
-    with CheckpointReader(path) as r:
+    with CheckpointReader(path, storage) as r:
         return r.tree(mmap=mmap, verify=verify)
 
 
@@ -131,9 +134,9 @@ class Inspection:
         return "\n".join(lines)
 
 
-def inspect(path: str | os.PathLike) -> Inspection:
+def inspect(path: str | os.PathLike, *, storage: Storage | None = None) -> Inspection:
     """Summarise a checkpoint: every leaf's path, kind, dtype, shape and size; metadata."""
-    with CheckpointReader(path) as r:
+    with CheckpointReader(path, storage) as r:
         m = r.manifest
         leaves: list[LeafInfo] = []
 
@@ -183,13 +186,14 @@ class VerifyReport:
 
 
 def verify(path: str | os.PathLike, *, raise_on_error: bool = True,
-           progress: Callable[[int], None] | None = None) -> VerifyReport:
+           progress: Callable[[int], None] | None = None,
+           storage: Storage | None = None) -> VerifyReport:
     """Recompute every checksum; raise :class:`~unickpt.CorruptCheckpointError` naming bad leaves.
 
     Also catches missing and truncated array files and a damaged manifest.
     ``progress`` is called with the byte count of each array as it is checked.
     """
-    with CheckpointReader(path) as r:
+    with CheckpointReader(path, storage) as r:
         bad = r.verify_all(progress)
         report = VerifyReport(r.path, len(r.manifest.arrays),
                               sum(a.nbytes for a in r.manifest.arrays), bad)
