@@ -25,8 +25,8 @@ from ..storage import (
 )
 from ..tree import Path, Piece, ShardedArray, format_path
 from . import checksum
-from ._gc import gc_paused
 from .dtypes import dtype_from_name
+from .gcpause import gc_paused
 from .manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,

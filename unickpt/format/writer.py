@@ -28,8 +28,8 @@ from ..errors import UnsupportedLeafError
 from ..storage import LocalStorage, Storage, WriteHandle
 from ..tree import LazyArray, Path, ShardedArray, format_path
 from . import checksum
-from ._gc import gc_paused
 from .dtypes import UnsupportedDtype, dtype_name, safetensors_code
+from .gcpause import gc_paused
 from .manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
