@@ -32,8 +32,8 @@ import numpy as np  # noqa: E402
 
 import unickpt  # noqa: E402
 from unickpt.format.writer import write_tree  # noqa: E402
+from unickpt.manager.run_root import scan  # noqa: E402
 from unickpt.policy import retain, to_delete  # noqa: E402
-from unickpt.run_root import scan  # noqa: E402
 from unickpt.storage import LocalStorage  # noqa: E402
 
 STATE = {"w": np.arange(4, dtype=np.float32), "step": 0}

@@ -19,7 +19,7 @@ from unickpt import (
     IncompatibleCheckpointError,
     RunRootError,
 )
-from unickpt.run_root import host_tag
+from unickpt.storage import host_tag
 
 
 def state(v: float = 0.0, n: int = 4) -> dict:
@@ -199,7 +199,7 @@ def test_final_forced_save_on_interval_writes_nothing_new(tmp_path):
 
 def test_save_every_seconds(tmp_path, monkeypatch):
     clock = [1000.0]
-    monkeypatch.setattr("unickpt.manager.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("unickpt.manager.core.time.monotonic", lambda: clock[0])
     with CheckpointManager(tmp_path, save_every_seconds=60) as m:
         assert m.save(1, state(1)) is False
         clock[0] += 61
@@ -403,8 +403,9 @@ def test_bad_step_and_metrics(tmp_path):
 def test_closed_manager_refuses(tmp_path):
     m = CheckpointManager(tmp_path)
     m.close()
-    with pytest.raises(unickpt.UnickptError, match="is closed"):
+    with pytest.raises(unickpt.ManagerClosedError, match="is closed; create a new one") as ei:
         m.save(1, state())
+    assert isinstance(ei.value, RuntimeError)
 
 
 def test_corrupt_checkpoint_is_reported_on_restore(tmp_path):
@@ -439,3 +440,36 @@ def test_pointer_temp_files_are_cleaned(tmp_path):
         m.resolve_start()
     assert names(tmp_path) == ["latest", "step_1"]
     assert [n for n in os.listdir(tmp_path) if n.startswith(".unickpt-tmp")] == []
+
+
+def test_config_object_or_keywords_not_both(tmp_path):
+    cfg = unickpt.ManagerConfig(keep_last=1, save_every=2)
+    with CheckpointManager(tmp_path, config=cfg) as m:
+        assert m.config is cfg
+        assert [m.save(s, {"x": np.full(2, s)}) for s in (1, 2, 3, 4)] == [False, True, False, True]
+        assert [c.step for c in m.checkpoints()] == [4]
+    assert CheckpointManager(tmp_path, keep_last=1, save_every=2).config == cfg
+    with pytest.raises(ConfigError, match="either as a ManagerConfig or as keywords, not both"):
+        CheckpointManager(tmp_path, config=cfg, keep_last=2)
+    with pytest.raises(ConfigError, match="give a unickpt.ManagerConfig"):
+        CheckpointManager(tmp_path, config={"keep_last": 1})
+
+
+def test_run_root_describe_scan_and_moves(tmp_path):
+    from unickpt.manager import RunRoot
+
+    with CheckpointManager(tmp_path) as m:
+        for s in (1, 2):
+            m.save(s, {"w": np.arange(4.0)}, metrics={"loss": float(s)})
+    rr = RunRoot(str(tmp_path))
+    assert rr.path == str(tmp_path) and rr.scan().steps == (1, 2)
+    d = rr.describe(2)
+    assert (d.step, d.path, d.metrics) == (2, str(tmp_path / "step_2"), {"loss": 2.0})
+    assert d.size == sum(f.stat().st_size for f in (tmp_path / "step_2").iterdir())
+    assert [c.step for c in rr.checkpoints()] == [1, 2] and rr.latest().step == 2
+    (tmp_path / "run_1" / "step_1").mkdir(parents=True)
+    with pytest.raises(unickpt.CheckpointExistsError, match="destination exists") as ei:
+        rr.archive([1], 1)
+    assert isinstance(ei.value, FileExistsError)
+    rr.delete([1])
+    assert rr.scan().steps == (2,) and not [n for n in os.listdir(tmp_path) if "trash" in n]

@@ -14,8 +14,7 @@ import pytest
 
 import unickpt
 from unickpt import BackgroundSaveError, CheckpointManager, ConfigError, LockedError
-from unickpt.run_root import host_tag
-from unickpt.storage import LocalStorage
+from unickpt.storage import LocalStorage, host_tag
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
     [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]

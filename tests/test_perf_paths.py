@@ -24,6 +24,7 @@ import unickpt
 from unickpt.format import reader as reader_mod
 from unickpt.format import writer as writer_mod
 from unickpt.format.reader import CheckpointReader
+from unickpt.storage import local as local_mod
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,7 +80,7 @@ def test_batched_write_is_byte_identical_to_one_array_at_a_time(tree, tmp_path, 
     slow.mkdir()
     with monkeypatch.context() as m:
         m.setattr(writer_mod, "SMALL_BYTES", -1)  # every array is its own job
-        m.setattr(writer_mod, "_start_writeback", None)
+        m.setattr(local_mod, "_start_writeback", None)
         m.setattr(writer_mod, "CHUNK_BYTES", 4096)
         writer_mod.write_tree(str(slow), tree, metadata={"m": 1}, workers=1)
     assert _files(str(fast)) == _files(str(slow))
@@ -160,7 +161,7 @@ def test_big_array_streamed_in_chunks_with_writeback_round_trips(tmp_path, monke
 
 def test_writeback_hint_available_on_linux():
     if sys.platform.startswith("linux"):
-        assert writer_mod._start_writeback is not None
+        assert local_mod._start_writeback is not None
 
 
 def test_gc_state_is_restored_after_save_and_load_even_on_error(tmp_path):

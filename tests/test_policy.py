@@ -33,7 +33,7 @@ from unickpt.policy import (
     should_save,
     to_delete,
 )
-from unickpt.run_root import host_tag
+from unickpt.storage import host_tag
 
 steps_st = st.lists(st.integers(0, 10**6), max_size=30, unique=True)
 metric_st = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True),

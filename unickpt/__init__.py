@@ -23,22 +23,15 @@ from .errors import (
     FormatVersionError,
     IncompatibleCheckpointError,
     LockedError,
+    ManagerClosedError,
     MissingDependencyError,
     RunRootError,
     UnickptError,
     UnsupportedLeafError,
 )
-from .factory import ManagerProtocol, create_manager
-from .manager import CheckpointManager
-from .migration import (
-    HyperparameterMismatchError,
-    MigrationError,
-    MigrationReport,
-    Rule,
-    UnsupportedOptimizerError,
-    migrate,
-)
-from .records import CheckpointInfo, Restored, StartDecision
+from .manager import CheckpointManager, ManagerProtocol, create_manager
+from .manager.records import CheckpointInfo, Restored, StartDecision
+from .policy.options import ManagerConfig
 from .rng import RNG
 from .tree import LazyArray, Piece, ShardedArray, format_path
 
@@ -65,6 +58,7 @@ __all__ = [
     "UnsupportedLeafError",
     "ConfigError",
     "LockedError",
+    "ManagerClosedError",
     "AdapterError",
     "BackgroundSaveError",
     "MissingDependencyError",
@@ -76,6 +70,7 @@ __all__ = [
     "UnsupportedOptimizerError",
     "RunRootError",
     "CheckpointManager",
+    "ManagerConfig",
     "StartDecision",
     "Restored",
     "CheckpointInfo",
@@ -83,3 +78,20 @@ __all__ = [
     "create_manager",
     "RNG",
 ]
+
+# unickpt.migration (the torch <-> JAX converter) is imported on first use of one of its names:
+# ``import unickpt`` stays cheap for training code that never migrates.
+_MIGRATION = ("HyperparameterMismatchError", "MigrationError", "MigrationReport", "Rule",
+              "UnsupportedOptimizerError", "migrate")
+
+
+def __getattr__(name: str):
+    if name in _MIGRATION:
+        from . import migration
+
+        return getattr(migration, name)
+    raise AttributeError(f"module 'unickpt' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_MIGRATION))

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import CheckpointExistsError, CorruptCheckpointError, UnsupportedLeafError
-from .format import _hash
+from .format import checksum
+from .format.commit import commit_checkpoint, prepare
 from .format.reader import CheckpointReader, is_committed
-from .format.writer import flatten, write_tree
 from .state import to_tree
-from .storage import LocalStorage, Storage, staged
+from .storage import LocalStorage, Storage
 from .tree import Path, format_path
 
 __all__ = ["save", "load", "inspect", "verify", "SaveInfo", "Inspection", "LeafInfo",
@@ -48,45 +48,43 @@ class SaveInfo:
 
 
 def save(path: str | os.PathLike, tree: Any, *, metadata: dict | None = None,
-         overwrite: bool = False, _info: dict | Callable[..., dict] | None = None,
-         _storage: Storage | None = None, _prepared: Any = None) -> SaveInfo:
+         overwrite: bool = False, storage: Storage | None = None,
+         _info: dict | None = None) -> SaveInfo:
     """Write one checkpoint at ``path`` atomically.
 
     ``tree`` is a state tree; framework objects (torch modules, JAX arrays, ...) are converted
     by their adapter.  ``metadata`` is plain user data (str/number/bool/None/bytes/list/dict).
     The checkpoint appears at ``path`` complete or not at all.  An existing committed
     checkpoint there is refused (``CheckpointExistsError``) unless ``overwrite=True``, which
-    replaces it atomically.
+    replaces it atomically.  ``storage`` is where bytes live (default: the local
+    filesystem; see docs/storage.md).  (``_info`` is the manifest's ``info`` map, for tools that record
+    a step; it will move to an internal entry point.)
     """
     t0 = time.perf_counter()
-    final = os.path.abspath(os.fspath(path))
-    _hash.require(f"saving {final}")  # before any I/O: nothing is half-written without it
-    storage = _storage or LocalStorage()
-    if os.path.lexists(final):
+    storage = storage or LocalStorage()
+    final = storage.resolve(path)
+    checksum.require(f"saving {final}")  # before any I/O: nothing is half-written without it
+    if storage.exists(final):
         if not overwrite:
             raise CheckpointExistsError(
                 f"{final} already exists; pass overwrite=True to replace it atomically")
-        if not is_committed(final):
+        if not is_committed(final, storage):
             raise CheckpointExistsError(
                 f"{final} exists and is not a unickpt checkpoint; refusing to replace it")
-    if _prepared is None:
-        try:
-            neutral, kinds = to_tree(tree)
-        except RecursionError:
-            raise UnsupportedLeafError(
-                f"cannot save {final}: the state contains a reference cycle or is nested far "
-                "too deeply to be a state tree") from None
-        prepared = flatten(neutral)  # validates every leaf before anything touches the disk
-    else:
-        prepared, kinds = _prepared
-    with staged(storage, final) as tmp:
-        stats = write_tree(tmp, None, metadata=metadata, info=_info, kinds=kinds,
-                           prepared=prepared)
-        storage.commit(tmp, final, replace=overwrite)
+    try:
+        neutral, kinds = to_tree(tree)
+    except RecursionError:
+        raise UnsupportedLeafError(
+            f"cannot save {final}: the state contains a reference cycle or is nested far "
+            "too deeply to be a state tree") from None
+    prepared = prepare(neutral, kinds)  # validates every leaf before anything touches storage
+    stats = commit_checkpoint(storage, final, prepared, metadata=metadata, info=_info,
+                              replace=overwrite)
     return SaveInfo(final, stats.nbytes, stats.narrays, time.perf_counter() - t0)
 
 
-def load(path: str | os.PathLike, *, mmap: bool = False, verify: bool | None = None) -> Any:
+def load(path: str | os.PathLike, *, mmap: bool = False, verify: bool | None = None,
+         storage: Storage | None = None) -> Any:
     """Read a checkpoint as a tree of numpy arrays and Python values.
 
     With ``mmap=True`` arrays are read-only views of the file (zero copy); otherwise they are
@@ -94,7 +92,7 @@ def load(path: str | os.PathLike, *, mmap: bool = False, verify: bool | None = N
     raises :class:`~unickpt.CorruptCheckpointError` naming the damaged leaf.  Needs only
     numpy, msgpack and ml_dtypes.
     """
-    with CheckpointReader(path) as r:
+    with CheckpointReader(path, storage) as r:
         return r.tree(mmap=mmap, verify=verify)
 
 
@@ -136,9 +134,9 @@ class Inspection:
         return "\n".join(lines)
 
 
-def inspect(path: str | os.PathLike) -> Inspection:
+def inspect(path: str | os.PathLike, *, storage: Storage | None = None) -> Inspection:
     """Summarise a checkpoint: every leaf's path, kind, dtype, shape and size; metadata."""
-    with CheckpointReader(path) as r:
+    with CheckpointReader(path, storage) as r:
         m = r.manifest
         leaves: list[LeafInfo] = []
 
@@ -188,13 +186,14 @@ class VerifyReport:
 
 
 def verify(path: str | os.PathLike, *, raise_on_error: bool = True,
-           progress: Callable[[int], None] | None = None) -> VerifyReport:
+           progress: Callable[[int], None] | None = None,
+           storage: Storage | None = None) -> VerifyReport:
     """Recompute every checksum; raise :class:`~unickpt.CorruptCheckpointError` naming bad leaves.
 
     Also catches missing and truncated array files and a damaged manifest.
     ``progress`` is called with the byte count of each array as it is checked.
     """
-    with CheckpointReader(path) as r:
+    with CheckpointReader(path, storage) as r:
         bad = r.verify_all(progress)
         report = VerifyReport(r.path, len(r.manifest.arrays),
                               sum(a.nbytes for a in r.manifest.arrays), bad)

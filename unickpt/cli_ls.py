@@ -25,10 +25,10 @@ import sys
 import time
 from typing import Any
 
+from .manager.run_root import read_info, read_pointer, scan, temp_is_stale
 from .policy import retain
 from .policy.naming import LOCK_NAME, format_run, format_step, parse_step
-from .run_root import read_info, read_pointer, scan, temp_is_stale
-from .storage import LocalStorage, parse_temp_name
+from .storage import STALE_TEMP_SECONDS, LocalStorage, parse_temp_name
 
 __all__ = ["ls", "collect"]
 
@@ -100,7 +100,7 @@ def collect(root: str) -> dict[str, Any]:
         temps.append({"name": name, "target": parsed[0] if parsed else None,
                       "host": parsed[1] if parsed else None,
                       "pid": parsed[2] if parsed else None, "age_seconds": round(age, 1),
-                      "stale": temp_is_stale(name, age, threshold=3600.0)})
+                      "stale": temp_is_stale(name, age, threshold=STALE_TEMP_SECONDS)})
     runs = []
     for k in listing.runs:
         rdir = os.path.join(root, format_run(k))

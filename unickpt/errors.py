@@ -27,6 +27,7 @@ __all__ = [
     "UnsupportedLeafError",
     "ConfigError",
     "LockedError",
+    "ManagerClosedError",
     "RunRootError",
     "AdapterError",
     "BackgroundSaveError",
@@ -114,6 +115,10 @@ class ConfigError(UnickptError, ValueError):
 
 class LockedError(UnickptError, RuntimeError):
     """Another process holds the run root's writer lock."""
+
+
+class ManagerClosedError(UnickptError, RuntimeError):
+    """A :class:`~unickpt.CheckpointManager` was used after ``close()``."""
 
 
 class RunRootError(UnickptError, OSError):

@@ -6,9 +6,8 @@ allocated array of the final dtype and shape (one copy, checksummed as it is rea
 
 from __future__ import annotations
 
-import mmap as _mmap
 import os
-import stat
+import posixpath
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -17,10 +16,17 @@ from typing import Any
 import numpy as np
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError
+from ..storage import (
+    LocalStorage,
+    NotRegularFileError,
+    ReadHandle,
+    Storage,
+    is_transient_name,
+)
 from ..tree import Path, Piece, ShardedArray, format_path
-from . import _hash
-from ._gc import gc_paused
+from . import checksum
 from .dtypes import dtype_from_name
+from .gcpause import gc_paused
 from .manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
@@ -32,8 +38,6 @@ from .manifest import (
 )
 
 READ_CHUNK = 64 << 20
-_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
-TEMP_PREFIX = ".unickpt-"
 # Arrays up to SMALL_READ bytes that lie back to back in a file are read with one preadv per
 # batch (up to BATCH_READ bytes) and returned as views of that batch's buffer: with 10,000
 # small leaves one syscall and one allocation per array would dominate a restore.
@@ -56,11 +60,11 @@ class _ShardedRef(_Ref):
     __slots__ = ()
 
 
-def is_committed(path: str | os.PathLike) -> bool:
+def is_committed(path: str | os.PathLike, storage: Storage | None = None) -> bool:
     """Whether ``path`` is a committed checkpoint directory (cheap: no manifest decoding)."""
-    p = os.fspath(path)
-    return (not os.path.basename(p.rstrip(os.sep)).startswith(TEMP_PREFIX)
-            and os.path.isfile(os.path.join(p, MANIFEST_NAME)))
+    p = os.fspath(path).rstrip("/")
+    return (not is_transient_name(posixpath.basename(p))
+            and (storage or LocalStorage()).is_file(posixpath.join(p, MANIFEST_NAME)))
 
 
 class CheckpointReader:
@@ -73,30 +77,31 @@ class CheckpointReader:
     [0.0, 1.0, 2.0]
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, storage: Storage | None = None):
         self.path = os.fspath(path)
-        if not os.path.isdir(self.path):
+        self.storage: Storage = storage or LocalStorage()
+        if not self.storage.is_dir(self.path):
             raise CheckpointNotFoundError(f"no checkpoint at {self.path}: not a directory")
-        if os.path.basename(self.path.rstrip(os.sep)).startswith(TEMP_PREFIX):
+        if is_transient_name(posixpath.basename(self.path.rstrip("/"))):
             raise CheckpointNotFoundError(
                 f"{self.path} is an uncommitted (temporary) checkpoint directory left by an "
                 "interrupted save; it is not a checkpoint and will be cleaned up")
-        mpath = os.path.join(self.path, MANIFEST_NAME)
+        mpath = posixpath.join(self.path, MANIFEST_NAME)
         try:
-            # O_NONBLOCK: a FIFO planted as the manifest must not hang the reader
-            with open(os.open(mpath, os.O_RDONLY | _NONBLOCK), "rb") as f:
-                st = os.fstat(f.fileno())
-                if not stat.S_ISREG(st.st_mode):
-                    raise CheckpointNotFoundError(
-                        f"no checkpoint at {self.path}: {MANIFEST_NAME} is not a regular file")
-                size = st.st_size
+            f = self.storage.open(mpath)
+            try:
+                size = f.size
                 if size > MAX_MANIFEST_BYTES:
                     raise CorruptCheckpointError(
                         f"{self.path}: manifest is {size} bytes (limit {MAX_MANIFEST_BYTES})",
                         path=self.path)
-                raw = f.read(size)
-        except CheckpointNotFoundError:
-            raise
+                buf = bytearray(size)
+                raw = bytes(buf[:f.pread_into(memoryview(buf), 0)])
+            finally:
+                f.close()
+        except NotRegularFileError:
+            raise CheckpointNotFoundError(
+                f"no checkpoint at {self.path}: {MANIFEST_NAME} is not a regular file") from None
         except FileNotFoundError:
             raise CheckpointNotFoundError(
                 f"no checkpoint at {self.path}: {MANIFEST_NAME} is missing (not a unickpt "
@@ -107,7 +112,7 @@ class CheckpointReader:
                 "(not a unickpt checkpoint)") from None
         with gc_paused():
             self.manifest: Manifest = read_manifest_bytes(raw, self.path)
-            self._files: dict[str, tuple[int, _mmap.mmap | None]] = {}
+            self._files: dict[str, tuple[ReadHandle, memoryview | None]] = {}
             self._lock = threading.Lock()
             self._warned_unverified = False
             # array index -> tree path, for naming leaves in errors (found without reading data)
@@ -126,38 +131,37 @@ class CheckpointReader:
         return _ShardedRef(i)
 
     # ---------------------------------------------------------------- files
-    def _file(self, name: str) -> tuple[int, _mmap.mmap | None]:
+    def _file(self, name: str) -> tuple[ReadHandle, memoryview | None]:
         with self._lock:
             if name in self._files:
                 return self._files[name]
             fe = next(f for f in self.manifest.files if f.name == name)
-            fpath = os.path.join(self.path, name)
+            fpath = posixpath.join(self.path, name)
             try:
-                fd = os.open(fpath, os.O_RDONLY | _NONBLOCK)
+                fd = self.storage.open(fpath)
             except FileNotFoundError:
                 raise CorruptCheckpointError(
                     f"{self.path}: array file {name!r} is missing; restore from another "
                     "checkpoint", path=self.path, leaves=self._leaves_in(name)) from None
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                os.close(fd)
+            except (IsADirectoryError, NotRegularFileError):
                 raise CorruptCheckpointError(
                     f"{self.path}: array file {name!r} is not a regular file", path=self.path,
-                    leaves=self._leaves_in(name))
-            actual = st.st_size
+                    leaves=self._leaves_in(name)) from None
+            actual = fd.size
             if actual != fe.size:
-                os.close(fd)
+                fd.close()
                 raise CorruptCheckpointError(
                     f"{self.path}: array file {name!r} is {actual} bytes, the manifest says "
                     f"{fe.size} (truncated or replaced); restore from another checkpoint",
                     path=self.path, leaves=self._leaves_in(name))
-            head = os.pread(fd, 8, 0)
-            if len(head) != 8 or int.from_bytes(head, "little") + 8 != fe.data_start:
-                os.close(fd)
+            head = bytearray(8)
+            got = fd.pread_into(memoryview(head), 0)
+            if got != 8 or int.from_bytes(head, "little") + 8 != fe.data_start:
+                fd.close()
                 raise CorruptCheckpointError(
                     f"{self.path}: array file {name!r} has a damaged safetensors header",
                     path=self.path, leaves=self._leaves_in(name))
-            mm = _mmap.mmap(fd, 0, access=_mmap.ACCESS_READ) if actual else None
+            mm = fd.buffer() if actual else None
             self._files[name] = (fd, mm)
             return fd, mm
 
@@ -168,7 +172,7 @@ class CheckpointReader:
         """Close file descriptors (memory-mapped arrays stay valid)."""
         with self._lock:
             for fd, _mm in self._files.values():
-                os.close(fd)
+                fd.close()
             self._files.clear()
 
     def __enter__(self) -> CheckpointReader:
@@ -190,10 +194,10 @@ class CheckpointReader:
 
     def _can_verify(self, verify: bool) -> bool:
         """``verify``, unless xxhash is missing: then warn (once per reader) and read anyway."""
-        if verify and not _hash.available():
+        if verify and not checksum.available():
             if not self._warned_unverified:
                 self._warned_unverified = True
-                _hash.warn_unverified(self.path)
+                checksum.warn_unverified(self.path)
             return False
         return verify
 
@@ -209,16 +213,16 @@ class CheckpointReader:
             else:
                 a = np.frombuffer(mm, dtype=dt, count=e.nbytes // dt.itemsize,
                                   offset=e.offset).reshape(e.shape)
-            if verify and _hash.digest(memoryview(mm)[e.offset:e.offset + e.nbytes]
+            if verify and checksum.digest(memoryview(mm)[e.offset:e.offset + e.nbytes]
                                                    if e.nbytes else b"") != e.xxh3:
                 raise self._corrupt(i, "checksum mismatch")
         else:
             a = np.empty(e.shape, dt)
             buf = memoryview(a.reshape(-1).view(np.uint8)) if e.nbytes else memoryview(b"")
-            h = _hash.hasher() if verify else None
+            h = checksum.hasher() if verify else None
             pos = 0
             while pos < e.nbytes:
-                n = os.preadv(fd, [buf[pos:pos + READ_CHUNK]], e.offset + pos)
+                n = fd.pread_into(buf[pos:pos + READ_CHUNK], e.offset + pos)
                 if n <= 0:
                     raise self._corrupt(i, "unexpected end of file")
                 if verify:
@@ -232,12 +236,12 @@ class CheckpointReader:
 
     def verify_all(self, progress: Callable[[int], None] | None = None) -> list[str]:
         """Check every array; returns the names of bad leaves (empty when all is well)."""
-        _hash.require(f"verifying {self.path}")
+        checksum.require(f"verifying {self.path}")
         bad = []
         for i, e in enumerate(self.manifest.arrays):
             try:
                 fd, mm = self._file(e.file)
-                got = _hash.hasher()
+                got = checksum.hasher()
                 for s in range(0, e.nbytes, READ_CHUNK):
                     got.update(memoryview(mm)[e.offset + s:e.offset + min(e.nbytes, s + READ_CHUNK)])
                 if got.intdigest() != e.xxh3:
@@ -269,14 +273,14 @@ class CheckpointReader:
         mv = memoryview(buf)
         pos = 0
         while pos < len(buf):
-            n = os.preadv(fd, [mv[pos:]], start + pos)
+            n = fd.pread_into(mv[pos:], start + pos)
             if n <= 0:
                 raise self._corrupt(batch[0], "unexpected end of file")
             pos += n
         out = []
         for i, e in zip(batch, ents):
             raw = buf[e.offset - start:e.offset - start + e.nbytes]
-            if verify and _hash.digest(raw) != e.xxh3:
+            if verify and checksum.digest(raw) != e.xxh3:
                 raise self._corrupt(i, "checksum mismatch")
             dt = dtype_from_name(e.dtype)
             a = raw.view(dt).reshape(e.shape) if e.nbytes else np.empty(e.shape, dt)

@@ -9,13 +9,12 @@ needs is bounded by ``CHUNK_BYTES`` per worker thread, not by the state size.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import json
 import math
 import os
+import posixpath
 import re
-import sys
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,10 +25,11 @@ import numpy as np
 
 from .. import __version__
 from ..errors import UnsupportedLeafError
+from ..storage import LocalStorage, Storage, WriteHandle
 from ..tree import LazyArray, Path, ShardedArray, format_path
-from . import _hash
-from ._gc import gc_paused
+from . import checksum
 from .dtypes import UnsupportedDtype, dtype_name, safetensors_code
+from .gcpause import gc_paused
 from .manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -53,31 +53,6 @@ BATCH_IOVECS = 1024
 
 
 
-def _writeback_starter() -> Callable[[int, int, int], Any] | None:
-    """A call that starts writing a just-written byte range to disk without waiting.
-
-    Kicking writeback chunk by chunk overlaps the disk with the copying into the page cache, so
-    the final fsync finds little left to do (on a 2-core VM: ~0.3 s instead of ~0.6 s per
-    GiB).  Linux: ``sync_file_range(SYNC_FILE_RANGE_WRITE)``; elsewhere ``posix_fadvise
-    (DONTNEED)`` where it exists (which starts writeback too), else nothing.  Only a hint: the
-    fsync at the end is what makes the data durable and reports any I/O error.
-    """
-    if sys.platform.startswith("linux"):
-        try:
-            fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-            fn.restype = ctypes.c_int
-            return lambda fd, off, n: fn(fd, off, n, 2)  # 2 = SYNC_FILE_RANGE_WRITE
-        except (OSError, AttributeError):
-            pass
-    if hasattr(os, "posix_fadvise"):
-        return lambda fd, off, n: os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
-    return None
-
-
-_start_writeback = _writeback_starter()
-
-
 @dataclass
 class _Job:
     path: Path
@@ -97,7 +72,7 @@ class WriteStats:
     seconds: float
 
 
-def flatten(tree: Any, kinds: dict[Path, str] | None = None) -> tuple[Any, list[_Job], list]:
+def flatten(tree: Any) -> tuple[Any, list[_Job], list]:
     """Encode the structure of ``tree`` and collect its arrays, validating every leaf.
 
     Returns ``(node, jobs, sharded)`` where ``sharded`` holds ``(ShardedArray, [job idx])``.
@@ -290,18 +265,15 @@ def _chunks(a: np.ndarray | LazyArray, path: Path) -> Iterable[memoryview]:
         yield memoryview(np.ascontiguousarray(a[s:s + step]).reshape(-1).view(np.uint8))
 
 
-def _write_job(fd: int, j: _Job) -> None:
-    h = _hash.hasher()
+def _write_job(fh: WriteHandle, j: _Job) -> None:
+    h = checksum.hasher()
     pos = j.entry.offset
     for mv in _chunks(j.array, j.path):
         h.update(mv)
-        start = pos
-        while len(mv):
-            n = os.pwrite(fd, mv, pos)
-            pos += n
-            mv = mv[n:]
-        if _start_writeback is not None and pos - start >= SMALL_BYTES:
-            _start_writeback(fd, start, pos - start)
+        fh.pwrite(mv, pos)
+        if len(mv) >= SMALL_BYTES:
+            fh.hint_written(pos, len(mv))
+        pos += len(mv)
     if pos != j.entry.offset + j.entry.nbytes:
         raise RuntimeError(f"{format_path(j.path)}: wrote {pos - j.entry.offset} bytes, "
                            f"expected {j.entry.nbytes}")
@@ -316,7 +288,7 @@ def _small_bytes(j: _Job) -> bytes:
     return a.tobytes()
 
 
-def _write_batch(fd: int, batch: list[_Job]) -> None:
+def _write_batch(fh: WriteHandle, batch: list[_Job]) -> None:
     """Write file-adjacent small arrays with one pwritev, hashing each array's bytes."""
     bufs = []
     for j in batch:
@@ -324,28 +296,18 @@ def _write_batch(fd: int, batch: list[_Job]) -> None:
         if len(b) != j.entry.nbytes:
             raise RuntimeError(f"{format_path(j.path)}: has {len(b)} bytes, expected "
                                f"{j.entry.nbytes}")
-        j.entry.xxh3 = _hash.digest(b)
+        j.entry.xxh3 = checksum.digest(b)
         bufs.append(b)
-    start = pos = batch[0].entry.offset
+    start = batch[0].entry.offset
     end = batch[-1].entry.offset + batch[-1].entry.nbytes
-    while pos < end:
-        n = os.pwritev(fd, bufs, pos)
-        if n <= 0:
-            raise OSError(f"short write at offset {pos}")
-        pos += n
-        if pos < end:  # partial write (rare): drop what went out and continue
-            while n and n >= len(bufs[0]):
-                n -= len(bufs[0])
-                bufs.pop(0)
-            if n:
-                bufs[0] = bufs[0][n:]
-    if _start_writeback is not None and end - start >= SMALL_BYTES:
-        _start_writeback(fd, start, end - start)
+    fh.pwritev(bufs, start)
+    if end - start >= SMALL_BYTES:
+        fh.hint_written(start, end - start)
 
 
-def _work_items(jobs: list[_Job]) -> list[tuple[int, Callable[[int], None]]]:
-    """``(bytes, write(fd))`` per big array and per batch of file-adjacent small arrays."""
-    items: list[tuple[int, Callable[[int], None]]] = []
+def _work_items(jobs: list[_Job]) -> list[tuple[int, Callable[[WriteHandle], None]]]:
+    """``(bytes, write(handle))`` per big array and per batch of file-adjacent small arrays."""
+    items: list[tuple[int, Callable[[WriteHandle], None]]] = []
     batch: list[_Job] = []
     size = 0
 
@@ -353,7 +315,7 @@ def _work_items(jobs: list[_Job]) -> list[tuple[int, Callable[[int], None]]]:
         nonlocal batch, size
         if batch:
             b = batch
-            items.append((size, lambda fd: _write_batch(fd, b)))
+            items.append((size, lambda fh: _write_batch(fh, b)))
         batch, size = [], 0
 
     for j in sorted(jobs, key=lambda j: j.entry.offset):
@@ -376,45 +338,46 @@ def default_workers() -> int:
 
 
 def write_tree(directory: str, tree: Any, *, metadata: dict | None = None,
-               info: dict | Callable[[WriteStats], dict] | None = None, kinds: dict[Path, str] | None = None,
-               workers: int | None = None, prepared: tuple | None = None) -> WriteStats:
-    """Write ``tree`` into the (existing, empty, uncommitted) ``directory``.
+               info: dict | Callable[[WriteStats], dict] | None = None,
+               kinds: dict[Path, str] | None = None, workers: int | None = None,
+               prepared: tuple | None = None, storage: Storage | None = None) -> WriteStats:
+    """Write ``tree`` into the (existing, empty, uncommitted) ``directory`` of ``storage``.
 
-    Files are fsynced; committing (rename into place) is the caller's job.  ``info`` may be
-    a callable that receives the :class:`WriteStats` of the array data (written and fsynced)
+    Files are synced (durable); committing is the caller's job.  ``info`` may be
+    a callable that receives the :class:`WriteStats` of the array data (written and synced)
     and returns the info map, so that a save can record its own size and duration.
     """
     t0 = time.perf_counter()
+    storage = storage or LocalStorage()
     node, jobs, sharded = prepared if prepared is not None else flatten(tree)
     with gc_paused():  # only around the CPU-bound encoding, never the (long) I/O
         header, size = layout(jobs)
         items = _work_items(jobs)
-    path = os.path.join(directory, DATA_FILE)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fh = storage.create(posixpath.join(directory, DATA_FILE), size)
     try:
-        os.ftruncate(fd, size)
-        os.pwrite(fd, header, 0)
+        fh.pwrite(header, 0)
         nworkers = min(workers or default_workers(), max(1, len(items)))
         if nworkers == 1 or sum(n for n, _ in items) < (8 << 20):
             for _, write in items:
-                write(fd)
+                write(fh)
         else:
             with ThreadPoolExecutor(nworkers, thread_name_prefix="unickpt-write") as ex:
-                for f in [ex.submit(write, fd) for _, write in items]:
+                for f in [ex.submit(write, fh) for _, write in items]:
                     f.result()
-        os.fsync(fd)
+        fh.sync()
     finally:
-        os.close(fd)
+        fh.close()
     if callable(info):
         info = info(WriteStats(nbytes=sum(j.entry.nbytes for j in jobs), narrays=len(jobs),
                                seconds=time.perf_counter() - t0))
     with gc_paused():
         raw = _manifest_bytes(node, jobs, sharded, size, header, kinds, metadata, info)
-    mpath = os.path.join(directory, MANIFEST_NAME)
-    with open(mpath, "xb") as f:
-        f.write(raw)
-        f.flush()
-        os.fsync(f.fileno())
+    mh = storage.create(posixpath.join(directory, MANIFEST_NAME), len(raw))
+    try:
+        mh.pwrite(raw, 0)
+        mh.sync()
+    finally:
+        mh.close()
     nbytes = sum(j.entry.nbytes for j in jobs)
     return WriteStats(nbytes=nbytes, narrays=len(jobs), seconds=time.perf_counter() - t0)
 
@@ -433,14 +396,14 @@ def _manifest_bytes(node: Any, jobs: list[_Job], sharded: list, size: int, heade
                  for s, idx in sharded],
         files=[FileEntry(DATA_FILE, size, len(header))],
         kinds=dict(kinds or {}),
-        metadata=_plain(metadata or {}, "metadata"),
-        info=_plain(info or {}, "info"),
+        metadata=plain_data(metadata or {}, "metadata"),
+        info=plain_data(info or {}, "info"),
     )
     return manifest.to_bytes()
 
 
-def _plain(x: Any, what: str, path: Path = ()) -> Any:
-    """Check that user metadata is plain msgpack data (no arrays, no objects)."""
+def plain_data(x: Any, what: str, path: Path = ()) -> Any:
+    """Check that user metadata is plain msgpack data (no arrays, no objects); a copy."""
     if x is None or isinstance(x, (bool, bytes, float)):
         return x
     if isinstance(x, str):
@@ -460,10 +423,10 @@ def _plain(x: Any, what: str, path: Path = ()) -> Any:
                                            "must be str or int")
             if isinstance(k, str):
                 _check_utf8(k, path)
-            out[k] = _plain(v, what, (*path, k))
+            out[k] = plain_data(v, what, (*path, k))
         return out
     if isinstance(x, (list, tuple)):
-        return [_plain(v, what, (*path, i)) for i, v in enumerate(x)]
+        return [plain_data(v, what, (*path, i)) for i, v in enumerate(x)]
     raise UnsupportedLeafError(
         f"{what} at {format_path(path)}: {type(x).__name__} is not plain data "
         "(use str, numbers, bool, None, bytes, lists and dicts)")

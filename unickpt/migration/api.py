@@ -18,12 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from ..api import save
 from ..errors import CheckpointExistsError, ConfigError
+from ..format.commit import commit_checkpoint, prepare
 from ..format.reader import CheckpointReader
-from ..format.writer import flatten
+from ..manager.run_root import write_pointer
 from ..policy import parse_step
-from ..run_root import RootLock, write_pointer
 from ..state import to_tree
 from ..storage import LocalStorage
 from ..tree import Path
@@ -141,19 +140,20 @@ def migrate(src: str | os.PathLike, dst: str | os.PathLike, *, to: str, target: 
                   "rng": "re-derived from seed and step (statistically, not bitwise, "
                          "equivalent)"}
     new_info = dict(info, step=step, migrated_from=provenance)
-    prepared = (flatten(out), tkinds)  # validates every leaf before the root is touched
+    prepared = prepare(out, tkinds)  # validates every leaf before the root is touched
     os.makedirs(root, exist_ok=True)
     # Hold the run root's writer lock: a manager running on DST must not interleave with us.
-    lock = RootLock(root)
+    storage = LocalStorage()
+    lock = storage.lock(root)
     lock.acquire()
     try:
         if os.path.lexists(final):
             raise CheckpointExistsError(f"{final} already exists; migrate into a fresh run root "
                                         "or remove that checkpoint first")
-        save(final, None, metadata=metadata, _info=new_info, _prepared=prepared)
+        commit_checkpoint(storage, final, prepared, metadata=metadata, info=new_info)
         steps = [parse_step(n) for n in os.listdir(root)]
         if max((s for s in steps if s is not None), default=step) <= step:
-            write_pointer(LocalStorage(), root, f"step_{step}")
+            write_pointer(storage, root, f"step_{step}")
     finally:
         lock.release()
     return MigrationReport(final, step, src_fw, to, conv.rules_applied, conv.dropped,

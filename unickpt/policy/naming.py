@@ -20,7 +20,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 # The storage layer names its temporary and trash directories; policy only recognises them.
-from ..storage import TEMP_PREFIX, TRASH_PREFIX
+from ..storage import LOCK_NAME, TEMP_PREFIX, TRASH_PREFIX
 
 __all__ = ["STEP_PREFIX", "RUN_PREFIX", "LATEST_NAME", "LOCK_NAME", "TEMP_PREFIX",
            "TRASH_PREFIX", "format_step", "parse_step", "format_run", "parse_run", "Listing",
@@ -29,7 +29,6 @@ __all__ = ["STEP_PREFIX", "RUN_PREFIX", "LATEST_NAME", "LOCK_NAME", "TEMP_PREFIX
 STEP_PREFIX = "step_"
 RUN_PREFIX = "run_"
 LATEST_NAME = "latest"
-LOCK_NAME = ".unickpt.lock"
 
 _STEP = re.compile(r"^step_(0|[1-9][0-9]*)$")
 _RUN = re.compile(r"^run_(0|[1-9][0-9]*)$")

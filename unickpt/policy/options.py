@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
+from ..storage import STALE_TEMP_SECONDS
 
 __all__ = ["ManagerConfig", "RESUME_MODES", "ON_EXISTING", "BEST_MODES", "make_config"]
 
@@ -63,7 +64,7 @@ class ManagerConfig:
     best_metric: str | None = None
     best_mode: str = "min"
     async_save: bool = False
-    stale_temp_seconds: float = 3600.0
+    stale_temp_seconds: float = STALE_TEMP_SECONDS
     verify: bool = True
 
     def __post_init__(self) -> None:

@@ -18,9 +18,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import __version__
-from .errors import UnsupportedLeafError
-from .format.writer import WriteStats
+from .. import __version__
+from ..errors import UnsupportedLeafError
+from ..format.writer import WriteStats
 
 __all__ = ["StartDecision", "Restored", "CheckpointInfo", "checkpoint_info",
            "plain_metrics", "framework_versions"]

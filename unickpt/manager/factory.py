@@ -21,7 +21,7 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["ManagerProtocol", "create_manager"]
 

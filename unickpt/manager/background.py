@@ -20,7 +20,7 @@ import warnings
 import weakref
 from collections.abc import Callable
 
-from .errors import BackgroundSaveError
+from ..errors import BackgroundSaveError
 
 __all__ = ["BackgroundSaver"]
 
@@ -40,10 +40,6 @@ class BackgroundSaver:
         self._error: BaseException | None = None
         self._label = ""
         _live.add(self)
-
-    @property
-    def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
 
     def submit(self, job: Callable[[], None], label: str = "") -> None:
         """Start ``job`` after the previous one finished (raising its error, if any)."""

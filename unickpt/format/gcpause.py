@@ -1,4 +1,4 @@
-"""Pausing the cyclic garbage collector around bulk (de)serialization."""
+"""Pausing the cyclic garbage collector around bulk (de)serialization (internal module)."""
 
 from __future__ import annotations
 

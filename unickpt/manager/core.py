@@ -22,31 +22,30 @@ from __future__ import annotations
 import logging
 import math
 import os
+import posixpath
 import threading
 import time
-import uuid
 import warnings
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .background import BackgroundSaver
-from .errors import (
+from ..errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     ConfigError,
     CorruptCheckpointError,
-    RunRootError,
+    ManagerClosedError,
     UnickptError,
 )
-from .format import _hash
-from .format.reader import CheckpointReader, is_committed
-from .format.writer import WriteStats, _plain, flatten, write_tree
-from .policy import (
+from ..format import checksum
+from ..format.commit import commit_checkpoint, prepare
+from ..format.reader import CheckpointReader, is_committed
+from ..format.writer import WriteStats, plain_data
+from ..policy import (
     RESUME_MODES,
-    TRASH_PREFIX,
     Listing,
-    format_run,
+    ManagerConfig,
     format_step,
     make_config,
     parse_step,
@@ -55,6 +54,9 @@ from .policy import (
     should_save,
     to_delete,
 )
+from ..state import restore_tree, to_tree
+from ..storage import Storage
+from .background import BackgroundSaver
 from .records import (
     CheckpointInfo,
     Restored,
@@ -62,9 +64,7 @@ from .records import (
     checkpoint_info,
     plain_metrics,
 )
-from .run_root import RootLock, clean_leftovers, read_info, scan, write_pointer
-from .state import restore_tree, to_tree
-from .storage import LocalStorage, Storage, staged
+from .run_root import RunRoot, read_info
 
 __all__ = ["CheckpointManager", "StartDecision", "Restored", "CheckpointInfo"]
 
@@ -84,8 +84,9 @@ class CheckpointManager:
 
     Args:
         root: the run root; checkpoints are ``ROOT/step_<N>``.
-        storage: where bytes live (default: the local filesystem).
-        **options: see :class:`unickpt.policy.ManagerConfig` (``resume``, ``on_existing``,
+        config: a :class:`unickpt.ManagerConfig` holding the options below.
+        storage: where bytes live (default: the local filesystem; see docs/storage.md).
+        **options: the short form of ``config`` (not both): see :class:`unickpt.policy.ManagerConfig` (``resume``, ``on_existing``,
             ``enabled``, ``save_every``, ``save_every_seconds``, ``keep_last``,
             ``keep_every``, ``keep_best``, ``best_metric``, ``best_mode``, ``async_save``,
             ``stale_temp_seconds``, ``verify``).  They are validated here, before any I/O;
@@ -97,14 +98,14 @@ class CheckpointManager:
     decision.  ``checkpoints()`` and ``latest()`` only look.
     """
 
-    def __init__(self, root: str | os.PathLike, *, storage: Storage | None = None,
-                 **options: Any):
-        self.config = make_config(options)
+    def __init__(self, root: str | os.PathLike, *, config: ManagerConfig | None = None,
+                 storage: Storage | None = None, **options: Any):
+        self.config = _config(config, options)
         if not isinstance(root, (str, os.PathLike)) or not os.fspath(root):
             raise ConfigError(f"root={root!r} is not allowed; give a directory path")
-        self.root = os.path.abspath(os.fspath(root))
-        self.storage: Storage = storage or LocalStorage()
-        self._lock = RootLock(self.root)
+        self.run_root = RunRoot(root, storage)
+        self.root = self.run_root.path
+        self.storage: Storage = self.run_root.storage
         self._mutex = threading.RLock()  # root mutations: foreground vs background thread
         self._decision: StartDecision | None = None
         self._steps: set[int] = set()
@@ -116,7 +117,7 @@ class CheckpointManager:
         self._saver = BackgroundSaver(self.root) if self.config.async_save else None
         # A manager dropped without close() must not keep its root locked for the rest of
         # the process (notebooks re-create managers); the finalizer holds only the lock.
-        weakref.finalize(self, self._lock.release)
+        weakref.finalize(self, self.run_root.release)
 
     # ------------------------------------------------------------------ context manager
     def __enter__(self) -> CheckpointManager:
@@ -136,27 +137,13 @@ class CheckpointManager:
         return f"CheckpointManager({self.root!r}, {self.config})"
 
     # ------------------------------------------------------------------ start
-    def _open_root(self) -> None:
-        root = self.root
-        if os.path.lexists(root) and not os.path.isdir(root):
-            raise RunRootError(f"run root {root} exists and is not a directory; point the "
-                               "manager at a directory")
-        try:
-            self.storage.make_dirs(root)
-        except OSError as e:
-            raise RunRootError(f"cannot create run root {root}: {e.strerror or e}; choose a "
-                               "writable location") from e
-        if not os.access(root, os.W_OK | os.X_OK):
-            raise RunRootError(f"run root {root} is not writable by this process; fix its "
-                               "permissions or choose another root")
-        self._lock.acquire()
-
     def _resolve_path(self, p: str) -> tuple[str, int | None, int]:
         """``(abs path, step if inside the root else None, step recorded in it)``."""
-        path = os.path.abspath(p)
-        if not is_committed(path):
-            why = "does not exist" if not os.path.lexists(path) else (
-                "is not a directory" if not os.path.isdir(path) else
+        st = self.storage
+        path = st.resolve(p)
+        if not is_committed(path, st):
+            why = "does not exist" if not st.exists(path) else (
+                "is not a directory" if not st.is_dir(path) else
                 "has no manifest (not a unickpt checkpoint, or an uncommitted one)")
             raise CheckpointNotFoundError(
                 f"resume={p!r} is not a committed checkpoint: {path} {why}. Allowed: "
@@ -165,9 +152,9 @@ class CheckpointManager:
         if info is None:
             raise CorruptCheckpointError(f"resume={p!r}: the manifest of {path} is damaged; "
                                          "pick another checkpoint", path=path)
-        name_step = parse_step(os.path.basename(path))
+        name_step = parse_step(posixpath.basename(path))
         recorded = info.get("step") if isinstance(info.get("step"), int) else name_step
-        inside = os.path.dirname(path) == self.root and name_step is not None
+        inside = posixpath.dirname(path) == self.root and name_step is not None
         return path, (name_step if inside else None), recorded or 0
 
     def resolve_start(self) -> StartDecision:
@@ -193,44 +180,42 @@ class CheckpointManager:
                     resume = inside_step
                 else:
                     external = (path, recorded)
-            self._open_root()
-            listing = scan(self.storage, self.root)
-            clean_leftovers(self.storage, self.root, listing, threshold=cfg.stale_temp_seconds)
-            if resume in ("auto", "must"):
-                listing = self._skip_unreadable(listing)
-            plan = plan_start(resume if external is None else "path", listing,
-                              on_existing=cfg.on_existing, root=self.root,
-                              external=external is not None,
-                              external_step=external[1] if external else None)
-            archived_to = None
-            if plan.archive:
-                archived_to = os.path.join(self.root, format_run(plan.archive_run))
-                self.storage.make_dirs(archived_to)
-                for s in plan.archive:
-                    self.storage.move(os.path.join(self.root, format_step(s)),
-                                      os.path.join(archived_to, format_step(s)))
-            self._steps = set(listing.steps) - set(plan.archive)
-            if plan.archive:
-                write_pointer(self.storage, self.root,
-                              format_step(max(self._steps)) if self._steps else None)
-            path = external[0] if external else (
-                os.path.join(self.root, plan.name) if plan.name else None)
-            if plan.resume and external is None:
-                self._resumed_step = self._last_saved_step = plan.step
-            reason = plan.reason
-            if archived_to:
-                reason += f"; archived {len(plan.archive)} checkpoints into {archived_to}"
-            self._decision = StartDecision(plan.resume, plan.step, path, reason, archived_to,
-                                           tuple(format_step(s) for s in plan.archive))
-            log.info("unickpt: %s: %s", self.root, reason)
+            self._decision = self._start(resume, external)
+            log.info("unickpt: %s: %s", self.root, self._decision.reason)
             return self._decision
+
+    def _start(self, resume: Any, external: tuple[str, int] | None) -> StartDecision:
+        """Lock the root, clean it, plan the start and apply it (archive)."""
+        cfg, rr = self.config, self.run_root
+        rr.open()
+        listing = rr.scan()
+        rr.clean_leftovers(listing, threshold=cfg.stale_temp_seconds)
+        if resume in ("auto", "must"):
+            listing = self._skip_unreadable(listing)
+        plan = plan_start(resume if external is None else "path", listing,
+                          on_existing=cfg.on_existing, root=self.root,
+                          external=external is not None,
+                          external_step=external[1] if external else None)
+        archived_to = rr.archive(plan.archive, plan.archive_run) if plan.archive else None
+        self._steps = set(listing.steps) - set(plan.archive)
+        if plan.archive:
+            rr.write_pointer(format_step(max(self._steps)) if self._steps else None)
+        path = external[0] if external else (
+            posixpath.join(self.root, plan.name) if plan.name else None)
+        if plan.resume and external is None:
+            self._resumed_step = self._last_saved_step = plan.step
+        reason = plan.reason
+        if archived_to:
+            reason += f"; archived {len(plan.archive)} checkpoints into {archived_to}"
+        return StartDecision(plan.resume, plan.step, path, reason, archived_to,
+                             tuple(format_step(s) for s in plan.archive))
 
     def _skip_unreadable(self, listing: Listing) -> Listing:
         # Walk down from the newest: a checkpoint whose manifest cannot be decoded counts as
         # incomplete (never resumed from), with a warning; older ones stay candidates.
         steps = list(listing.steps)
         while steps:
-            info = read_info(self.storage, os.path.join(self.root, format_step(steps[-1])))
+            info = self.run_root.read_info(steps[-1])
             if info is not None:
                 self._metrics.setdefault(steps[-1], dict(info.get("metrics") or {}))
                 break
@@ -255,7 +240,7 @@ class CheckpointManager:
         d = self.resolve_start()
         if not d.resume or d.path is None:
             return Restored(0, state, False, None)
-        with CheckpointReader(d.path) as r:
+        with CheckpointReader(d.path, self.storage) as r:
             # mmap + verify: every array is checksummed in place, then copied into its target.
             # Sharded arrays stay pieces (assemble=False): an adapter reads only the regions
             # its target sharding needs (no full host gather); np.asarray(piece) assembles.
@@ -285,7 +270,7 @@ class CheckpointManager:
             self._poll_background()
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ConfigError(f"save(step={step!r}): a step is a non-negative int")
-        _hash.require(f"saving into {self.root}")
+        checksum.require(f"saving into {self.root}")
         self.resolve_start()
         cfg = self.config
         now = time.monotonic()
@@ -305,10 +290,10 @@ class CheckpointManager:
                 "resume='never' to start over)")
         clean_metrics = plain_metrics(metrics, step)
         # checked and copied now: the caller may change its dict while an async save runs
-        clean_metadata = _plain(dict(metadata or {}), "metadata")
-        final = os.path.join(self.root, format_step(step))
+        clean_metadata = plain_data(dict(metadata or {}), "metadata")
+        final = self.run_root.step_path(step)
         # Not committed (else it would be in _steps), so not ours: never write into it.
-        if self.storage.is_dir(final) or self.storage.is_file(final):
+        if self.storage.exists(final):
             raise CheckpointExistsError(
                 f"save(step={step}): {final} exists but is not a committed checkpoint (left "
                 "by another tool?); move or delete it, unickpt never writes into it")
@@ -317,14 +302,14 @@ class CheckpointManager:
             self._wait_background()  # at most one save in flight: its snapshot is freed first
             t0 = time.perf_counter()
             tree, kinds = to_tree(state, snapshot=True)
-            prepared = flatten(tree)  # validates every leaf here, in the caller's thread
+            prepared = prepare(tree, kinds)  # validates every leaf here, in the caller's thread
             self._last_saved_step, self._last_save_time = step, now
-            self._saver.submit(lambda: self._write(step, prepared, kinds, clean_metrics,
+            self._saver.submit(lambda: self._write(step, prepared, clean_metrics,
                                                    clean_metadata, t0), format_step(step))
             return True
         tree, kinds = to_tree(state)
-        prepared = flatten(tree)
-        self._write(step, prepared, kinds, clean_metrics, clean_metadata, t0)
+        prepared = prepare(tree, kinds)
+        self._write(step, prepared, clean_metrics, clean_metadata, t0)
         self._last_saved_step, self._last_save_time = step, now
         return True
 
@@ -334,10 +319,10 @@ class CheckpointManager:
                                resumed_from=self._resumed_step,
                                retention=self.config.retention_options())
 
-    def _write(self, step: int, prepared: Any, kinds: dict, metrics: dict, metadata: dict,
+    def _write(self, step: int, prepared: Any, metrics: dict, metadata: dict,
                t0: float) -> None:
         name = format_step(step)
-        final = os.path.join(self.root, name)
+        final = self.run_root.step_path(step)
         recorded: dict = {}
 
         def info(stats: WriteStats) -> dict:
@@ -345,11 +330,8 @@ class CheckpointManager:
             return recorded
 
         try:
-            with staged(self.storage, final) as tmp:
-                write_tree(tmp, None, metadata=metadata, info=info, kinds=kinds,
-                           prepared=prepared)
-                with self._mutex:
-                    self.storage.commit(tmp, final)
+            commit_checkpoint(self.storage, final, prepared, metadata=metadata, info=info,
+                              publish_guard=lambda: self._mutex)
         except OSError as e:  # disk full, quota, I/O error: say which save and what is left
             raise OSError(e.errno, f"{e.strerror or e} while saving {final}: nothing was "
                                    "committed and earlier checkpoints are intact") from e
@@ -358,7 +340,7 @@ class CheckpointManager:
             self._metrics[step] = metrics
             if step == max(self._steps):
                 try:
-                    write_pointer(self.storage, self.root, name)
+                    self.run_root.write_pointer(name)
                 except OSError as e:  # the pointer is informational: readers scan
                     log.warning("unickpt: %s is committed but the latest pointer could not "
                                 "be updated: %s", final, e)
@@ -371,7 +353,7 @@ class CheckpointManager:
 
     def _metrics_of(self, step: int) -> dict:
         if step not in self._metrics:
-            info = read_info(self.storage, os.path.join(self.root, format_step(step)))
+            info = self.run_root.read_info(step)
             self._metrics[step] = dict((info or {}).get("metrics") or {})
         return self._metrics[step]
 
@@ -388,22 +370,10 @@ class CheckpointManager:
         doomed = to_delete(kept)
         if not doomed:
             return
-        # Rename out of the step_N namespace first (durably, one fsync for the batch): a
-        # crash mid-delete then leaves trash that no reader looks at, never a step_N with
-        # half its files.  A crash before that fsync leaves the checkpoints whole.
-        pairs = [(os.path.join(self.root, format_step(s)),
-                  os.path.join(self.root, f"{TRASH_PREFIX}{format_step(s)}."
-                                          f"{uuid.uuid4().hex[:8]}")) for s in doomed]
-        self.storage.move_many(pairs)
+        self.run_root.delete(doomed)  # trash first: a crash never leaves half a step_N
         for s in doomed:
             self._steps.discard(s)
             self._metrics.pop(s, None)
-        for _, trash in pairs:
-            try:
-                self.storage.remove_tree(trash)
-            except OSError as e:
-                log.warning("unickpt: could not remove %s: %s (removed at the next start)",
-                            trash, e)
 
     # ------------------------------------------------------------------ background
     def _poll_background(self) -> None:
@@ -437,38 +407,31 @@ class CheckpointManager:
             self.wait()
         finally:
             self._closed = True
-            self._lock.release()
+            self.run_root.release()
 
     def _check_open(self) -> None:
         if self._closed:
-            raise UnickptError(f"the CheckpointManager of {self.root} is closed; create a "
-                               "new one")
+            raise ManagerClosedError(f"the CheckpointManager of {self.root} is closed; "
+                                     "create a new one")
 
     # ------------------------------------------------------------------ lookups
     def checkpoints(self) -> list[CheckpointInfo]:
         """The committed checkpoints of the root, oldest first (no side effects)."""
-        if not self.storage.is_dir(self.root):
-            return []
-        out = []
-        for s in scan(self.storage, self.root).steps:
-            out.append(self._describe(s))
-        return out
+        return self.run_root.checkpoints()
 
     def latest(self) -> CheckpointInfo | None:
         """The newest committed checkpoint, or None (no side effects)."""
-        if not self.storage.is_dir(self.root):
-            return None
-        newest = scan(self.storage, self.root).newest
-        return None if newest is None else self._describe(newest)
+        return self.run_root.latest()
 
-    def _describe(self, step: int) -> CheckpointInfo:
-        path = os.path.join(self.root, format_step(step))
-        info = read_info(self.storage, path) or {}
-        try:
-            size = self.storage.tree_size(path)
-            mtime = self.storage.mtime(path)
-        except OSError:  # deleted meanwhile (retention of a running writer)
-            size, mtime = 0, 0.0
-        t = info.get("time")
-        return CheckpointInfo(step, path, float(t) if isinstance(t, (int, float)) else mtime,
-                              size, dict(info.get("metrics") or {}))
+
+def _config(config: ManagerConfig | None, options: dict[str, Any]) -> ManagerConfig:
+    """The manager's config: ``config=`` or the keyword short form, not both."""
+    if config is None:
+        return make_config(options)
+    if options:
+        raise ConfigError(f"CheckpointManager(config=..., {', '.join(sorted(options))}=...): "
+                          "give the options either as a ManagerConfig or as keywords, not both "
+                          "(dataclasses.replace(config, ...) changes a config)")
+    if not isinstance(config, ManagerConfig):
+        raise ConfigError(f"config={config!r} is not allowed; give a unickpt.ManagerConfig")
+    return config
