@@ -4,6 +4,8 @@ typed error by every reader (load, load(mmap), inspect, verify), fast and in bou
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 import tracemalloc
 
@@ -209,3 +211,23 @@ def test_a_v2_manifest_without_the_header_checksum_is_refused(tmp_path):
     path = _pieces_checkpoint(tmp_path, 1)
     _rewrite(path, lambda b: b["files"][0].pop("header_xxh3"))
     _all_refuse(path, "field 'header_xxh3' missing")
+
+
+# ------------------------------------------------------------------ start-up: lazy ml_dtypes
+def test_ml_dtypes_is_imported_only_when_a_checkpoint_needs_it(tmp_path):
+    import ml_dtypes
+
+    unickpt.save(tmp_path / "plain", {"w": np.ones(2, np.float32)})
+    unickpt.save(tmp_path / "bf", {"w": np.ones(2, ml_dtypes.bfloat16)})
+    code = (
+        "import sys, unickpt\n"
+        "assert 'ml_dtypes' not in sys.modules, 'imported at start-up'\n"
+        f"unickpt.load({str(tmp_path / 'plain')!r})\n"
+        "assert 'ml_dtypes' not in sys.modules, 'imported for a float32 checkpoint'\n"
+        f"w = unickpt.load({str(tmp_path / 'bf')!r})['w']\n"
+        "assert w.dtype.name == 'bfloat16' and w.tobytes() == b'\\x80\\x3f' * 2\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=120, start_new_session=True)
+    assert r.returncode == 0, r.stderr

@@ -113,7 +113,9 @@ class CheckpointReader:
             self._warned_unverified = False
             # array index -> tree path, for naming leaves in errors (found without reading data)
             self.array_paths: dict[int, Path] = {}
-            self._skeleton = self._decode(self._array_ref, self._sharded_ref)
+            self._skeleton = decode_node(
+                self.manifest.tree,
+                DecodeContext(self.manifest, self.path, self._array_ref, self._sharded_ref))
 
     # The first (validating) decode keeps the tree with placeholders where arrays go, so that
     # tree() only substitutes them instead of decoding and validating the manifest again.
@@ -269,10 +271,6 @@ class CheckpointReader:
         return bad
 
     # ---------------------------------------------------------------- tree
-    def _decode(self, array: Callable[[int, Path], Any], sharded: Callable[[int, Path], Any]):
-        return decode_node(self.manifest.tree,
-                           DecodeContext(self.manifest, self.path, array, sharded))
-
     def map_tree(self, array: Callable[[int, Path], Any],
                  sharded: Callable[[int, Path], Any]) -> Any:
         """The tree with ``array(i, path)`` / ``sharded(i, path)`` where its arrays go.
@@ -301,6 +299,8 @@ class CheckpointReader:
 
         with gc_paused():
             return walk(self._skeleton, ())
+
+    _decode = map_tree  # the former private name, still used by inspect and the CLI
 
     def tree(self, *, mmap: bool = False, verify: bool | None = None,
              assemble: bool = True, workers: int = 4) -> Any:
