@@ -93,6 +93,11 @@ def load(path: str | os.PathLike, *, mmap: bool = False, verify: bool | None = N
     fresh arrays.  ``verify`` (default: on unless ``mmap``) checks every array's checksum and
     raises :class:`~unickpt.CorruptCheckpointError` naming the damaged leaf.  Needs only
     numpy, msgpack and ml_dtypes.
+
+    ``load(path, mmap=True)`` does **not** verify array data by default (that would read every
+    page the map is meant to leave untouched): damaged bytes then come back as wrong values,
+    silently.  Pass ``verify=True`` (or run :func:`verify` once) when the data must be
+    trusted.  The manifest and the files' headers are checked either way.
     """
     with CheckpointReader(path) as r:
         return r.tree(mmap=mmap, verify=verify)
