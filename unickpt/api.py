@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import CheckpointExistsError, CorruptCheckpointError, UnsupportedLeafError
-from .format import _hash
+from .format import require_checksums
 from .format.reader import CheckpointReader, is_committed
 from .format.writer import flatten, write_tree
 from .state import to_tree
@@ -60,7 +60,7 @@ def save(path: str | os.PathLike, tree: Any, *, metadata: dict | None = None,
     """
     t0 = time.perf_counter()
     final = os.path.abspath(os.fspath(path))
-    _hash.require(f"saving {final}")  # before any I/O: nothing is half-written without it
+    require_checksums(f"saving {final}")  # before any I/O: nothing is half-written without it
     storage = _storage or LocalStorage()
     if os.path.lexists(final):
         if not overwrite:
@@ -158,7 +158,7 @@ def inspect(path: str | os.PathLike) -> Inspection:
             leaves.append(LeafInfo(format_path(p), "sharded", s.dtype, s.shape, nb))
             return None
 
-        tree = r._decode(arr, sharded)
+        tree = r.map_tree(arr, sharded)
         from .tree import iter_leaves
 
         order = {lf.path: lf for lf in leaves}
