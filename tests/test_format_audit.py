@@ -13,9 +13,12 @@ import msgpack
 import numpy as np
 import pytest
 import xxhash
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import unickpt
-from unickpt.format.manifest import MANIFEST_NAME, decimal_to_int, int_to_decimal
+from unickpt.errors import CorruptCheckpointError
+from unickpt.format.manifest import MANIFEST_NAME, check_no_overlap, decimal_to_int, int_to_decimal
 
 DATA = "arrays.safetensors"
 EMPTY = xxhash.xxh3_64_intdigest(b"")
@@ -231,3 +234,24 @@ def test_ml_dtypes_is_imported_only_when_a_checkpoint_needs_it(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=120, start_new_session=True)
     assert r.returncode == 0, r.stderr
+
+
+@settings(max_examples=300, database=None, derandomize=True, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6)), min_size=2,
+                         max_size=2), min_size=2, max_size=8))
+def test_the_grid_overlap_check_agrees_with_pairwise_comparison(raw):
+    boxes = [tuple((min(a, b), max(a, b)) for a, b in box) for box in raw]
+
+    def overlap(p, q):
+        return all(max(a0, c0) < min(b0, d0) for (a0, b0), (c0, d0) in zip(p, q))
+
+    expected = any(overlap(p, q) for k, p in enumerate(boxes) for q in boxes[k + 1:])
+
+    def fail(msg):
+        raise CorruptCheckpointError(msg)
+
+    if expected:
+        with pytest.raises(CorruptCheckpointError, match="overlaps another piece"):
+            check_no_overlap(boxes, (6, 6), fail, 0)
+    else:
+        check_no_overlap(boxes, (6, 6), fail, 0)
