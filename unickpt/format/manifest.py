@@ -21,6 +21,7 @@ import numpy as np
 from ..errors import CorruptCheckpointError, FormatVersionError
 from ..tree import Path, format_path
 from . import _hash
+from .bigint import MAX_BIG_INT_CHARS, decimal_to_int, encode_big_int, int_to_decimal
 from .dtypes import UnsupportedDtype, dtype_from_name, has_byteorder
 
 FORMAT_VERSION = 2  # written; v2 added the safetensors header checksum (header_xxh3)
@@ -29,7 +30,6 @@ MANIFEST_NAME = "manifest.msgpack"
 MAX_MANIFEST_BYTES = 1 << 30  # 1 GiB: far above any real manifest, bounds a hostile one
 MAX_NDIM = 64
 MAX_DEPTH = 256  # tree nesting; the writer refuses deeper trees
-MAX_BIG_INT_CHARS = 100_000  # decimal characters (sign included) of an ["i", ...] node
 _INT64_MIN, _UINT64_MAX = -(1 << 63), (1 << 64) - 1
 _BIG_INT = re.compile(r"-?(0|[1-9][0-9]*)\Z")  # int() alone would accept "1_0", " 7", "+7"
 
@@ -473,53 +473,6 @@ def _shape(v: list, fail: Callable[[str], NoReturn], what: str | int,
 def _safe_file_name(name: str) -> bool:
     return (bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
             and "\x00" not in name and os.path.basename(name) == name and len(name) < 256)
-
-
-# Python refuses str <-> int conversions past 4,300 digits (sys.get_int_max_str_digits); the
-# limit is process-wide, so rather than lifting it the conversions below work in pieces of at
-# most _DIGITS digits (exact, thread-safe, and quasi-linear by splitting in halves).
-_DIGITS = 4000
-
-
-def decimal_to_int(s: str) -> int:
-    """Parse a validated decimal string of any length (no sign handling beyond a leading '-').
-
-    >>> decimal_to_int("-" + "9" * 9000) == -(10 ** 9000 - 1)
-    True
-    """
-    if s.startswith("-"):
-        return -decimal_to_int(s[1:])
-    if len(s) <= _DIGITS:
-        return int(s)
-    half = len(s) // 2
-    return decimal_to_int(s[:-half]) * 10 ** half + decimal_to_int(s[-half:])
-
-
-def int_to_decimal(x: int) -> str:
-    """The decimal digits of ``x``, without Python's 4,300-digit limit.
-
-    >>> int_to_decimal(10 ** 4400) == "1" + "0" * 4400
-    True
-    """
-    if x < 0:
-        return "-" + int_to_decimal(-x)
-    if x < 10 ** _DIGITS:
-        return str(x)
-    half = (len(hex(x)) * 4 * 3 // 10 + 1) // 2  # about half the decimal digits
-    hi, lo = divmod(x, 10 ** half)
-    return int_to_decimal(hi) + int_to_decimal(lo).rjust(half, "0")
-
-
-def encode_big_int(x: int) -> list:
-    """The ``["i", "<decimal>"]`` node of an int outside the 64-bit range.
-
-    Raises ``ValueError`` past :data:`MAX_BIG_INT_CHARS` characters (the reader's bound).
-    """
-    s = int_to_decimal(x)
-    if len(s) > MAX_BIG_INT_CHARS:
-        raise ValueError(f"int with {len(s)} decimal characters (the format stores at most "
-                         f"{MAX_BIG_INT_CHARS})")
-    return ["i", s]
 
 
 def check_int_range(x: int) -> bool:
