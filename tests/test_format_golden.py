@@ -1,5 +1,6 @@
-"""Golden checkpoints of format v1 (tests/golden/v1, written once by make_golden.py) stay
-loadable, bit for bit.  Expected values are rebuilt here independently, never by re-saving."""
+"""Golden checkpoints of every format version (tests/golden/v<N>, written once per version by
+make_golden.py) stay loadable, bit for bit.  Expected values are rebuilt here independently,
+never by re-saving.  Every test runs against each version's files."""
 
 from __future__ import annotations
 
@@ -16,7 +17,16 @@ from _bitwise import assert_bitwise_equal
 
 import unickpt
 
-GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "v1")
+GOLDEN_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
+VERSIONS = (1, 2)
+GOLDEN = os.path.join(GOLDEN_ROOT, "v1")
+
+
+@pytest.fixture(autouse=True, params=VERSIONS, ids=[f"v{v}" for v in VERSIONS])
+def version(request, monkeypatch):
+    """Point GOLDEN at each version's directory in turn."""
+    monkeypatch.setitem(globals(), "GOLDEN", os.path.join(GOLDEN_ROOT, f"v{request.param}"))
+    return request.param
 
 
 # Deliberately a copy of make_golden.pat/raw: if the generator changes, these tests must not.
@@ -137,14 +147,14 @@ def test_sharded_arrays_assemble():
     assert [p.index for p in kept["grid"].pieces][0] == ((0, 2), (0, 3))
 
 
-def test_metadata_and_info():
+def test_metadata_and_info(version):
     path = os.path.join(GOLDEN, "metadata")
     assert_bitwise_equal({"x": np.array([0, 1, 2], np.int64)}, unickpt.load(path))
     ins = unickpt.inspect(path)
     assert ins.metadata == {"lr": 0.001, "tags": ["a", "b"], "nested": {"k": None, 3: b"\x00"},
                             "big": 18446744073709551615}
     assert ins.info == {"step": 7, "writer": "make_golden"}
-    assert ins.format_version == 1 and ins.library_version == "0.1.0"
+    assert ins.format_version == version and ins.library_version == "0.1.0"
 
 
 def test_roots_that_are_not_dicts():
@@ -176,17 +186,34 @@ TINY_MANIFEST_HEX = (
 )
 
 
-def test_tiny_manifest_bytes_are_stable():
-    """The worked example of docs/FORMAT.md, byte for byte."""
+TINY_MANIFEST_HEX_V2 = (
+    "83a7756e69636b707402a478786833cf3208acdcb2d989f1a4626f6479c501138aae666f726d61745f7665"
+    "7273696f6e02af6c6962726172795f76657273696f6ea5302e312e30a8636865636b73756da7787868335f"
+    "3634a47472656592a16494a17792a16100a47374657007a66172726179739187a466696c65b26172726179"
+    "732e7361666574656e736f7273a46e616d65a177a56474797065a7666c6f61743332a57368617065910"
+    "2a66f6666736574cc80a66e627974657308a478786833cf4de8d78f7134f4b7a773686172646564"
+    "90a566696c65739184a46e616d65b26172726179732e7361666574656e736f7273a473697a65cc88aa6461"
+    "74615f7374617274cc80ab6865616465725f78786833cfa9e5d93cd0994991a56b696e647390a86d657461"
+    "6461746180a4696e666f80"
+)
+
+
+def test_tiny_manifest_bytes_are_stable(version):
+    """The worked example of docs/FORMAT.md, byte for byte (one per version)."""
     with open(os.path.join(GOLDEN, "tiny", "manifest.msgpack"), "rb") as f:
-        assert f.read().hex() == TINY_MANIFEST_HEX
+        assert f.read().hex() == {1: TINY_MANIFEST_HEX, 2: TINY_MANIFEST_HEX_V2}[version]
+
+
+def test_new_saves_write_the_newest_version(tmp_path):
+    unickpt.save(tmp_path / "ck", {"w": np.zeros(2, np.float32)})
+    assert unickpt.inspect(tmp_path / "ck").format_version == max(VERSIONS)
 
 
 def _spec_reader(path: str) -> dict:
     """A minimal reader written from docs/FORMAT.md alone (msgpack + json + numpy, no unickpt)."""
     with open(os.path.join(path, "manifest.msgpack"), "rb") as f:
         outer = msgpack.unpackb(f.read(), raw=False)
-    assert outer["unickpt"] == 1
+    assert outer["unickpt"] in VERSIONS
     assert outer["xxh3"] == xxhash.xxh3_64_intdigest(outer["body"])
     body = msgpack.unpackb(outer["body"], raw=False, strict_map_key=False)
     (fe,) = body["files"]
@@ -195,6 +222,10 @@ def _spec_reader(path: str) -> dict:
     assert len(data) == fe["size"]
     hlen = int.from_bytes(data[:8], "little")
     assert 8 + hlen == fe["data_start"] and fe["data_start"] % 64 == 0
+    if outer["unickpt"] >= 2:  # v2: the header (length prefix included) has its own checksum
+        assert fe["header_xxh3"] == xxhash.xxh3_64_intdigest(data[:fe["data_start"]])
+    else:
+        assert "header_xxh3" not in fe
     header = json.loads(data[8:8 + hlen])
     arrays = []
     for e in body["arrays"]:
@@ -221,12 +252,22 @@ def _spec_reader(path: str) -> dict:
             return arrays[payload]
         if tag == "i":
             return int(payload)
+        if tag == "s":  # sharded: copy each piece into the global array
+            sh = body["sharded"][payload]
+            dt = np.dtype(sh["dtype"]).newbyteorder("<")
+            out = np.empty(sh["shape"], dt)
+            for p in sh["pieces"]:
+                out[tuple(slice(a, b) for a, b in p["index"])] = arrays[p["array"]]
+            if sh.get("byteorder") == ">":
+                out = out.astype(dt.newbyteorder(">"))
+            return out
         raise AssertionError(tag)
 
     return node(body["tree"])
 
 
-@pytest.mark.parametrize("name", ["tiny", "scalars", "numeric", "structure", "layouts"])
+@pytest.mark.parametrize("name", ["tiny", "scalars", "numeric", "structure", "layouts",
+                                  "sharded"])
 def test_an_independent_reader_written_from_the_spec_agrees(name):
     path = os.path.join(GOLDEN, name)
     assert_bitwise_equal(unickpt.load(path), _spec_reader(path))

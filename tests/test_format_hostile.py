@@ -105,7 +105,7 @@ def test_flipped_bit_in_manifest_body_fails_its_checksum(tmp_path):
                        r"manifest checksum mismatch \(the manifest file is damaged\)")
 
 
-@pytest.mark.parametrize("version", [0, 2, 99, -1])
+@pytest.mark.parametrize("version", [0, 3, 99, -1])
 def test_unknown_format_version(tmp_path, version):
     path = _sample(tmp_path)
     outer = _outer(path)
@@ -119,8 +119,8 @@ def test_unknown_format_version(tmp_path, version):
 
 def test_body_version_must_match_outer_version(tmp_path):
     path = _sample(tmp_path)
-    _rewrite_body(path, lambda b: b.update(format_version=2))
-    _all_readers_raise(path, unickpt.CorruptCheckpointError, "differs from the outer 1")
+    _rewrite_body(path, lambda b: b.update(format_version=1))
+    _all_readers_raise(path, unickpt.CorruptCheckpointError, "differs from the outer 2")
 
 
 def test_manifest_is_a_directory(tmp_path):

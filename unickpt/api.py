@@ -91,6 +91,11 @@ def load(path: str | os.PathLike, *, mmap: bool = False, verify: bool | None = N
     fresh arrays.  ``verify`` (default: on unless ``mmap``) checks every array's checksum and
     raises :class:`~unickpt.CorruptCheckpointError` naming the damaged leaf.  Needs only
     numpy, msgpack and ml_dtypes.
+
+    ``load(path, mmap=True)`` does **not** verify array data by default (that would read every
+    page the map is meant to leave untouched): damaged bytes then come back as wrong values,
+    silently.  Pass ``verify=True`` (or run :func:`verify` once) when the data must be
+    trusted.  The manifest and the files' headers are checked either way.
     """
     with CheckpointReader(path, storage) as r:
         return r.tree(mmap=mmap, verify=verify)
@@ -151,7 +156,7 @@ def inspect(path: str | os.PathLike, *, storage: Storage | None = None) -> Inspe
             leaves.append(LeafInfo(format_path(p), "sharded", s.dtype, s.shape, nb))
             return None
 
-        tree = r._decode(arr, sharded)
+        tree = r.map_tree(arr, sharded)
         from .tree import iter_leaves
 
         order = {lf.path: lf for lf in leaves}

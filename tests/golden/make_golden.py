@@ -1,4 +1,4 @@
-"""Write the golden checkpoints of format version 1 into ``tests/golden/v1/<name>/``.
+"""Write the golden checkpoints of the current format version into ``tests/golden/v<N>/<name>/``.
 
 Golden files are written ONCE per format version and committed; they must never be
 regenerated for an existing version (that would defeat their purpose: proving that files
@@ -20,9 +20,10 @@ import ml_dtypes
 import numpy as np
 
 import unickpt
+from unickpt.format import FORMAT_VERSION
 from unickpt.tree import LazyArray, Piece, ShardedArray
 
-HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "v1")
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"v{FORMAT_VERSION}")
 
 
 def pat(n: int, seed: int = 0) -> bytes:

@@ -31,8 +31,9 @@ from .manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
     ArrayEntry,
+    DecodeContext,
+    FileEntry,
     Manifest,
-    _Ctx,
     decode_node,
     read_manifest_bytes,
 )
@@ -117,7 +118,9 @@ class CheckpointReader:
             self._warned_unverified = False
             # array index -> tree path, for naming leaves in errors (found without reading data)
             self.array_paths: dict[int, Path] = {}
-            self._skeleton = self._decode(self._array_ref, self._sharded_ref)
+            self._skeleton = decode_node(
+                self.manifest.tree,
+                DecodeContext(self.manifest, self.path, self._array_ref, self._sharded_ref))
 
     # The first (validating) decode keeps the tree with placeholders where arrays go, so that
     # tree() only substitutes them instead of decoding and validating the manifest again.
@@ -162,8 +165,26 @@ class CheckpointReader:
                     f"{self.path}: array file {name!r} has a damaged safetensors header",
                     path=self.path, leaves=self._leaves_in(name))
             mm = fd.buffer() if actual else None
+            self._check_header(fe, fd)
             self._files[name] = (fd, mm)
             return fd, mm
+
+    def _check_header(self, fe: FileEntry, fd: ReadHandle) -> None:
+        """Format v2 on: the safetensors header must hash to the manifest's ``header_xxh3``.
+
+        Checked whenever a file is opened, with or without ``verify`` (it is a few KiB): a
+        changed shape or offset in the header would mislead safetensors tooling silently.
+        """
+        if fe.header_xxh3 is None or not checksum.available():
+            return
+        head = bytearray(fe.data_start)  # a ranged read: a few KiB on any backend
+        if fd.pread_into(memoryview(head), 0) != fe.data_start or \
+                checksum.digest(head) != fe.header_xxh3:
+            fd.close()
+            raise CorruptCheckpointError(
+                f"{self.path}: array file {fe.name!r} has a damaged safetensors header "
+                "(checksum mismatch); restore from another checkpoint", path=self.path,
+                leaves=self._leaves_in(fe.name))
 
     def _leaves_in(self, name: str) -> list[str]:
         return [self._leaf_name(i) for i, a in enumerate(self.manifest.arrays) if a.file == name]
@@ -255,8 +276,36 @@ class CheckpointReader:
         return bad
 
     # ---------------------------------------------------------------- tree
-    def _decode(self, array: Callable[[int, Path], Any], sharded: Callable[[int, Path], Any]):
-        return decode_node(self.manifest.tree, _Ctx(self.manifest, self.path, array, sharded))
+    def map_tree(self, array: Callable[[int, Path], Any],
+                 sharded: Callable[[int, Path], Any]) -> Any:
+        """The tree with ``array(i, path)`` / ``sharded(i, path)`` where its arrays go.
+
+        Walks the skeleton validated when the reader opened (the manifest is not decoded
+        again), so it is what ``inspect`` and ``unickpt ls`` use to list leaves.
+
+        >>> import tempfile, unickpt
+        >>> d = tempfile.mkdtemp()
+        >>> _ = unickpt.save(d + "/ck", {"w": np.arange(3.0), "n": 1})
+        >>> CheckpointReader(d + "/ck").map_tree(lambda i, p: ("array", i, p), None)
+        {'w': ('array', 0, ('w',)), 'n': 1}
+        """
+        def walk(x: Any, path: Path) -> Any:
+            t = type(x)
+            if t is dict:
+                return {k: walk(v, (*path, k)) for k, v in x.items()}
+            if t is list or t is tuple:
+                out = [walk(v, (*path, i)) for i, v in enumerate(x)]
+                return out if t is list else tuple(out)
+            if t is _Ref:
+                return array(x.i, path)
+            if t is _ShardedRef:
+                return sharded(x.i, path)
+            return x
+
+        with gc_paused():
+            return walk(self._skeleton, ())
+
+    _decode = map_tree  # the former private name, still used by inspect and the CLI
 
     def tree(self, *, mmap: bool = False, verify: bool | None = None,
              assemble: bool = True, workers: int = 4) -> Any:
@@ -336,12 +385,19 @@ class CheckpointReader:
             for i in big:
                 arrays[i] = self.read_array(i, mmap=mmap, verify=verify)
 
+        # Each sharded entry is built once, however many times the tree refers to it (with
+        # pieces never sharing an array, load() returns at most the bytes stored).
+        built: dict[int, Any] = {}
+
         def shard(i: int, _p: Path) -> Any:
+            if i in built:
+                return built[i]
             s = self.manifest.sharded[i]
             dt = dtype_from_name(s.dtype)
             sa = ShardedArray(s.shape, dt.newbyteorder(">") if s.byteorder == ">" else dt,
                               [Piece(idx, arrays[a]) for idx, a in s.pieces])
-            return sa.assemble() if assemble else sa
+            built[i] = out = sa.assemble() if assemble else sa
+            return out
 
         def fill(x: Any) -> Any:
             t = type(x)

@@ -39,6 +39,7 @@ from .manifest import (
     Manifest,
     ShardedEntry,
     check_int_range,
+    encode_big_int,
 )
 
 DATA_FILE = "arrays.safetensors"
@@ -109,7 +110,12 @@ def _flatten(tree: Any) -> tuple[Any, list[_Job], list]:
             _check_utf8(x, path)
             return x
         if isinstance(x, int):
-            return x if check_int_range(x) else ["i", str(x)]
+            if check_int_range(x):
+                return x
+            try:
+                return encode_big_int(x)
+            except ValueError as e:
+                raise UnsupportedLeafError(f"cannot save {format_path(path)}: {e}") from None
         if isinstance(x, float):
             return x
         if isinstance(x, np.ndarray):
@@ -394,7 +400,7 @@ def _manifest_bytes(node: Any, jobs: list[_Job], sharded: list, size: int, heade
                               [(tuple(p.index), ji) for p, ji in zip(s.pieces, idx)],
                               ">" if np.dtype(s.dtype).byteorder == ">" else "<")
                  for s, idx in sharded],
-        files=[FileEntry(DATA_FILE, size, len(header))],
+        files=[FileEntry(DATA_FILE, size, len(header), checksum.digest(header))],
         kinds=dict(kinds or {}),
         metadata=plain_data(metadata or {}, "metadata"),
         info=plain_data(info or {}, "info"),

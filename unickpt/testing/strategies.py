@@ -52,7 +52,7 @@ _TIME_UNITS = ("Y", "M", "W", "D", "h", "m", "s", "ms", "us", "ns", "ps", "fs", 
 
 
 def _all_dtypes() -> list[np.dtype]:
-    out = list(dict.fromkeys(_dtypes._BY_NAME.values()))  # every allow-listed fixed dtype
+    out = list(dict.fromkeys(_dtypes.allowed_dtypes().values()))  # every allow-listed fixed dtype
     out += [np.dtype(f"{k}[{u}]") for k in ("datetime64", "timedelta64") for u in _TIME_UNITS]
     out += [np.dtype(s) for s in ("<U1", "<U3", "S1", "S4", "V1", "V3")]
     return out
