@@ -30,17 +30,28 @@ from .errors import (
 )
 from .factory import ManagerProtocol, create_manager
 from .manager import CheckpointManager
-from .migration import (
-    HyperparameterMismatchError,
-    MigrationError,
-    MigrationReport,
-    Rule,
-    UnsupportedOptimizerError,
-    migrate,
-)
 from .records import CheckpointInfo, Restored, StartDecision
 from .rng import RNG
 from .tree import LazyArray, Piece, ShardedArray, format_path
+
+# unickpt.migration (the converter, optimizer specs, schedules) is imported on first use of
+# one of these names, so ``import unickpt`` does not pay for it.
+_MIGRATION_NAMES = frozenset({"migrate", "MigrationReport", "Rule", "MigrationError",
+                              "HyperparameterMismatchError", "UnsupportedOptimizerError"})
+
+
+def __getattr__(name: str) -> object:
+    if name in _MIGRATION_NAMES:
+        from . import migration
+
+        value = getattr(migration, name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'unickpt' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _MIGRATION_NAMES)
 
 __all__ = [
     "__version__",

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from .adapters import adapter_for
+from .contract import Selection
 from .errors import IncompatibleCheckpointError, UnsupportedLeafError
 from .tree import LazyArray, Path, ShardedArray, format_path, is_scalar_leaf
 
@@ -141,7 +142,7 @@ class RestoreContext:
     def ok(self) -> bool:
         return not (self.missing_paths or self.unexpected_paths or self.mismatched)
 
-    def _selected(self, path: Path) -> str:
+    def selected(self, path: Path) -> Selection:
         """"all", "some" (an ancestor of a selected path) or "none"."""
         if self.select is None:
             return "all"
@@ -157,7 +158,7 @@ class RestoreContext:
         """Check ``tree`` against ``target``; return a thunk producing the restored value."""
         if not path and self.root is None:
             self.root = target
-        sel = self._selected(path)
+        sel = self.selected(path)
         if sel == "none":
             return lambda: target
         t = type(target)
@@ -208,7 +209,7 @@ class RestoreContext:
         thunks: dict[Any, Callable[[], Any]] = {}
         for k, v in target.items():
             p = (*path, k)
-            if self._selected(p) == "none":
+            if self.selected(p) == "none":
                 thunks[k] = (lambda v=v: v)
             elif k in tree:
                 thunks[k] = self.plan(v, tree[k], p)
@@ -216,7 +217,7 @@ class RestoreContext:
                 self.missing(p)
                 thunks[k] = (lambda v=v: v)
         for k in tree:
-            if k not in target and self._selected((*path, k)) != "none":
+            if k not in target and self.selected((*path, k)) != "none":
                 self.unexpected((*path, k))
         return lambda: {k: f() for k, f in thunks.items()}
 

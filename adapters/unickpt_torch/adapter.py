@@ -115,3 +115,6 @@ class TorchAdapter:
 
     def restore_rng(self, state: dict) -> list[str]:
         return _rng.restore_global(state)
+
+    def seed_rng(self, seed: int) -> None:
+        torch.manual_seed(seed)  # seeds the CPU generator and every CUDA device's

@@ -33,15 +33,14 @@ hypothesis picks them and shrinks a failure to the smallest schedule.
 from __future__ import annotations
 
 import os
-import random
 import shutil
-import sys
 import tempfile
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from ..adapters import loaded_adapters
+from ..rng import capture_global_rngs, restore_global_rngs, seed_global_rngs
 from ..state import to_tree
 from .compare import TreeDifference, TreesDifferError, assert_trees_equal, diff_trees
 from .hardkill import MOMENTS, KillOutcome, dotted_path_of, resolve_target, run_and_kill
@@ -112,31 +111,19 @@ def _snapshot(state: Any) -> Any:
 class _FreshRngs:
     """Scramble the global RNGs before each run (as a new process would have them), then
     give the caller its own states back: a trainer that relies on RNG state left over from
-    an earlier call must not pass by luck."""
+    an earlier call must not pass by luck.  Every framework's global RNG is reached through
+    its adapter (the RNG part of the adapter contract)."""
 
     def __init__(self) -> None:
-        self.py = random.getstate()
-        np = sys.modules.get("numpy")
-        self.np = np.random.get_state() if np is not None else None
-        torch = sys.modules.get("torch")
-        self.torch = torch.get_rng_state() if torch is not None else None
+        self.saved = capture_global_rngs()
         self.counter = 0
 
     def scramble(self) -> None:
         self.counter += 1
-        seed = 0x5EED0000 + self.counter * 7919
-        random.seed(seed)
-        if "numpy" in sys.modules:
-            sys.modules["numpy"].random.seed(seed % 2**32)
-        if "torch" in sys.modules:
-            sys.modules["torch"].manual_seed(seed)
+        seed_global_rngs(0x5EED0000 + self.counter * 7919)
 
     def restore(self) -> None:
-        random.setstate(self.py)
-        if self.np is not None:
-            sys.modules["numpy"].random.set_state(self.np)
-        if self.torch is not None:
-            sys.modules["torch"].set_rng_state(self.torch)
+        restore_global_rngs(self.saved)
 
 
 def _normalise(interruptions: Sequence[int | Sequence[int]], total_steps: int) -> list[Schedule]:
