@@ -11,6 +11,11 @@ all problems are collected into one :class:`~unickpt.IncompatibleCheckpointError
 everything fits are the changes applied.  A failed restore therefore never leaves a model
 half-loaded.
 
+A Python scalar and a 0-d array of the same kind (bool, integer, floating) restore into each
+other, taking the target's form when the value converts exactly (see
+:func:`unickpt.tree.convert_scalar`): a ``TrainState.step`` saved as ``int32[]`` after a jitted
+update restores into the ``int`` of a fresh ``TrainState.create``.
+
 >>> import numpy as np
 >>> tree, kinds = to_tree({"w": np.zeros(2), "epoch": 3})
 >>> restore_tree({"w": np.ones(2), "epoch": 0}, tree)["epoch"]
@@ -27,7 +32,7 @@ import numpy as np
 from .adapters import adapter_for
 from .contract import Selection
 from .errors import IncompatibleCheckpointError, UnsupportedLeafError
-from .tree import LazyArray, Path, ShardedArray, format_path, is_scalar_leaf
+from .tree import LazyArray, Path, ShardedArray, convert_scalar, format_path, is_scalar_leaf
 
 GENERATOR_KIND = "numpy.random.Generator"
 
@@ -186,10 +191,14 @@ class RestoreContext:
         if isinstance(target, (np.ndarray, np.generic)):
             return self._plan_array(target, tree, path)
         if is_scalar_leaf(target):
-            if not is_scalar_leaf(tree):
-                self.mismatch(path, f"target is a {t.__name__}, checkpoint has {_describe(tree)}")
+            if is_scalar_leaf(tree):
+                return lambda: tree
+            ok, value = convert_scalar(tree, target)
+            if not ok:
+                self.mismatch(path, f"target is a {t.__name__}, checkpoint has "
+                                    f"{_describe(tree)}{_scalar_rule(target, tree)}")
                 return lambda: target
-            return lambda: tree
+            return lambda: value
         if is_stateful(target):
             inner = self.plan(target.state_dict(), tree, path)
 
@@ -246,6 +255,13 @@ class RestoreContext:
             tree_shape, tree_dtype = tuple(tree.shape), tree.dtype
         elif isinstance(tree, (np.ndarray, np.generic)):
             tree_shape, tree_dtype = tree.shape, tree.dtype
+        elif isinstance(tree, (bool, int, float)) and target.shape == ():
+            ok, value = convert_scalar(tree, target)
+            if not ok:
+                self.mismatch(path, f"target {target.dtype}[], checkpoint has {_describe(tree)}"
+                                    f"{_scalar_rule(target, tree)}")
+                return lambda: target
+            return lambda: value
         else:
             self.mismatch(path, f"target is an array, checkpoint has {_describe(tree)}")
             return lambda: target
@@ -266,6 +282,15 @@ class RestoreContext:
                 "checkpoint does not match the restore target",
                 missing=self.missing_paths, unexpected=self.unexpected_paths,
                 mismatched=self.mismatched, checkpoint=self.checkpoint)
+
+
+def _scalar_rule(target: Any, tree: Any) -> str:
+    """The scalar <-> 0-d array rule, appended to a message when it is what refused."""
+    shapes = [getattr(x, "shape", None) for x in (target, tree)]
+    if () not in shapes:
+        return ""
+    return (" (a Python scalar and a 0-d array restore into each other only when both are "
+            "bool, both integer or both floating, and the value converts exactly)")
 
 
 def _describe(x: Any) -> str:
