@@ -98,3 +98,40 @@ def test_linen_train_state_resumes_after_a_jitted_apply_gradients(tmp_path):
     # Training on from the restored state matches training on from the original, bit for bit.
     assert_trees_equal(step(restored, jnp.ones((4, 2))),
                                        step(state, jnp.ones((4, 2))))
+
+
+def test_any_mapping_is_a_node_in_save_restore_and_compare(tmp_path):
+    import collections
+    import types
+
+    from unickpt.errors import UnsupportedLeafError
+
+    state = {"od": collections.OrderedDict(w=np.ones(2), b=np.zeros(1)),
+             "proxy": types.MappingProxyType({"n": 3})}
+    unickpt.save(tmp_path / "ck", state)
+    ck = unickpt.load(tmp_path / "ck")
+    assert ck == {"od": {"w": ck["od"]["w"], "b": ck["od"]["b"]}, "proxy": {"n": 3}}
+    assert list(ck["od"]) == ["w", "b"]
+    target = {"od": collections.OrderedDict(w=np.zeros(2), b=np.ones(1)), "proxy": {"n": 0}}
+    out = restore_tree(target, ck)
+    assert type(out["od"]) is collections.OrderedDict and out["proxy"] == {"n": 3}
+    assert_trees_equal(out["od"], state["od"])
+    assert_trees_equal(state, {"od": {"w": np.ones(2), "b": np.zeros(1)}, "proxy": {"n": 3}})
+    with pytest.raises(UnsupportedLeafError, match=r"^cannot compare od/x: builtins.object"):
+        assert_trees_equal({"od": collections.OrderedDict(x=object())}, {"od": {"x": 1}})
+
+
+def test_a_torch_state_dict_saves_and_compares():
+    torch = pytest.importorskip("torch")
+    model = torch.nn.Linear(2, 2)
+    sd = model.state_dict()
+    assert isinstance(sd, collections_ordered_dict())
+    tree, _ = to_tree({"model": sd})
+    assert sorted(tree["model"]) == ["bias", "weight"]
+    assert_trees_equal(sd, model)
+
+
+def collections_ordered_dict():
+    import collections
+
+    return collections.OrderedDict

@@ -24,7 +24,9 @@ update restores into the ``int`` of a fresh ``TrainState.create``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import collections
+import types
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -36,7 +38,19 @@ from .tree import LazyArray, Path, ShardedArray, convert_scalar, format_path, is
 
 GENERATOR_KIND = "numpy.random.Generator"
 
-__all__ = ["SaveContext", "RestoreContext", "to_tree", "restore_tree", "is_stateful"]
+# Standard-library mappings are nodes before any adapter is asked (JAX would otherwise claim an
+# OrderedDict as a pytree node when it is imported, and only then); other mappings are nodes
+# when no adapter claims them (flax's FrozenDict stays the JAX adapter's).
+_STDLIB_MAPPINGS = (collections.OrderedDict, collections.defaultdict, types.MappingProxyType,
+                    collections.ChainMap, collections.Counter)
+_STDLIB_MAPPING_BASES = (collections.OrderedDict, collections.defaultdict, collections.Counter)
+
+
+def _rebuild(target: Mapping, values: dict) -> Any:
+    """The restored values as an OrderedDict for an OrderedDict target, else a dict."""
+    if isinstance(target, collections.OrderedDict):
+        return collections.OrderedDict(values)
+    return values
 
 
 def is_stateful(obj: Any) -> bool:
@@ -56,15 +70,16 @@ class SaveContext:
             manifest so tools and migration know what a subtree was).
     """
 
-    def __init__(self, root: Any, *, snapshot: bool = False):
+    def __init__(self, root: Any, *, snapshot: bool = False, purpose: str = "save"):
         self.root = root
         self.snapshot = snapshot
+        self.purpose = purpose  # the verb of error messages: "save", "compare"
         self.kinds: dict[Path, str] = {}
 
     def to_tree(self, obj: Any, path: Path = ()) -> Any:
         """Convert ``obj`` (found at ``path``) into a neutral tree."""
         t = type(obj)
-        if t is dict:
+        if t is dict or (t in _STDLIB_MAPPINGS or isinstance(obj, _STDLIB_MAPPING_BASES)):
             return {k: self.to_tree(v, (*path, k)) for k, v in obj.items()}
         if t is list:
             return [self.to_tree(v, (*path, i)) for i, v in enumerate(obj)]
@@ -96,11 +111,13 @@ class SaveContext:
             adapter, kind = found
             self.kinds[path] = f"{adapter.name}:{kind}"
             return adapter.to_tree(obj, self, path)
+        if isinstance(obj, Mapping):  # any other mapping (not claimed by an adapter) is a node
+            return {k: self.to_tree(v, (*path, k)) for k, v in obj.items()}
         if is_stateful(obj):
             self.kinds[path] = f"stateful:{type(obj).__module__}.{type(obj).__qualname__}"
             return self.to_tree(obj.state_dict(), path)
         raise UnsupportedLeafError(
-            f"cannot save {format_path(path)}: {t.__module__}.{t.__qualname__} is not a "
+            f"cannot {self.purpose} {format_path(path)}: {t.__module__}.{t.__qualname__} is not a "
             "state-tree leaf, no adapter claims it and it has no state_dict()/"
             "load_state_dict(); convert it, or install/register an adapter for its framework")
 
@@ -169,6 +186,9 @@ class RestoreContext:
         t = type(target)
         if t is dict:
             return self._plan_dict(target, tree, path)
+        if t in _STDLIB_MAPPINGS or isinstance(target, _STDLIB_MAPPING_BASES):
+            inner = self._plan_dict(dict(target), tree, path)
+            return lambda: _rebuild(target, inner())
         if t in (list, tuple):
             if not isinstance(tree, (list, tuple)) or hasattr(tree, "_fields"):
                 self.mismatch(path, f"target is a {t.__name__}, checkpoint has "
@@ -303,9 +323,19 @@ def _describe(x: Any) -> str:
     return f"a {type(x).__name__}"
 
 
-def to_tree(state: Any, *, snapshot: bool = False) -> tuple[Any, dict[Path, str]]:
-    """Convert a live state into ``(neutral tree, kinds)``."""
-    ctx = SaveContext(state, snapshot=snapshot)
+def to_tree(state: Any, *, snapshot: bool = False,
+            purpose: str = "save") -> tuple[Any, dict[Path, str]]:
+    """Convert a live state into ``(neutral tree, kinds)``.
+
+    ``purpose`` names what the conversion is for in error messages ("cannot compare x: ...").
+    Any ``Mapping`` (``OrderedDict``, ``model.state_dict()``, ``MappingProxyType``...) is a
+    node, saved as a dict.
+
+    >>> import collections
+    >>> to_tree(collections.OrderedDict(b=1, a=2))[0]
+    {'b': 1, 'a': 2}
+    """
+    ctx = SaveContext(state, snapshot=snapshot, purpose=purpose)
     return ctx.to_tree(state, ()), ctx.kinds
 
 
