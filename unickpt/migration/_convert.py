@@ -84,6 +84,7 @@ class Converter:
                 pair[k] = cands[0] if len(cands) == 1 else None
             else:
                 pair[k] = None
+        self._refuse_unpaired(troles, sroles, pair)
         used = {v for v in pair.values() if v is not None}
         models = {k: self._model(out, k, pair[k]) for k, r in troles.items() if r == ROLE_MODEL
                   and pair[k] is not None}
@@ -117,6 +118,35 @@ class Converter:
                 missing=self.problems.missing, unexpected=self.problems.unexpected,
                 mismatched=self.problems.mismatched)
         return out
+
+    def _refuse_unpaired(self, troles: dict[Any, str], sroles: dict[Any, str],
+                         pair: dict[Any, Any]) -> None:
+        """A target model/optimizer with nothing of its role in the source: the source's layout
+        is one migration does not read (linen params + optax state, a TrainState, plain dicts).
+        Say which layout to use instead of listing keys as both missing and unexpected."""
+        unpaired = [k for k, r in troles.items() if r in (ROLE_MODEL, ROLE_OPT)
+                    and pair[k] is None and r not in sroles.values()]
+        if not unpaired or not self.strict:
+            return
+        found = ", ".join(f"{format_path((k,))}: {self._describe_source(k)}"
+                          for k in self.stree) or "nothing"
+        raise MigrationError(
+            f"cannot migrate to {self.to}: the target's "
+            f"{', '.join(format_path((k,)) for k in unpaired)} needs a model/optimizer object in "
+            f"the source checkpoint, which holds {found}. Migration reads models and optimizers "
+            "saved as framework objects: from JAX an nnx.Module and an nnx.Optimizer "
+            "(save {'model': nnx_model, 'optimizer': nnx_optimizer, 'step': step}); from "
+            "PyTorch a torch.nn.Module and a torch.optim.Optimizer. Flax linen params with "
+            "optax state (a flax.training TrainState, or {'model': params, 'optimizer': "
+            "opt_state}) are not supported: load them into the equivalent nnx.Module and "
+            "nnx.Optimizer, save that, and migrate the new checkpoint (or pass strict=False to "
+            "keep the target's initial values)")
+
+    def _describe_source(self, k: Any) -> str:
+        kind = self.skinds.get((k,))
+        if kind:
+            return kind
+        return "a plain tree" if isinstance(self.stree[k], (dict, list, tuple)) else "a value"
 
     def _missing_top(self, k: Any, why: str) -> None:
         if self.strict:
