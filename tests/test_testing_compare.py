@@ -257,7 +257,7 @@ def test_a_broken_adapter_of_another_loaded_framework_does_not_block_comparison(
     def broken():
         raise ImportError("No module named 'fake_adapter_impl'")
 
-    plugins = list(adapters._discover())
+    plugins = adapters.plugins()
     monkeypatch.setattr(adapters, "_plugins", plugins)
     monkeypatch.setattr(adapters, "_type_cache", {})
     # "fractions" is imported, so this adapter is asked about every unknown object
