@@ -253,3 +253,50 @@ def test_without_hypothesis_only_the_hypothesis_driven_check_is_unavailable():
     assert out.stdout.strip() == (
         "unickpt.testing needs hypothesis for resume checks and strategies; install it with "
         "`pip install unickpt[test]` (or `pip install hypothesis`)")
+
+
+def _sampler_bug_train(root, total_steps, stop_at=None):
+    """The data order comes from a sampler that is not in the state (the bug); a scheduler
+    counter reacts to the weights only at the last step, so it differs only at the end."""
+    data = np.random.default_rng(0).random((8, 3)).astype(np.float32)
+    sampler = np.random.default_rng(1)  # restarts from its seed on resume
+    done = sorted(int(n[5:]) for n in os.listdir(root) if n.startswith("step_"))
+    state = (unickpt.load(f"{root}/step_{done[-1]}") if done else
+             {"w": np.zeros(3, np.float32), "step": 0, "sched": {"last_epoch": 0}})
+    for step in range(state["step"] + 1, total_steps + 1):
+        w = state["w"] * np.float32(0.9) + data[sampler.integers(8)]
+        last = state["sched"]["last_epoch"]
+        if step == total_steps:
+            last += int(w.view(np.uint32).sum() % 1000)
+        state = {"w": w, "step": step, "sched": {"last_epoch": last}}
+        if step == stop_at:
+            return state
+        if step % 2 == 0:
+            unickpt.save(f"{root}/step_{step}", state, overwrite=True)
+    return state
+
+
+def test_culprits_are_ranked_by_the_earliest_divergence_in_time():
+    with pytest.raises(ResumeMismatchError) as e:
+        assert_resume_deterministic(_sampler_bug_train, 10, interruptions=[3])
+    assert set(e.value.paths) == {"w", "sched/last_epoch"}  # both differ at the end
+    line = next(ln for ln in str(e.value).splitlines() if ln.startswith("Likely culprits"))
+    # The counter differs only at step 10; the weights already in the checkpoints of step 4.
+    assert line == ("Likely culprits (the leaves that differ first in time, in the checkpoints "
+                    "of step 4; integer state such as counters, data positions and RNG states "
+                    "never drifts by rounding; one that differs was not saved or not "
+                    "restored): w")
+
+
+def test_first_divergence_finds_the_earliest_differing_checkpoint(tmp_path):
+    from unickpt.testing.resume import first_divergence
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for step in (2, 4, 6):
+        unickpt.save(a / f"step_{step}", {"n": step, "x": np.float32([step])})
+        unickpt.save(b / f"step_{step}", {"n": step + (step >= 6), "x": np.float32([step])})
+    (b / "step_8").mkdir()  # only in one root: not compared
+    step, diffs = first_divergence(a, b)
+    assert step == 6 and [d.path for d in diffs] == ["n"]
+    assert first_divergence(a, a) is None
+    assert first_divergence(a, tmp_path / "missing") is None

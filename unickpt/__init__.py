@@ -35,6 +35,26 @@ from .policy.options import ManagerConfig
 from .rng import RNG
 from .tree import LazyArray, Piece, ShardedArray, format_path
 
+# unickpt.migration (the converter, optimizer specs, schedules) is imported on first use of
+# one of these names, so ``import unickpt`` does not pay for it.
+_MIGRATION_NAMES = frozenset({"migrate", "MigrationReport", "Rule", "MigrationError",
+                              "HyperparameterMismatchError", "UnsupportedOptimizerError"})
+
+
+def __getattr__(name: str) -> object:
+    if name in _MIGRATION_NAMES:
+        from . import migration
+
+        value = getattr(migration, name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'unickpt' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _MIGRATION_NAMES)
+
+
 __all__ = [
     "__version__",
     "save",
@@ -78,20 +98,3 @@ __all__ = [
     "create_manager",
     "RNG",
 ]
-
-# unickpt.migration (the torch <-> JAX converter) is imported on first use of one of its names:
-# ``import unickpt`` stays cheap for training code that never migrates.
-_MIGRATION = ("HyperparameterMismatchError", "MigrationError", "MigrationReport", "Rule",
-              "UnsupportedOptimizerError", "migrate")
-
-
-def __getattr__(name: str):
-    if name in _MIGRATION:
-        from . import migration
-
-        return getattr(migration, name)
-    raise AttributeError(f"module 'unickpt' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_MIGRATION))

@@ -1,4 +1,7 @@
-"""Adapter plugins: how framework objects become state trees and back.
+"""The adapter registry: which adapter claims an object, loaded only when needed.
+
+The contract itself (:class:`Adapter`, :class:`Plugin`, the save/restore contexts) lives in
+:mod:`unickpt.contract`; this module finds the plugins and loads their adapters.
 
 An adapter package registers a :class:`Plugin` under the ``unickpt.adapters`` entry-point
 group.  The plugin is cheap to import (it must not import its framework); it names the
@@ -22,73 +25,17 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
 from importlib import metadata
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 
+from .contract import ENTRY_POINT_GROUP, Adapter, Plugin
 from .errors import AdapterError
 from .tree import LazyArray, ShardedArray
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .state import RestoreContext, SaveContext
-
 __all__ = ["Adapter", "Plugin", "adapter_for", "register_adapter", "loaded_adapters",
-           "ENTRY_POINT_GROUP"]
-
-ENTRY_POINT_GROUP = "unickpt.adapters"
-
-
-@runtime_checkable
-class Adapter(Protocol):
-    """What an adapter implements.  ``name`` is the framework name recorded in checkpoints."""
-
-    name: str
-
-    def kind_of(self, obj: Any) -> str | None:
-        """A kind string (e.g. ``"torch.nn.Module"``) if this adapter handles ``obj``, else None."""
-
-    def to_tree(self, obj: Any, ctx: SaveContext, path: tuple) -> Any:
-        """Convert ``obj`` into a neutral state tree.
-
-        With ``ctx.snapshot`` true (async saves), every array in the result must be a host
-        copy that later mutation of ``obj`` cannot change.  Otherwise arrays may alias live
-        memory or be :class:`~unickpt.tree.LazyArray` (copied to host when written).
-        Nested values may be handed back to ``ctx.to_tree(value, (*path, key))``.
-        """
-
-    def prepare_restore(self, target: Any, tree: Any, ctx: RestoreContext,
-                        path: tuple) -> Callable[[], Any]:
-        """Check ``tree`` against ``target`` and return a thunk that applies it.
-
-        Problems are reported through ``ctx.missing/unexpected/mismatch`` (never raised
-        directly) so that one error lists every mismatch, and nothing is modified unless the
-        whole state fits.  The thunk returns the restored value (``target`` itself when
-        restored in place).
-        """
-
-    def capture_rng(self) -> dict | None:
-        """The framework's global RNG state as a neutral tree (None if it has none)."""
-
-    def restore_rng(self, state: dict) -> list[str]:
-        """Restore what :meth:`capture_rng` returned; return warnings for what could not be."""
-
-
-@dataclass(frozen=True)
-class Plugin:
-    """The entry-point object of an adapter package.
-
-    Attributes:
-        name: framework name, e.g. ``"torch"``.
-        modules: top-level module names whose objects the adapter may claim.
-        load: imports and returns the adapter (called at most once).
-    """
-
-    name: str
-    modules: tuple[str, ...]
-    load: Callable[[], Adapter]
+           "plugins", "ENTRY_POINT_GROUP"]
 
 
 _lock = threading.RLock()
@@ -120,6 +67,11 @@ def _discover() -> list[Plugin]:
                 found.append(plugin)
             _plugins = found
         return _plugins
+
+
+def plugins() -> list[Plugin]:
+    """Every known plugin (entry points plus registered ones); imports no framework."""
+    return list(_discover())
 
 
 def register_adapter(plugin: Plugin) -> None:

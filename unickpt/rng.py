@@ -40,7 +40,7 @@ import numpy as np
 from .adapters import loaded_adapters
 from .tree import Path, format_path
 
-__all__ = ["RNG"]
+__all__ = ["RNG", "capture_global_rngs", "restore_global_rngs", "seed_global_rngs"]
 
 _BUILTIN = ("python", "numpy")
 
@@ -88,6 +88,47 @@ def _adapter_restore(adapter: Any, state: Any, notes: list[str]) -> None:
         notes.extend(adapter.restore_rng(state))
     except Exception as e:
         notes.append(f"{adapter.name} ({type(e).__name__}: {e})")
+
+
+def capture_global_rngs() -> dict[str, Any]:
+    """Every global RNG of this process (``random``, NumPy's legacy one, each loaded adapter's).
+
+    Goes through the adapter contract (:meth:`unickpt.contract.Adapter.capture_rng`), so no
+    framework is imported and none is special-cased.
+
+    >>> import random
+    >>> saved = capture_global_rngs(); a = random.random()
+    >>> _ = restore_global_rngs(saved); random.random() == a
+    True
+    """
+    out: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state()}
+    for adapter in loaded_adapters():
+        state = adapter.capture_rng()
+        if state is not None:
+            out[adapter.name] = state
+    return out
+
+
+def restore_global_rngs(saved: dict[str, Any]) -> list[str]:
+    """Put back what :func:`capture_global_rngs` returned; returns the adapters' warnings."""
+    random.setstate(saved["python"])
+    np.random.set_state(saved["numpy"])
+    notes: list[str] = []
+    for adapter in loaded_adapters():
+        if adapter.name in saved:
+            _adapter_restore(adapter, saved[adapter.name], notes)
+    return notes
+
+
+def seed_global_rngs(seed: int) -> None:
+    """Seed every global RNG from ``seed`` (an int in [0, 2**64)): ``random`` with ``seed``,
+    NumPy with its low 32 bits, each loaded adapter through its ``seed_rng``."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    for adapter in loaded_adapters():
+        seed_rng = getattr(adapter, "seed_rng", None)  # adapters written before seed_rng
+        if seed_rng is not None:
+            seed_rng(seed)
 
 
 class RNG:

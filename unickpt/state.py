@@ -11,6 +11,11 @@ all problems are collected into one :class:`~unickpt.IncompatibleCheckpointError
 everything fits are the changes applied.  A failed restore therefore never leaves a model
 half-loaded.
 
+A Python scalar and a 0-d array of the same kind (bool, integer, floating) restore into each
+other, taking the target's form when the value converts exactly (see
+:func:`unickpt.tree.convert_scalar`): a ``TrainState.step`` saved as ``int32[]`` after a jitted
+update restores into the ``int`` of a fresh ``TrainState.create``.
+
 >>> import numpy as np
 >>> tree, kinds = to_tree({"w": np.zeros(2), "epoch": 3})
 >>> restore_tree({"w": np.ones(2), "epoch": 0}, tree)["epoch"]
@@ -19,18 +24,33 @@ half-loaded.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import collections
+import types
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
 from .adapters import adapter_for
+from .contract import Selection
 from .errors import IncompatibleCheckpointError, UnsupportedLeafError
-from .tree import LazyArray, Path, ShardedArray, format_path, is_scalar_leaf
+from .tree import LazyArray, Path, ShardedArray, convert_scalar, format_path, is_scalar_leaf
 
 GENERATOR_KIND = "numpy.random.Generator"
 
-__all__ = ["SaveContext", "RestoreContext", "to_tree", "restore_tree", "is_stateful"]
+# Standard-library mappings are nodes before any adapter is asked (JAX would otherwise claim an
+# OrderedDict as a pytree node when it is imported, and only then); other mappings are nodes
+# when no adapter claims them (flax's FrozenDict stays the JAX adapter's).
+_STDLIB_MAPPINGS = (collections.OrderedDict, collections.defaultdict, types.MappingProxyType,
+                    collections.ChainMap, collections.Counter)
+_STDLIB_MAPPING_BASES = (collections.OrderedDict, collections.defaultdict, collections.Counter)
+
+
+def _rebuild(target: Mapping, values: dict) -> Any:
+    """The restored values as an OrderedDict for an OrderedDict target, else a dict."""
+    if isinstance(target, collections.OrderedDict):
+        return collections.OrderedDict(values)
+    return values
 
 
 def is_stateful(obj: Any) -> bool:
@@ -50,15 +70,16 @@ class SaveContext:
             manifest so tools and migration know what a subtree was).
     """
 
-    def __init__(self, root: Any, *, snapshot: bool = False):
+    def __init__(self, root: Any, *, snapshot: bool = False, purpose: str = "save"):
         self.root = root
         self.snapshot = snapshot
+        self.purpose = purpose  # the verb of error messages: "save", "compare"
         self.kinds: dict[Path, str] = {}
 
     def to_tree(self, obj: Any, path: Path = ()) -> Any:
         """Convert ``obj`` (found at ``path``) into a neutral tree."""
         t = type(obj)
-        if t is dict:
+        if t is dict or (t in _STDLIB_MAPPINGS or isinstance(obj, _STDLIB_MAPPING_BASES)):
             return {k: self.to_tree(v, (*path, k)) for k, v in obj.items()}
         if t is list:
             return [self.to_tree(v, (*path, i)) for i, v in enumerate(obj)]
@@ -90,11 +111,13 @@ class SaveContext:
             adapter, kind = found
             self.kinds[path] = f"{adapter.name}:{kind}"
             return adapter.to_tree(obj, self, path)
+        if isinstance(obj, Mapping):  # any other mapping (not claimed by an adapter) is a node
+            return {k: self.to_tree(v, (*path, k)) for k, v in obj.items()}
         if is_stateful(obj):
             self.kinds[path] = f"stateful:{type(obj).__module__}.{type(obj).__qualname__}"
             return self.to_tree(obj.state_dict(), path)
         raise UnsupportedLeafError(
-            f"cannot save {format_path(path)}: {t.__module__}.{t.__qualname__} is not a "
+            f"cannot {self.purpose} {format_path(path)}: {t.__module__}.{t.__qualname__} is not a "
             "state-tree leaf, no adapter claims it and it has no state_dict()/"
             "load_state_dict(); convert it, or install/register an adapter for its framework")
 
@@ -141,7 +164,7 @@ class RestoreContext:
     def ok(self) -> bool:
         return not (self.missing_paths or self.unexpected_paths or self.mismatched)
 
-    def _selected(self, path: Path) -> str:
+    def selected(self, path: Path) -> Selection:
         """"all", "some" (an ancestor of a selected path) or "none"."""
         if self.select is None:
             return "all"
@@ -157,12 +180,15 @@ class RestoreContext:
         """Check ``tree`` against ``target``; return a thunk producing the restored value."""
         if not path and self.root is None:
             self.root = target
-        sel = self._selected(path)
+        sel = self.selected(path)
         if sel == "none":
             return lambda: target
         t = type(target)
         if t is dict:
             return self._plan_dict(target, tree, path)
+        if t in _STDLIB_MAPPINGS or isinstance(target, _STDLIB_MAPPING_BASES):
+            inner = self._plan_dict(dict(target), tree, path)
+            return lambda: _rebuild(target, inner())
         if t in (list, tuple):
             if not isinstance(tree, (list, tuple)) or hasattr(tree, "_fields"):
                 self.mismatch(path, f"target is a {t.__name__}, checkpoint has "
@@ -185,10 +211,14 @@ class RestoreContext:
         if isinstance(target, (np.ndarray, np.generic)):
             return self._plan_array(target, tree, path)
         if is_scalar_leaf(target):
-            if not is_scalar_leaf(tree):
-                self.mismatch(path, f"target is a {t.__name__}, checkpoint has {_describe(tree)}")
+            if is_scalar_leaf(tree):
+                return lambda: tree
+            ok, value = convert_scalar(tree, target)
+            if not ok:
+                self.mismatch(path, f"target is a {t.__name__}, checkpoint has "
+                                    f"{_describe(tree)}{_scalar_rule(target, tree)}")
                 return lambda: target
-            return lambda: tree
+            return lambda: value
         if is_stateful(target):
             inner = self.plan(target.state_dict(), tree, path)
 
@@ -208,7 +238,7 @@ class RestoreContext:
         thunks: dict[Any, Callable[[], Any]] = {}
         for k, v in target.items():
             p = (*path, k)
-            if self._selected(p) == "none":
+            if self.selected(p) == "none":
                 thunks[k] = (lambda v=v: v)
             elif k in tree:
                 thunks[k] = self.plan(v, tree[k], p)
@@ -216,7 +246,7 @@ class RestoreContext:
                 self.missing(p)
                 thunks[k] = (lambda v=v: v)
         for k in tree:
-            if k not in target and self._selected((*path, k)) != "none":
+            if k not in target and self.selected((*path, k)) != "none":
                 self.unexpected((*path, k))
         return lambda: {k: f() for k, f in thunks.items()}
 
@@ -245,6 +275,13 @@ class RestoreContext:
             tree_shape, tree_dtype = tuple(tree.shape), tree.dtype
         elif isinstance(tree, (np.ndarray, np.generic)):
             tree_shape, tree_dtype = tree.shape, tree.dtype
+        elif isinstance(tree, (bool, int, float)) and target.shape == ():
+            ok, value = convert_scalar(tree, target)
+            if not ok:
+                self.mismatch(path, f"target {target.dtype}[], checkpoint has {_describe(tree)}"
+                                    f"{_scalar_rule(target, tree)}")
+                return lambda: target
+            return lambda: value
         else:
             self.mismatch(path, f"target is an array, checkpoint has {_describe(tree)}")
             return lambda: target
@@ -267,6 +304,15 @@ class RestoreContext:
                 mismatched=self.mismatched, checkpoint=self.checkpoint)
 
 
+def _scalar_rule(target: Any, tree: Any) -> str:
+    """The scalar <-> 0-d array rule, appended to a message when it is what refused."""
+    shapes = [getattr(x, "shape", None) for x in (target, tree)]
+    if () not in shapes:
+        return ""
+    return (" (a Python scalar and a 0-d array restore into each other only when both are "
+            "bool, both integer or both floating, and the value converts exactly)")
+
+
 def _describe(x: Any) -> str:
     if isinstance(x, (np.ndarray, ShardedArray)):
         return f"an array {x.dtype}{list(x.shape)}"
@@ -277,9 +323,19 @@ def _describe(x: Any) -> str:
     return f"a {type(x).__name__}"
 
 
-def to_tree(state: Any, *, snapshot: bool = False) -> tuple[Any, dict[Path, str]]:
-    """Convert a live state into ``(neutral tree, kinds)``."""
-    ctx = SaveContext(state, snapshot=snapshot)
+def to_tree(state: Any, *, snapshot: bool = False,
+            purpose: str = "save") -> tuple[Any, dict[Path, str]]:
+    """Convert a live state into ``(neutral tree, kinds)``.
+
+    ``purpose`` names what the conversion is for in error messages ("cannot compare x: ...").
+    Any ``Mapping`` (``OrderedDict``, ``model.state_dict()``, ``MappingProxyType``...) is a
+    node, saved as a dict.
+
+    >>> import collections
+    >>> to_tree(collections.OrderedDict(b=1, a=2))[0]
+    {'b': 1, 'a': 2}
+    """
+    ctx = SaveContext(state, snapshot=snapshot, purpose=purpose)
     return ctx.to_tree(state, ()), ctx.kinds
 
 

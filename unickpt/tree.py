@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["Path", "ShardedArray", "Piece", "LazyArray", "format_path", "iter_leaves",
-           "is_scalar_leaf"]
+           "is_scalar_leaf", "convert_scalar"]
 
 Key = str | int
 Path = tuple[Key, ...]
@@ -136,6 +136,41 @@ class ShardedArray:
 def is_scalar_leaf(x: object) -> bool:
     """True for the Python scalar leaves of a state tree."""
     return x is None or isinstance(x, (bool, int, float, str, bytes))
+
+
+_SCALAR_KINDS = {bool: "b", int: "iu", float: "f"}
+
+
+def convert_scalar(value: Any, like: Any) -> tuple[bool, Any]:
+    """A Python scalar <-> 0-d array conversion for restoring ``value`` into ``like``.
+
+    The rule (the same in the neutral path and both adapters; docs/jax.md, "Scalars and 0-d
+    arrays"): a Python ``bool``/``int``/``float`` and a 0-d array of the same kind (bool, integer, floating)
+    restore into each other; the result takes the *target's* form and dtype, and only when the
+    value converts exactly (an int32 step into a Python int, an int into a 0-d int64 array;
+    never a float into an int, nor 300 into uint8).  Returns ``(True, converted)`` or
+    ``(False, None)``.
+
+    >>> convert_scalar(np.array(7, np.int32), 0)
+    (True, 7)
+    >>> ok, v = convert_scalar(5, np.zeros((), np.int64)); ok, v.dtype, v.shape
+    (True, dtype('int64'), ())
+    >>> convert_scalar(np.array(1.5, np.float32), 0), convert_scalar(300, np.zeros((), np.uint8))
+    ((False, None), (False, None))
+    """
+    if type(like) in _SCALAR_KINDS and isinstance(value, (np.ndarray, np.generic)):
+        if value.shape != () or value.dtype.kind not in _SCALAR_KINDS[type(like)]:
+            return False, None
+        return True, type(like)(value.item())
+    if (isinstance(like, (np.ndarray, np.generic)) and like.shape == ()
+            and type(value) in _SCALAR_KINDS and like.dtype.kind in _SCALAR_KINDS[type(value)]):
+        with np.errstate(all="ignore"):
+            cast = np.asarray(value).astype(like.dtype)
+        back = cast.item()
+        if back != value and not (value != value and back != back):  # NaN converts to NaN
+            return False, None
+        return True, (cast if isinstance(like, np.ndarray) else cast[()])
+    return False, None
 
 
 def iter_leaves(tree: Any, path: Path = ()) -> Iterator[tuple[Path, Any]]:

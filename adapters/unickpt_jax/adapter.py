@@ -102,3 +102,6 @@ class JaxAdapter:
 
     def restore_rng(self, state: dict) -> list[str]:
         return []
+
+    def seed_rng(self, seed: int) -> None:
+        """Nothing to seed: JAX keys are explicit values."""

@@ -114,7 +114,7 @@ def _unexpected(tree: Any, targets: set[tuple], prefixes: set[tuple], ctx: Any,
         for k, v in tree.items():
             _unexpected(v, targets, prefixes, ctx, path, (*rel, k))
         return
-    if ctx._selected((*path, *rel)) != "none":
+    if ctx.selected((*path, *rel)) != "none":
         ctx.unexpected((*path, *rel))
 
 
@@ -137,7 +137,7 @@ def prepare_restore(target: Any, tree: Any, ctx: Any, path: Path) -> Callable[[]
     plans: list[tuple[tuple, Any, Callable[[], Any] | None]] = []
     for p, var in flat:
         full = (*path, *p)
-        if ctx._selected(full) == "none":
+        if ctx.selected(full) == "none":
             plans.append((p, var, None))
             continue
         found, sub = _lookup(tree, p)

@@ -14,15 +14,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
-from unickpt.tree import Path
+from unickpt.errors import UnsupportedLeafError
+from unickpt.tree import Path, convert_scalar
 
 from . import module as _module
 from . import optim as _optim
 from . import rng as _rng
 from . import sched as _sched
-from .tensors import check_array, copy_into, host_array
+from .tensors import check_array, copy_into, host_array, numpy_dtype
 
 __all__ = ["TorchAdapter"]
 
@@ -42,6 +44,18 @@ _SCALER_TYPES: tuple[type, ...] = tuple(
     t for t in (getattr(getattr(torch, "amp", None), "GradScaler", None),
                 getattr(getattr(torch.cuda, "amp", None), "GradScaler", None))
     if isinstance(t, type))
+
+
+def _scalar_into(target: torch.Tensor, value: bool | int | float) -> Any:
+    """A Python scalar as a 0-d array of the target's dtype, when it converts exactly (the
+    scalar <-> 0-d array rule of :func:`unickpt.tree.convert_scalar`); else unchanged, so the
+    mismatch is reported with both sides."""
+    try:
+        like = np.zeros((), numpy_dtype(target.dtype))
+    except UnsupportedLeafError:
+        return value
+    ok, converted = convert_scalar(value, like)
+    return converted if ok else value
 
 
 class TorchAdapter:
@@ -92,6 +106,8 @@ class TorchAdapter:
                         path: Path) -> Callable[[], Any]:
         kind = self.kind_of(target)
         if kind == TENSOR:
+            if isinstance(tree, (bool, int, float)) and target.dim() == 0:
+                tree = _scalar_into(target, tree)  # a step saved as an int, say
             why = check_array(target, tree)
             if why is not None:
                 ctx.mismatch(path, why)
@@ -115,3 +131,6 @@ class TorchAdapter:
 
     def restore_rng(self, state: dict) -> list[str]:
         return _rng.restore_global(state)
+
+    def seed_rng(self, seed: int) -> None:
+        torch.manual_seed(seed)  # seeds the CPU generator and every CUDA device's

@@ -19,24 +19,24 @@ import numpy as np
 from ..errors import IncompatibleCheckpointError
 from ..tree import Path, format_path, iter_leaves
 from ._trees import (
-    _ROLE_MODEL,
-    _ROLE_OPT,
-    _ROLE_OTHER,
-    _ROLE_SCHED,
-    _arr,
-    _copy,
-    _get,
-    _is_array,
-    _is_rng_kind,
-    _leaves,
-    _Problems,
-    _rng_paths,
-    _role,
-    _set,
-    _spec,
-    _under,
+    ROLE_MODEL,
+    ROLE_OPT,
+    ROLE_OTHER,
+    ROLE_SCHED,
+    Problems,
+    array_leaves,
+    copy_tree,
     derived_words,
     framework_of,
+    get_path,
+    is_array,
+    is_rng_kind,
+    is_under,
+    leaf_spec,
+    rng_paths,
+    role_of,
+    set_path,
+    to_array,
 )
 from .errors import MigrationError, UnsupportedOptimizerError
 from .optim import NeutralOptState, OptimizerSpec, compare_specs, from_torch, torch_spec
@@ -67,44 +67,45 @@ class Converter:
         self.synthesised: list[str] = []
         self.notes: list[str] = []
         self.partial: dict[str, list[str]] = {}
-        self.problems = _Problems()
+        self.problems = Problems()
         self.aliases: dict[str, str] = {}  # tied-tensor alias -> stored name (torch sources)
 
     # -- orchestration
     def run(self) -> Any:
-        out = _copy(self.ttree)
-        troles = {k: _role(self.tkinds.get((k,))) for k in self.ttree}
-        sroles = {k: _role(self.skinds.get((k,))) for k in self.stree}
+        out = copy_tree(self.ttree)
+        troles = {k: role_of(self.tkinds.get((k,))) for k in self.ttree}
+        sroles = {k: role_of(self.skinds.get((k,))) for k in self.stree}
         pair: dict[Any, Any] = {}
         for k, role in troles.items():
             if k in self.stree and sroles[k] == role:
                 pair[k] = k
-            elif role != _ROLE_OTHER:
+            elif role != ROLE_OTHER:
                 cands = [s for s, r in sroles.items() if r == role]
                 pair[k] = cands[0] if len(cands) == 1 else None
             else:
                 pair[k] = None
+        self._refuse_unpaired(troles, sroles, pair)
         used = {v for v in pair.values() if v is not None}
-        models = {k: self._model(out, k, pair[k]) for k, r in troles.items() if r == _ROLE_MODEL
+        models = {k: self._model(out, k, pair[k]) for k, r in troles.items() if r == ROLE_MODEL
                   and pair[k] is not None}
         for k, r in troles.items():
-            if r == _ROLE_MODEL and pair[k] is None:
+            if r == ROLE_MODEL and pair[k] is None:
                 self._missing_top(k, "no model in the source checkpoint to take it from")
         position, used_sched = self._source_position()
         used |= used_sched
         for k, r in troles.items():
-            if r == _ROLE_OPT:
+            if r == ROLE_OPT:
                 if pair[k] is None:
                     self._missing_top(k, "no optimizer in the source checkpoint")
                     continue
                 model = self._owner_matching(models)
                 self._optimizer(out, k, pair[k], model, position, troles)
-            elif r == _ROLE_OTHER:
+            elif r == ROLE_OTHER:
                 self._other(out, k, pair[k])
         for s in sroles:
             if s in used:
                 continue
-            if _is_rng_kind(self.skinds.get((s,))):
+            if is_rng_kind(self.skinds.get((s,))):
                 self.dropped.append(f"{format_path((s,))} (native RNG state cannot be "
                                     "translated; re-derived from seed and step)")
             elif self.strict:
@@ -117,6 +118,35 @@ class Converter:
                 missing=self.problems.missing, unexpected=self.problems.unexpected,
                 mismatched=self.problems.mismatched)
         return out
+
+    def _refuse_unpaired(self, troles: dict[Any, str], sroles: dict[Any, str],
+                         pair: dict[Any, Any]) -> None:
+        """A target model/optimizer with nothing of its role in the source: the source's layout
+        is one migration does not read (linen params + optax state, a TrainState, plain dicts).
+        Say which layout to use instead of listing keys as both missing and unexpected."""
+        unpaired = [k for k, r in troles.items() if r in (ROLE_MODEL, ROLE_OPT)
+                    and pair[k] is None and r not in sroles.values()]
+        if not unpaired or not self.strict:
+            return
+        found = ", ".join(f"{format_path((k,))}: {self._describe_source(k)}"
+                          for k in self.stree) or "nothing"
+        raise MigrationError(
+            f"cannot migrate to {self.to}: the target's "
+            f"{', '.join(format_path((k,)) for k in unpaired)} needs a model/optimizer object in "
+            f"the source checkpoint, which holds {found}. Migration reads models and optimizers "
+            "saved as framework objects: from JAX an nnx.Module and an nnx.Optimizer "
+            "(save {'model': nnx_model, 'optimizer': nnx_optimizer, 'step': step}); from "
+            "PyTorch a torch.nn.Module and a torch.optim.Optimizer. Flax linen params with "
+            "optax state (a flax.training TrainState, or {'model': params, 'optimizer': "
+            "opt_state}) are not supported: load them into the equivalent nnx.Module and "
+            "nnx.Optimizer, save that, and migrate the new checkpoint (or pass strict=False to "
+            "keep the target's initial values)")
+
+    def _describe_source(self, k: Any) -> str:
+        kind = self.skinds.get((k,))
+        if kind:
+            return kind
+        return "a plain tree" if isinstance(self.stree[k], (dict, list, tuple)) else "a value"
 
     def _missing_top(self, k: Any, why: str) -> None:
         if self.strict:
@@ -133,10 +163,10 @@ class Converter:
 
     # -- model
     def _model(self, out: Any, tk: Any, sk: Any) -> Matching:
-        s_rng = _rng_paths(self.skinds, (sk,))
-        t_rng = _rng_paths(self.tkinds, (tk,))
-        sl = _leaves(self.stree[sk], lambda p: _under(p, s_rng))
-        tl = _leaves(self.ttree[tk], lambda p: _under(p, t_rng))
+        s_rng = rng_paths(self.skinds, (sk,))
+        t_rng = rng_paths(self.tkinds, (tk,))
+        sl = array_leaves(self.stree[sk], lambda p: is_under(p, s_rng))
+        tl = array_leaves(self.ttree[tk], lambda p: is_under(p, t_rng))
         # A torch module stores a tied tensor once and lists its other names in
         # "__aliases__" (docs/torch.md): offer it under every name, so an untied Flax twin
         # (e.g. embedding and output head) finds both.
@@ -146,19 +176,19 @@ class Converter:
                 if stored in sl and alias not in sl:
                     sl[alias] = sl[stored]
                     self.aliases[alias] = stored
-        m = match_leaves({n: _spec(v) for n, (_, v) in tl.items()},
-                         {n: _spec(v) for n, (_, v) in sl.items()}, to=self.to,
+        m = match_leaves({n: leaf_spec(v) for n, (_, v) in tl.items()},
+                         {n: leaf_spec(v) for n, (_, v) in sl.items()}, to=self.to,
                          rules=self.rules)
         # An alias no target leaf asked for is just the other name of a tied tensor.
         m.unexpected = [u for u in m.unexpected if u not in self.aliases]
         for tname, lm in m.pairs.items():
             tpath = tl[tname][0]
             if lm.source is not None:
-                a = lm.apply(_arr(sl[lm.source][1]))
-                _set(out[tk], tpath, a)
+                a = lm.apply(to_array(sl[lm.source][1]))
+                set_path(out[tk], tpath, a)
                 self.progress(a.nbytes)
             elif tname.rsplit(".", 1)[-1] == "num_batches_tracked":
-                _set(out[tk], tpath, np.asarray(self.step, dtype=tl[tname][1].dtype))
+                set_path(out[tk], tpath, np.asarray(self.step, dtype=tl[tname][1].dtype))
         for rp in t_rng:
             self._synth_rng(out[tk], rp, (tk, *rp))
         pre = format_path((tk,)) + "/"
@@ -186,25 +216,25 @@ class Converter:
 
     def _synth_rng(self, root: Any, rel: Path, full: Path) -> None:
         kind = self.tkinds.get(full, "")
-        node = _get(root, rel)
+        node = get_path(root, rel)
         salt = zlib.crc32(format_path(full).encode())
         if isinstance(node, dict) and "key_data" in node:
-            kd = _arr(node["key_data"])
+            kd = to_array(node["key_data"])
             words = derived_words(self.seed, self.step, kd.size, salt)
             node = dict(node, key_data=words.reshape(kd.shape).astype(kd.dtype))
-            _set(root, rel, node) if rel else None
-        elif _is_array(node) and kind.endswith("RngCount"):
-            _set(root, rel, np.zeros_like(_arr(node)))
-        elif _is_array(node) and np.asarray(node).dtype == np.uint32:  # raw uint32 key
-            kd = _arr(node)
-            _set(root, rel, derived_words(self.seed, self.step, kd.size, salt).reshape(kd.shape))
+            set_path(root, rel, node) if rel else None
+        elif is_array(node) and kind.endswith("RngCount"):
+            set_path(root, rel, np.zeros_like(to_array(node)))
+        elif is_array(node) and np.asarray(node).dtype == np.uint32:  # raw uint32 key
+            kd = to_array(node)
+            set_path(root, rel, derived_words(self.seed, self.step, kd.size, salt).reshape(kd.shape))
         self.synthesised.append(f"{format_path(full)} (derived from seed {self.seed} and step "
                                 f"{self.step})")
 
     # -- schedule position
     def _source_position(self) -> tuple[int | None, set]:
         for k, v in self.stree.items():
-            if _role(self.skinds.get((k,))) == _ROLE_SCHED and isinstance(v, dict):
+            if role_of(self.skinds.get((k,))) == ROLE_SCHED and isinstance(v, dict):
                 pos = torch_position(v)
                 note = cosine_note(v, pos)
                 if note and self.to == "jax":
@@ -258,7 +288,7 @@ class Converter:
                       ) -> OptimizerSpec:
         groups = out[tk]["param_groups"]
         for k, r in troles.items():
-            if r != _ROLE_SCHED:
+            if r != ROLE_SCHED:
                 continue
             sd, lrs = replay_torch_scheduler(self.target[k], position)
             tree = out[k]
@@ -283,7 +313,7 @@ class Converter:
             elif st.slots:
                 self.partial.setdefault("kept_initial", []).append(where)
             return None
-        a = lm.apply(_arr(arr))
+        a = lm.apply(to_array(arr))
         if tuple(a.shape) != tuple(tshape) or a.dtype != np.dtype(tdtype):
             self.problems.mismatched.append((where, f"target {np.dtype(tdtype)}{list(tshape)}, "
                                                     f"converted {a.dtype}{list(a.shape)}"))
@@ -298,8 +328,8 @@ class Converter:
         state: dict[str, Any] = {}
         tmodel = None
         for k, v in self.ttree.items():
-            if _role(self.tkinds.get((k,))) == _ROLE_MODEL:
-                tmodel = _leaves(v)
+            if role_of(self.tkinds.get((k,))) == ROLE_MODEL:
+                tmodel = array_leaves(v)
         if (st.count == 0) or not st.slots:
             tree["state"] = {}
             return
@@ -312,7 +342,7 @@ class Converter:
                 else:
                     self.partial.setdefault("kept_initial", []).append(where)
                 continue
-            shape, dtype = _spec(tmodel[n][1])
+            shape, dtype = leaf_spec(tmodel[n][1])
             entry: dict[str, Any] = {}
             if spec.algorithm in ("adam", "adamw"):
                 entry["step"] = np.asarray(float(st.count), dtype=np.float32)
@@ -340,23 +370,23 @@ class Converter:
             slots = [s for s in ("mu", "nu", "trace") if s in node]
             for slot in slots:
                 for p, v in iter_leaves(node[slot]):
-                    if not _is_array(v):
+                    if not is_array(v):
                         continue
                     where = format_path((tk, "opt_state", i, slot, *p))
                     a = self._slot_for(join_name(p), model, st, slot, tuple(v.shape), v.dtype,
                                        where)
                     if a is not None:
-                        _set(node[slot], p, a)
+                        set_path(node[slot], p, a)
             if "count" in node:
                 c = count if slots else position
-                node["count"] = np.asarray(c, dtype=_arr(node["count"]).dtype)
-        if "step" in tree and _is_array(tree["step"]):
-            tree["step"] = np.asarray(count, dtype=_arr(tree["step"]).dtype)
+                node["count"] = np.asarray(c, dtype=to_array(node["count"]).dtype)
+        if "step" in tree and is_array(tree["step"]):
+            tree["step"] = np.asarray(count, dtype=to_array(tree["step"]).dtype)
 
     # -- counters, metadata-like entries, RNG
     def _other(self, out: Any, tk: Any, sk: Any) -> None:
         kind = self.tkinds.get((tk,))
-        if _is_rng_kind(kind):
+        if is_rng_kind(kind):
             if "PRNGKey" in (kind or "") or (isinstance(out[tk], dict) and "key_data" in out[tk]):
                 self._synth_rng(out, (tk,), (tk,))
             else:
@@ -378,8 +408,8 @@ def _like(template: Any, value: Any) -> Any:
         return [_like(t, v) for t, v in zip(template, value)] + list(value[len(template):])
     if isinstance(template, float) and isinstance(value, (int, float)):
         return float(value)
-    if _is_array(template) and not _is_array(value):
-        return np.asarray(value, dtype=_arr(template).dtype)
+    if is_array(template) and not is_array(value):
+        return np.asarray(value, dtype=to_array(template).dtype)
     return value
 
 
@@ -391,12 +421,12 @@ def _carry(tv: Any, sv: Any, path: Path, problems: list[tuple[str, str]]) -> Any
             return tv
         return {k: _carry(v, sv[k], (*path, k), problems) if k in sv else v
                 for k, v in tv.items()}
-    if _is_array(tv):
-        if not _is_array(sv) or _spec(tv) != _spec(sv):
+    if is_array(tv):
+        if not is_array(sv) or leaf_spec(tv) != leaf_spec(sv):
             problems.append((format_path(path), "target array "
-                             f"{_spec(tv)} vs source {_spec(sv) if _is_array(sv) else type(sv)}"))
+                             f"{leaf_spec(tv)} vs source {leaf_spec(sv) if is_array(sv) else type(sv)}"))
             return tv
-        return _arr(sv).copy()
+        return to_array(sv).copy()
     return sv
 
 
@@ -425,12 +455,12 @@ def _from_optax_tree(tree: Any) -> tuple[NeutralOptState, int | None]:
             found = True
             for slot in slots:
                 for p, v in iter_leaves(node[slot]):
-                    if _is_array(v):
-                        st.slots.setdefault(join_name(p), {})[slot] = _arr(v)
+                    if is_array(v):
+                        st.slots.setdefault(join_name(p), {})[slot] = to_array(v)
             if "count" in node:
-                st.count = int(_arr(node["count"]))
+                st.count = int(to_array(node["count"]))
         elif "count" in node and position is None:
-            position = int(_arr(node["count"]))
+            position = int(to_array(node["count"]))
     if not found and isinstance(tree, dict) and "step" in tree:
         st.count = None
     return st, position

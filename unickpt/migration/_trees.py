@@ -10,7 +10,7 @@ import numpy as np
 from ..tree import LazyArray, Path, ShardedArray, format_path, iter_leaves
 from .rules import Matching, join_name
 
-_ROLE_MODEL, _ROLE_OPT, _ROLE_SCHED, _ROLE_OTHER = "model", "optimizer", "scheduler", "other"
+ROLE_MODEL, ROLE_OPT, ROLE_SCHED, ROLE_OTHER = "model", "optimizer", "scheduler", "other"
 
 
 def framework_of(kinds: Mapping[Path, str]) -> str | None:
@@ -24,12 +24,12 @@ def derived_words(seed: int, step: int, n: int, salt: int = 0) -> np.ndarray:
     return np.random.SeedSequence([seed & (2**63 - 1), step, salt]).generate_state(n, np.uint32)
 
 
-def _is_rng_kind(kind: str | None) -> bool:
+def is_rng_kind(kind: str | None) -> bool:
     return bool(kind) and any(s in kind for s in ("RNG", "Generator", "PRNGKey", "RngKey",
                                                    "RngCount"))
 
 
-class _Problems:
+class Problems:
     def __init__(self) -> None:
         self.missing: list[str] = []
         self.unexpected: list[str] = []
@@ -45,23 +45,23 @@ class _Problems:
         return bool(self.missing or self.unexpected or self.mismatched)
 
 
-def _role(kind: str | None) -> str:
+def role_of(kind: str | None) -> str:
     if not kind:
-        return _ROLE_OTHER
+        return ROLE_OTHER
     if kind.startswith("torch:torch.nn.Module") or kind.startswith("jax:nnx.Module"):
-        return _ROLE_MODEL
+        return ROLE_MODEL
     if kind.startswith("torch:torch.optim.Optimizer") or kind.startswith("jax:nnx.Optimizer"):
-        return _ROLE_OPT
+        return ROLE_OPT
     if kind.startswith("torch:torch.optim.lr_scheduler"):
-        return _ROLE_SCHED
-    return _ROLE_OTHER
+        return ROLE_SCHED
+    return ROLE_OTHER
 
 
-def _is_array(x: Any) -> bool:
+def is_array(x: Any) -> bool:
     return isinstance(x, (np.ndarray, np.generic, ShardedArray, LazyArray))
 
 
-def _arr(x: Any) -> np.ndarray:
+def to_array(x: Any) -> np.ndarray:
     if isinstance(x, ShardedArray):
         return x.assemble()
     if isinstance(x, LazyArray):
@@ -69,42 +69,42 @@ def _arr(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _leaves(tree: Any, skip: Callable[[Path], bool] = lambda p: False
+def array_leaves(tree: Any, skip: Callable[[Path], bool] = lambda p: False
             ) -> dict[str, tuple[Path, Any]]:
     """Array leaves of a model subtree by dotted name (torch keys already contain dots)."""
     out: dict[str, tuple[Path, Any]] = {}
     for p, v in iter_leaves(tree):
-        if _is_array(v) and not skip(p):
+        if is_array(v) and not skip(p):
             out[join_name(p)] = (p, v)
     return out
 
 
-def _spec(v: Any) -> tuple[tuple[int, ...], np.dtype]:
+def leaf_spec(v: Any) -> tuple[tuple[int, ...], np.dtype]:
     return tuple(v.shape), np.dtype(v.dtype)
 
 
-def _copy(tree: Any) -> Any:
+def copy_tree(tree: Any) -> Any:
     if type(tree) is dict:
-        return {k: _copy(v) for k, v in tree.items()}
+        return {k: copy_tree(v) for k, v in tree.items()}
     if type(tree) is list:
-        return [_copy(v) for v in tree]
+        return [copy_tree(v) for v in tree]
     return tree
 
 
-def _set(tree: Any, path: Path, value: Any) -> None:
+def set_path(tree: Any, path: Path, value: Any) -> None:
     node = tree
     for k in path[:-1]:
         node = node[k]
     node[path[-1]] = value
 
 
-def _get(tree: Any, path: Path) -> Any:
+def get_path(tree: Any, path: Path) -> Any:
     for k in path:
         tree = tree[k]
     return tree
 
 
-def _rng_paths(kinds: Mapping[Path, str], prefix: Path) -> list[Path]:
+def rng_paths(kinds: Mapping[Path, str], prefix: Path) -> list[Path]:
     """Paths (relative to ``prefix``) of RNG subtrees inside a model (nnx.Rngs streams)."""
     out = []
     for p, k in kinds.items():
@@ -114,5 +114,5 @@ def _rng_paths(kinds: Mapping[Path, str], prefix: Path) -> list[Path]:
     return out
 
 
-def _under(p: Path, prefixes: Iterable[Path]) -> bool:
+def is_under(p: Path, prefixes: Iterable[Path]) -> bool:
     return any(p[:len(q)] == q for q in prefixes)

@@ -11,7 +11,6 @@ target objects themselves are not modified.
 from __future__ import annotations
 
 import os
-import random
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +22,7 @@ from ..format.commit import commit_checkpoint, prepare
 from ..format.reader import CheckpointReader
 from ..manager.run_root import write_pointer
 from ..policy import parse_step
+from ..rng import capture_global_rngs, restore_global_rngs, seed_global_rngs
 from ..state import to_tree
 from ..storage import LocalStorage
 from ..tree import Path
@@ -186,19 +186,10 @@ def _target_tree(target: Any, seed: int, step: int) -> tuple[Any, dict[Path, str
     """
     words = derived_words(seed, step, 2)
     s64 = int(words[0]) | (int(words[1]) << 32)
-    py_state = random.getstate()
-    np_state = np.random.get_state()
-    torch_mod = __import__("sys").modules.get("torch")
-    torch_state = torch_mod.random.get_rng_state() if torch_mod is not None else None
+    saved = capture_global_rngs()
     try:
-        random.seed(s64)
-        np.random.seed(int(words[0]))
-        if torch_mod is not None:
-            torch_mod.manual_seed(s64)
+        seed_global_rngs(s64)
         return to_tree(target)
     finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-        if torch_mod is not None:
-            torch_mod.random.set_rng_state(torch_state)
+        restore_global_rngs(saved)
 

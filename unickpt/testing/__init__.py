@@ -6,6 +6,9 @@
   interrupted (in-process stops or real SIGKILLs of a subprocess) and compare final states;
   hypothesis picks the interruption schedules and shrinks a failure to the smallest one.
 * ``unickpt.testing.strategies``: hypothesis strategies for state trees.
+* ``unickpt.testing.conformance``: the checks every adapter must pass
+  (:class:`~unickpt.testing.conformance.AdapterConformance`, to subclass in an adapter
+  package's tests; see docs/adapters.md).
 * A pytest plugin (``unickpt_root`` fixture, ``--unickpt-examples``), registered through the
   ``pytest11`` entry point.
 

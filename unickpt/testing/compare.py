@@ -85,7 +85,7 @@ class TreesDifferError(AssertionError):
 
 def _neutral(x: Any) -> Any:
     """A neutral state tree for ``x`` (framework objects go through their adapters)."""
-    tree, _kinds = to_tree(x)
+    tree, _kinds = to_tree(x, purpose="compare")
     return tree
 
 

@@ -33,23 +33,28 @@ hypothesis picks them and shrinks a failure to the smallest schedule.
 from __future__ import annotations
 
 import os
-import random
 import shutil
-import sys
 import tempfile
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from ..adapters import loaded_adapters
+from ..api import load
+from ..errors import UnickptError
+from ..policy import parse_step
+from ..rng import capture_global_rngs, restore_global_rngs, seed_global_rngs
 from ..state import to_tree
+from ..tree import format_path, iter_leaves
 from .compare import TreeDifference, TreesDifferError, assert_trees_equal, diff_trees
 from .hardkill import MOMENTS, KillOutcome, dotted_path_of, resolve_target, run_and_kill
 
 __all__ = ["assert_resume_deterministic", "ResumeMismatchError", "default_max_examples",
-           "set_default_max_examples"]
+           "set_default_max_examples", "first_divergence"]
 
 Schedule = tuple[int, ...]
+# (earliest step whose checkpoints differ, the differences there, the leaf paths they hold)
+_Divergence = tuple[int, list[TreeDifference], set[str]]
 _DEFAULT_EXAMPLES = 10
 _settings: dict[str, int | None] = {"max_examples": None}
 
@@ -101,6 +106,8 @@ class _Failure:
     def __init__(self, events: list[str], error: BaseException, tb: str = ""):
         self.events, self.error, self.tb = events, error, tb
         self.root: str | None = None  # the failing run's root, when kept for inspection
+        # The earliest step whose checkpoints differ from the reference run's, and how.
+        self.divergence: tuple[int, list[TreeDifference]] | None = None
 
 
 def _snapshot(state: Any) -> Any:
@@ -112,31 +119,19 @@ def _snapshot(state: Any) -> Any:
 class _FreshRngs:
     """Scramble the global RNGs before each run (as a new process would have them), then
     give the caller its own states back: a trainer that relies on RNG state left over from
-    an earlier call must not pass by luck."""
+    an earlier call must not pass by luck.  Every framework's global RNG is reached through
+    its adapter (the RNG part of the adapter contract)."""
 
     def __init__(self) -> None:
-        self.py = random.getstate()
-        np = sys.modules.get("numpy")
-        self.np = np.random.get_state() if np is not None else None
-        torch = sys.modules.get("torch")
-        self.torch = torch.get_rng_state() if torch is not None else None
+        self.saved = capture_global_rngs()
         self.counter = 0
 
     def scramble(self) -> None:
         self.counter += 1
-        seed = 0x5EED0000 + self.counter * 7919
-        random.seed(seed)
-        if "numpy" in sys.modules:
-            sys.modules["numpy"].random.seed(seed % 2**32)
-        if "torch" in sys.modules:
-            sys.modules["torch"].manual_seed(seed)
+        seed_global_rngs(0x5EED0000 + self.counter * 7919)
 
     def restore(self) -> None:
-        random.setstate(self.py)
-        if self.np is not None:
-            sys.modules["numpy"].random.set_state(self.np)
-        if self.torch is not None:
-            sys.modules["torch"].set_rng_state(self.torch)
+        restore_global_rngs(self.saved)
 
 
 def _normalise(interruptions: Sequence[int | Sequence[int]], total_steps: int) -> list[Schedule]:
@@ -231,105 +226,139 @@ def assert_resume_deterministic(
     ...     print(e.schedule, e.paths, e.differences[0].detail)
     (2,) ['x'] int: reference=10, resumed=11
     """
-    if not isinstance(total_steps, int) or total_steps < 1:
-        raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
-    moment: str | None = None
-    if hard_kill:
-        moment = "after_save" if hard_kill is True else str(hard_kill)
-        if moment not in MOMENTS:
-            raise ValueError(f"hard_kill={hard_kill!r}: expected False, True or one of "
-                             f"{MOMENTS}")
-    if isinstance(train, str):
-        target = train
-        train_fn = resolve_target(train)
-    else:
-        train_fn = train
-        target = dotted_path_of(train) if moment else ""
+    moment = _kill_moment(total_steps, hard_kill)
+    target, train_fn = _resolve_train(train, moment)
     explicit = None if interruptions is None else _normalise(interruptions, total_steps)
-
-    base = tempfile.mkdtemp(prefix="unickpt-resume-", dir=root)
-    rngs = _FreshRngs()
-    counter = [0]
-
-    def fresh_root() -> str:
-        counter[0] += 1
-        path = os.path.join(base, f"run_{counter[0]}")
-        os.makedirs(path)
-        return path
-
-    def call(run_root: str, **kw: Any) -> Any:
-        rngs.scramble()
-        return train_fn(run_root, total_steps, **kw)
-
+    check = _Checker(train_fn, total_steps, target=target, moment=moment, rtol=rtol, atol=atol,
+                     keep=root is not None, timeout=timeout,
+                     base=tempfile.mkdtemp(prefix="unickpt-resume-", dir=root))
     try:
         # Load the adapters of the frameworks already imported now: their first import (and
         # what it imports) must not happen inside the first run, where it could draw from a
         # global RNG that the run has just seeded.
         loaded_adapters()
-        reference = _snapshot(call(fresh_root()))
-        if check_reference:
-            again = _snapshot(call(fresh_root()))
-            if diff_trees(reference, again, rtol=rtol, atol=atol):
-                # Only the first call of train in this process may differ (a lazy import that
-                # draws from a global RNG, a cache warming up): a third run tells.
-                third = _snapshot(call(fresh_root()))
-                try:
-                    assert_trees_equal(again, third, rtol=rtol, atol=atol,
-                                       names=("run 2", "run 3"))
-                except TreesDifferError as e:
-                    raise ResumeMismatchError(
-                        "train is not deterministic even without interruptions: uninterrupted "
-                        f"runs of {total_steps} steps ended in different states. Seed every "
-                        "RNG at the start of train (and use "
-                        "torch.use_deterministic_algorithms(True) for torch) before checking "
-                        "resumption.\n" + str(e),
-                        schedule=(), events=[], differences=e.differences, tried=0) from None
-                reference = again
-
-        results: dict[Schedule, _Failure | None] = {}
-
-        def run(schedule: Schedule) -> _Failure | None:
-            if schedule in results:
-                return results[schedule]
-            run_root = fresh_root()
-            events: list[str] = []
-            failure: _Failure | None = None
-            try:
-                for stop in schedule:
-                    if moment is None:
-                        call(run_root, stop_at=stop)
-                        events.append(f"stopped after step {stop} (in-process, no save)")
-                    else:
-                        outcome: KillOutcome = run_and_kill(target, run_root, total_steps,
-                                                            stop, moment, timeout=timeout)
-                        events.append(outcome.describe(stop))
-                events.append(f"resumed and trained to step {total_steps}")
-                final = _snapshot(call(run_root))
-                assert_trees_equal(reference, final, rtol=rtol, atol=atol,
-                                   names=("reference", "resumed"))
-            except TreesDifferError as e:
-                failure = _Failure(events, e)
-            except Exception as e:  # the resumed run itself crashed: also a resume bug
-                failure = _Failure(events, e, traceback.format_exc())
-            if failure is not None and root is not None:
-                failure.root = run_root  # the user asked for a root: keep it to inspect
-            else:
-                shutil.rmtree(run_root, ignore_errors=True)
-            results[schedule] = failure
-            return failure
-
-        def drop_roots_except(keep: Schedule) -> None:
-            for sched, f in results.items():
-                if f is not None and f.root is not None and sched != keep:
-                    shutil.rmtree(f.root, ignore_errors=True)
-
+        check.run_reference(twice=check_reference)
         if explicit is not None:
             for i, schedule in enumerate(explicit):
-                failure = run(schedule)
+                failure = check.run(schedule)
                 if failure is not None:
                     _raise(schedule, failure, total_steps, i + 1, found_by=None)
             return explicit
+        return check.search(max_interruptions, max_examples)
+    finally:
+        check.rngs.restore()
+        if root is None:
+            shutil.rmtree(check.base, ignore_errors=True)
 
+
+def _kill_moment(total_steps: int, hard_kill: bool | str) -> str | None:
+    """Validate the arguments; the hard-kill moment (None: in-process interruptions)."""
+    if not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+    if not hard_kill:
+        return None
+    moment = "after_save" if hard_kill is True else str(hard_kill)
+    if moment not in MOMENTS:
+        raise ValueError(f"hard_kill={hard_kill!r}: expected False, True or one of {MOMENTS}")
+    return moment
+
+
+def _resolve_train(train: Callable[..., Any] | str,
+                   moment: str | None) -> tuple[str, Callable[..., Any]]:
+    """(dotted path for hard-killed subprocesses, the function itself)."""
+    if isinstance(train, str):
+        return train, resolve_target(train)
+    return (dotted_path_of(train) if moment else ""), train
+
+
+class _Checker:
+    """The runs of one check: the reference, then one run root per interruption schedule."""
+
+    def __init__(self, train: Callable[..., Any], total_steps: int, *, target: str,
+                 moment: str | None, rtol: float | None, atol: float | None, keep: bool,
+                 timeout: float, base: str):
+        self.train, self.total_steps, self.target = train, total_steps, target
+        self.moment, self.rtol, self.atol, self.keep = moment, rtol, atol, keep
+        self.timeout, self.base = timeout, base
+        self.rngs = _FreshRngs()
+        self.counter = 0
+        self.reference: Any = None
+        self.reference_root = ""
+        self.results: dict[Schedule, _Failure | None] = {}
+
+    def fresh_root(self) -> str:
+        self.counter += 1
+        path = os.path.join(self.base, f"run_{self.counter}")
+        os.makedirs(path)
+        return path
+
+    def call(self, run_root: str, **kw: Any) -> Any:
+        self.rngs.scramble()
+        return self.train(run_root, self.total_steps, **kw)
+
+    def run_reference(self, *, twice: bool) -> None:
+        """The uninterrupted run; with ``twice``, also proof that it is deterministic."""
+        self.reference_root = self.fresh_root()
+        self.reference = _snapshot(self.call(self.reference_root))
+        if not twice:
+            return
+        again_root = self.fresh_root()
+        again = _snapshot(self.call(again_root))
+        if not diff_trees(self.reference, again, rtol=self.rtol, atol=self.atol):
+            return
+        # Only the first call of train in this process may differ (a lazy import that draws
+        # from a global RNG, a cache warming up): a third run tells.
+        third = _snapshot(self.call(self.fresh_root()))
+        try:
+            assert_trees_equal(again, third, rtol=self.rtol, atol=self.atol,
+                               names=("run 2", "run 3"))
+        except TreesDifferError as e:
+            raise ResumeMismatchError(
+                "train is not deterministic even without interruptions: uninterrupted runs of "
+                f"{self.total_steps} steps ended in different states. Seed every RNG at the "
+                "start of train (and use torch.use_deterministic_algorithms(True) for torch) "
+                "before checking resumption.\n" + str(e),
+                schedule=(), events=[], differences=e.differences, tried=0) from None
+        self.reference, self.reference_root = again, again_root
+
+    def interrupt(self, run_root: str, schedule: Schedule, events: list[str]) -> None:
+        for stop in schedule:
+            if self.moment is None:
+                self.call(run_root, stop_at=stop)
+                events.append(f"stopped after step {stop} (in-process, no save)")
+            else:
+                outcome: KillOutcome = run_and_kill(self.target, run_root, self.total_steps,
+                                                    stop, self.moment, timeout=self.timeout)
+                events.append(outcome.describe(stop))
+
+    def run(self, schedule: Schedule) -> _Failure | None:
+        """Run one interruption schedule (once; later calls answer from memory)."""
+        if schedule in self.results:
+            return self.results[schedule]
+        run_root = self.fresh_root()
+        events: list[str] = []
+        failure: _Failure | None = None
+        try:
+            self.interrupt(run_root, schedule, events)
+            events.append(f"resumed and trained to step {self.total_steps}")
+            final = _snapshot(self.call(run_root))
+            assert_trees_equal(self.reference, final, rtol=self.rtol, atol=self.atol,
+                               names=("reference", "resumed"))
+        except TreesDifferError as e:
+            failure = _Failure(events, e)
+            failure.divergence = _divergence(self.reference_root, run_root,
+                                             rtol=self.rtol, atol=self.atol)
+        except Exception as e:  # the resumed run itself crashed: also a resume bug
+            failure = _Failure(events, e, traceback.format_exc())
+        if failure is not None and self.keep:
+            failure.root = run_root  # the user asked for a root: keep it to inspect
+        else:
+            shutil.rmtree(run_root, ignore_errors=True)
+        self.results[schedule] = failure
+        return failure
+
+    def search(self, max_interruptions: int, max_examples: int | None) -> list[Schedule]:
+        """Let hypothesis look for a failing schedule; raise the minimal one found."""
         from . import require_hypothesis
 
         hypothesis = require_hypothesis()
@@ -337,19 +366,64 @@ def assert_resume_deterministic(
         cfg = hypothesis.settings(max_examples=n, database=None, deadline=None,
                                   suppress_health_check=list(hypothesis.HealthCheck))
         try:
-            minimal = hypothesis.find(_schedules(total_steps, max_interruptions),
-                                      lambda s: run(s) is not None, settings=cfg)
+            minimal = hypothesis.find(_schedules(self.total_steps, max_interruptions),
+                                      lambda s: self.run(s) is not None, settings=cfg)
         except hypothesis.errors.NoSuchExample:
-            return list(results)
-        minimal = _simplify(minimal, lambda sched: run(sched) is not None)
-        failure = results[minimal]
+            return list(self.results)
+        minimal = _simplify(minimal, lambda sched: self.run(sched) is not None)
+        failure = self.results[minimal]
         assert failure is not None
-        drop_roots_except(minimal)
-        _raise(minimal, failure, total_steps, len(results), found_by="hypothesis")
-    finally:
-        rngs.restore()
-        if root is None:
-            shutil.rmtree(base, ignore_errors=True)
+        for sched, f in self.results.items():  # keep only the reported run's root
+            if f is not None and f.root is not None and sched != minimal:
+                shutil.rmtree(f.root, ignore_errors=True)
+        _raise(minimal, failure, self.total_steps, len(self.results), found_by="hypothesis")
+
+
+def _divergence(reference_root: str, resumed_root: str, *, rtol: float | None,
+                atol: float | None) -> _Divergence | None:
+    found = first_divergence(reference_root, resumed_root, rtol=rtol, atol=atol)
+    if found is None:
+        return None
+    step, diffs = found
+    saved = load(os.path.join(reference_root, f"step_{step}"))
+    return step, diffs, {format_path(p) for p, _ in iter_leaves(saved)}
+
+
+def first_divergence(reference_root: str | os.PathLike, resumed_root: str | os.PathLike, *,
+                     rtol: float | None = None, atol: float | None = None,
+                     ) -> tuple[int, list[TreeDifference]] | None:
+    """The earliest step whose ``step_<N>`` checkpoints differ between two run roots.
+
+    Returns ``(step, differences)`` or None when no common checkpoint differs (or none can
+    be read).  Leaves that differ first in time are where a resume bug starts; a leaf that
+    differs only later (a scheduler counting epochs) is usually a consequence.
+
+    >>> import tempfile, numpy as np, unickpt
+    >>> a, b = tempfile.mkdtemp(), tempfile.mkdtemp()
+    >>> for step, x in [(1, 0), (2, 1), (3, 2)]:
+    ...     _ = unickpt.save(f"{a}/step_{step}", {"x": x, "w": np.float32([step])})
+    ...     _ = unickpt.save(f"{b}/step_{step}", {"x": x + (step > 1), "w": np.float32([step])})
+    >>> step, diffs = first_divergence(a, b)
+    >>> step, [d.path for d in diffs]
+    (2, ['x'])
+    """
+    def steps(root: str | os.PathLike) -> set[int]:
+        try:
+            names = os.listdir(root)
+        except OSError:
+            return set()
+        return {n for n in map(parse_step, names) if n is not None}
+
+    for step in sorted(steps(reference_root) & steps(resumed_root)):
+        try:
+            a = load(os.path.join(reference_root, f"step_{step}"))
+            b = load(os.path.join(resumed_root, f"step_{step}"))
+        except (UnickptError, OSError):
+            continue  # damaged or half-written (a hard kill): compare the next one
+        diffs = diff_trees(a, b, rtol=rtol, atol=atol, names=("reference", "resumed"))
+        if diffs:
+            return step, diffs
+    return None
 
 
 def _simplify(schedule: Schedule, fails: Callable[[Schedule], bool],
@@ -387,6 +461,34 @@ def _simplify(schedule: Schedule, fails: Callable[[Schedule], bool],
     return schedule
 
 
+def _culprits(final: Sequence[TreeDifference], divergence: _Divergence | None) -> str:
+    """The "Likely culprits" line, ranked by time.
+
+    First the integer leaves of the final state that no checkpoint holds (state that was
+    never saved); then the leaves that differ first in time (in the earliest checkpoint that
+    differs from the reference's), integer ones if any; a leaf that starts to differ only
+    later (a scheduler counting epochs) is a consequence, not a cause.  Without checkpoints
+    to compare, the integer leaves of the final state.
+    """
+    why = ("integer state such as counters, data positions and RNG states never drifts by "
+           "rounding; one that differs was not saved or not restored")
+    if divergence is None:
+        paths, prefix = [d.path for d in final if d.exact], f"Likely culprits ({why})"
+    else:
+        step, first, saved = divergence
+        unsaved = [d.path for d in final if d.exact and d.path not in saved]
+        early = [d.path for d in first if d.exact]
+        if unsaved:
+            paths, prefix = unsaved + early, f"Likely culprits ({why})"
+        else:
+            paths = early or [d.path for d in first]
+            prefix = (f"Likely culprits (the leaves that differ first in time, in the "
+                      f"checkpoints of step {step}; {why})")
+    if not paths:
+        return ""
+    return f"{prefix}: " + ", ".join(paths[:10]) + (" ..." if len(paths) > 10 else "")
+
+
 def _raise(schedule: Schedule, failure: _Failure, total_steps: int, tried: int,
            found_by: str | None) -> NoReturn:
     steps = ", ".join(map(str, schedule))
@@ -405,12 +507,9 @@ def _raise(schedule: Schedule, failure: _Failure, total_steps: int, tried: int,
         lines.append(f"The interrupted run's checkpoints are kept in {failure.root}")
     if isinstance(failure.error, TreesDifferError):
         diffs = failure.error.differences
-        exact = [d.path for d in diffs if d.exact]
-        if exact:
-            shown = ", ".join(exact[:10]) + (" ..." if len(exact) > 10 else "")
-            lines.append(f"Likely culprits (integer state such as counters, data positions and "
-                         f"RNG states never drifts by rounding; one that differs was not saved "
-                         f"or not restored): {shown}")
+        culprits = _culprits(diffs, failure.divergence)
+        if culprits:
+            lines.append(culprits)
         lines.append("Final state, reference (uninterrupted) vs resumed:")
         lines.append(str(failure.error))
         cause = None
