@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import CheckpointExistsError, LockedError, RunRootError
-from . import LOCK_NAME, NotRegularFileError, temp_name, trash_name
+from .protocol import LOCK_NAME, NotRegularFileError, temp_name, trash_name
 
 __all__ = ["LocalStorage", "LocalWriteHandle", "LocalReadHandle", "RootLock", "fsync_dir"]
 
