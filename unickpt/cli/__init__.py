@@ -20,6 +20,7 @@ OK .../ck: 1 arrays, 16 B verified
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -68,5 +69,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("unickpt: interrupted", file=sys.stderr)
         return int(ExitCode.INTERRUPTED)
     except BrokenPipeError:  # `unickpt ls ROOT | head`: the reader left, not an error
-        sys.stderr.close()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return int(ExitCode.OK)
