@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> ExitCode:
                           enabled=not args.quiet) as advance:
             convert(args.src, args.dst, to=args.to, overwrite=args.overwrite,
                     progress=advance)
-    except (UnickptError, OSError) as e:
+    except (UnickptError, OSError, ValueError) as e:
+        # ValueError: Orbax refuses an existing destination with one, untyped
         return ExitCode(error(NAME, e, ExitCode.FAILED))
     print(f"wrote {args.dst} ({args.to})")
     return ExitCode.OK
