@@ -333,6 +333,16 @@ def test_help_documents_the_exit_code_table(capsys):
     assert [int(c) for c in ExitCode] == [0, 1, 2, 3, 4, 130]
 
 
+def test_readme_documents_every_exit_code():
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "README.md")
+    with open(readme, encoding="utf-8") as f:
+        text = f.read()
+    assert "| exit status | meaning |" in text
+    for code in ExitCode:
+        assert f"\n| {int(code)} | " in text, code
+
+
 def test_usage_errors_exit_2(capsys):
     for argv in (["verify"], ["frobnicate"], ["ls", "/x", "--bogus"], ["convert", "a", "b"]):
         with pytest.raises(SystemExit) as ei:

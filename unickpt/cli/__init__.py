@@ -25,6 +25,7 @@ import sys
 from collections.abc import Sequence
 
 from . import cmd_convert, cmd_diff, cmd_inspect, cmd_ls, cmd_migrate, cmd_verify
+from ._output import error
 from .exit_codes import TABLE, ExitCode
 
 __all__ = ["main", "build_parser", "COMMANDS", "ExitCode"]
@@ -63,8 +64,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return int(ExitCode.USAGE)
+    from ..errors import CorruptCheckpointError
+
     try:
         return int(args._run(args))
+    except CorruptCheckpointError as e:  # last resort: never a raw traceback for a bad file
+        return error(args.command, e, ExitCode.UNREADABLE)
     except KeyboardInterrupt:
         print("unickpt: interrupted", file=sys.stderr)
         return int(ExitCode.INTERRUPTED)
