@@ -285,7 +285,7 @@ def test_batchnorm_stats_and_rng_streams(tmp_path):
 
 
 def test_cli_migrate_command(tmp_path, monkeypatch, capsys):
-    from unickpt.cli_migrate import migrate_command
+    from unickpt.cli.cmd_migrate import migrate_command
 
     src = _torch_ckpt(tmp_path)
     (tmp_path / "mig_target.py").write_text(
@@ -298,19 +298,16 @@ def test_cli_migrate_command(tmp_path, monkeypatch, capsys):
                            progress=True) == 0
     assert f"wrote {tmp_path / 'd' / 'step_2'} (step 2, torch -> jax)" in capsys.readouterr().out
     assert migrate_command(str(src), str(tmp_path / "e"), "jax", "mig_target:nope",
-                           progress=False) == 1
+                           progress=False) == 4
     assert "module 'mig_target' has no function 'nope'" in capsys.readouterr().err
     assert migrate_command(str(src), str(tmp_path / "d"), "jax", "mig_target:state",
-                           progress=False) == 1
+                           progress=False) == 4
     assert "already exists" in capsys.readouterr().err
-    # the same through the typer app (`unickpt migrate SRC DST --to jax --target M:F`)
-    from typer.testing import CliRunner
+    # the same through the command line (`unickpt migrate SRC DST --to jax --target M:F`)
+    from unickpt.cli import main
 
-    from unickpt.cli import app
-
-    res = CliRunner().invoke(app, ["migrate", str(src), str(tmp_path / "f"), "--to", "jax",
-                                   "--target", "mig_target:state", "--no-progress"])
-    assert res.exit_code == 0, res.output
+    assert main(["migrate", str(src), str(tmp_path / "f"), "--to", "jax",
+                 "--target", "mig_target:state", "--no-progress"]) == 0
     assert (tmp_path / "f" / "step_2" / "manifest.msgpack").exists()
 
 

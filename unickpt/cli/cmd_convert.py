@@ -1,0 +1,46 @@
+"""``unickpt convert SRC DST --to unickpt|orbax``: Orbax checkpoints in and out, with progress.
+
+The conversion lives in the JAX adapter (:mod:`unickpt_jax.orbax`), imported only when the
+command runs, so the CLI works without JAX installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ._output import error, progress_bar
+from .exit_codes import ExitCode
+
+NAME = "convert"
+HELP = "convert between an Orbax checkpoint and a unickpt checkpoint"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="the checkpoint to convert")
+    p.add_argument("dst", help="where to write the converted checkpoint")
+    p.add_argument("--to", required=True, choices=("unickpt", "orbax"),
+                   help="'unickpt' (from an Orbax checkpoint or CheckpointManager step) or "
+                        "'orbax' (from unickpt)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> ExitCode:
+    from ..errors import UnickptError
+
+    try:
+        from unickpt_jax.orbax import convert, convert_total_bytes
+    except ImportError as e:
+        return ExitCode(error(NAME, f"needs the JAX extra (pip install 'unickpt[jax]'): {e}",
+                              ExitCode.FAILED))
+    try:
+        total = None if args.quiet else convert_total_bytes(args.src, to=args.to)
+        with progress_bar(f"converting to {args.to}", total,
+                          enabled=not args.quiet) as advance:
+            convert(args.src, args.dst, to=args.to, overwrite=args.overwrite,
+                    progress=advance)
+    except (UnickptError, OSError, ValueError) as e:
+        # ValueError: Orbax refuses an existing destination with one, untyped
+        return ExitCode(error(NAME, e, ExitCode.FAILED))
+    print(f"wrote {args.dst} ({args.to})")
+    return ExitCode.OK
