@@ -154,3 +154,17 @@ def test_new_run_root_commit_itself_is_durable(tmp_path):
     sub = SyscallRecorder(root)
     sub.events = rec.events
     sub.assert_durable(root / "step_1")
+
+
+def test_async_manager_save_is_durable(tmp_path):
+    # the commit happens on the saver thread: the recorder sees its calls too
+    root = tmp_path / "run"
+    root.mkdir()
+    with SyscallRecorder(tmp_path) as rec, \
+            unickpt.CheckpointManager(root, async_save=True, keep_last=1) as mgr:
+        mgr.save(1, _state(1))
+        mgr.save(2, _state(2))
+        mgr.wait()
+    _check_commit(rec, str(root / "step_2"))
+    rec.assert_durably_absent(root / "step_1")
+    rec.assert_durable(root / "latest")
