@@ -81,4 +81,53 @@ MUTATIONS: list[Mutation] = [
         Sub("unickpt/storage.py", "os.fsync(", "(lambda _fd: None)(", None),
         Sub("unickpt/format/writer.py", "os.fsync(", "(lambda _fd: None)(", None)],
         ["tests/test_durability.py"]),
+    # Finer durability mutations: each fsync of the commit protocol, one at a time, and order.
+    Mutation("durability: data file not fsynced", [Sub(
+        "unickpt/format/writer.py",
+        "                    f.result()\n        os.fsync(fd)",
+        "                    f.result()\n        pass")],
+        ["tests/test_durability.py"]),
+    Mutation("durability: manifest not fsynced", [Sub(
+        "unickpt/format/writer.py", "        os.fsync(f.fileno())", "        pass")],
+        ["tests/test_durability.py"]),
+    Mutation("durability: data fsynced before it is written", [
+        Sub("unickpt/format/writer.py",
+            "        os.ftruncate(fd, size)\n",
+            "        os.ftruncate(fd, size)\n        os.fsync(fd)\n"),
+        Sub("unickpt/format/writer.py",
+            "                    f.result()\n        os.fsync(fd)",
+            "                    f.result()\n        pass")],
+        ["tests/test_durability.py"]),
+    Mutation("durability: temp dir not fsynced before the commit rename", [Sub(
+        "unickpt/storage.py", "        fsync_dir(temp)\n", "")],
+        ["tests/test_durability.py"]),
+    Mutation("durability: parent fsynced before the rename, not after", [Sub(
+        "unickpt/storage.py",
+        "        os.rename(temp, final)\n        fsync_dir(parent)",
+        "        fsync_dir(parent)\n        os.rename(temp, final)")],
+        ["tests/test_durability.py"]),
+    Mutation("durability: overwrite exchange without a parent fsync", [Sub(
+        "unickpt/storage.py",
+        "            if _exchange(temp, final):\n                fsync_dir(parent)",
+        "            if _exchange(temp, final):\n                pass")],
+        ["tests/test_durability.py"]),
+    Mutation("durability: latest pointer file not fsynced", [Sub(
+        "unickpt/storage.py", "            os.write(fd, data)\n            os.fsync(fd)",
+        "            os.write(fd, data)")],
+        ["tests/test_durability.py"]),
+    Mutation("durability: latest pointer rename not fsynced", [Sub(
+        "unickpt/storage.py",
+        "        os.replace(tmp, path)\n        fsync_dir(os.path.dirname(os.path.abspath(path)))",
+        "        os.replace(tmp, path)")],
+        ["tests/test_durability.py"]),
+    Mutation("durability: retention renames not fsynced", [Sub(
+        "unickpt/storage.py", "        for d in sorted(dirs):\n            fsync_dir(d)",
+        "        for d in sorted(dirs):\n            pass")],
+        ["tests/test_durability.py"]),
+    Mutation("durability: archive move not fsynced", [Sub(
+        "unickpt/storage.py",
+        "        fsync_dir(os.path.dirname(os.path.abspath(dst)))\n"
+        "        fsync_dir(os.path.dirname(os.path.abspath(src)))",
+        "        pass")],
+        ["tests/test_durability.py"]),
 ]
