@@ -67,6 +67,11 @@ def test_array_roundtrip_bit_exact(tmp_path, dtype, shape):
     out = roundtrip(tmp_path, {"x": x}, {"x": jnp.zeros(shape, x.dtype)})["x"]
     assert isinstance(out, jax.Array)
     assert bits(out) == bits(x)
+    # against the independent expectation: the bytes the test generated, not the adapter's
+    # view of them (a conversion bug hitting save and restore alike would pass the above)
+    loaded = unickpt.load(tmp_path / "c")["x"]
+    assert (loaded.dtype, loaded.shape, loaded.tobytes()) == (host.dtype, shape, host.tobytes())
+    assert np.asarray(jax.device_get(out)).tobytes() == host.tobytes()
 
 
 def test_snapshot_makes_host_copies():

@@ -16,6 +16,14 @@ import signal
 import subprocess
 import sys
 import tempfile
+import warnings
+
+if __name__ == "__main__":
+    # A child process: warnings are errors here as in the pytest process (same exceptions as
+    # pyproject's filterwarnings), so a warning in a subprocess fails its test.
+    warnings.simplefilter("error")
+    for _mod in ("jax", "flax", "orbax"):
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=f"{_mod}.*")
 
 import pytest
 
@@ -47,11 +55,17 @@ OPTIMIZERS = {
 
 
 class Net(nnx.Module):
-    def __init__(self, hidden: int, dropout: float, rngs: nnx.Rngs):
-        self.l1 = nnx.Linear(D_IN, hidden, rngs=rngs)
-        self.bn = nnx.BatchNorm(hidden, rngs=rngs)
+    def __init__(self, hidden: int, dropout: float, rngs: nnx.Rngs, dtype=jnp.float32):
+        kw = {"dtype": dtype, "param_dtype": dtype}
+        self.l1 = nnx.Linear(D_IN, hidden, rngs=rngs, **kw)
+        self.bn = nnx.BatchNorm(hidden, rngs=rngs, **kw)
+        # flax keeps batch statistics in float32 whatever param_dtype says; a 64-bit run
+        # keeps them in 64-bit too (updating float32 stats from float64 activations raises a
+        # JAX FutureWarning: scatter cannot safely cast float64 to float32)
+        for stat in ("mean", "var"):
+            setattr(self.bn, stat, nnx.BatchStat(getattr(self.bn, stat)[...].astype(dtype)))
         self.drop = nnx.Dropout(dropout, rngs=rngs)
-        self.l2 = nnx.Linear(hidden, 1, rngs=rngs)
+        self.l2 = nnx.Linear(hidden, 1, rngs=rngs, **kw)
 
     def __call__(self, x):
         return self.l2(self.drop(nnx.relu(self.bn(self.l1(x)))))
@@ -65,7 +79,8 @@ def dataset(seed: int):
 
 def build(cfg: dict, seed: int) -> dict:
     """A fresh training state; ``seed`` differs between the run and the restore target."""
-    model = Net(cfg["hidden"], cfg["dropout"], nnx.Rngs(seed, dropout=seed + 1))
+    model = Net(cfg["hidden"], cfg["dropout"], nnx.Rngs(seed, dropout=seed + 1),
+                dtype=jnp.dtype(cfg.get("dtype", "float32")))
     opt = nnx.Optimizer(model, OPTIMIZERS[cfg["opt"]], wrt=nnx.Param)
     return {"model": model, "opt": opt, "data_key": jax.random.key(seed + 2), "step": 0}
 
@@ -175,12 +190,25 @@ def _train_main(root: str, total: int, kill_at: int | None) -> None:
             mgr.save(step, state, force=step == total)
 
 
-def _run(root, total, kill_at=None) -> subprocess.CompletedProcess:
+def _child(args: list[str], timeout: float, **env: str) -> subprocess.CompletedProcess:
+    """Run this file as a child (warnings are errors there); its stderr must hold no warning."""
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "adapters")]))
-    args = [sys.executable, os.path.abspath(__file__), "train", str(root), str(total)]
-    return subprocess.run(args + ([str(kill_at)] if kill_at else []), env=env,
-                          capture_output=True, text=True, timeout=120)
+               PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "adapters")]), **env)
+    with subprocess.Popen([sys.executable, os.path.abspath(__file__), *args], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, err = p.communicate()
+            pytest.fail(f"child {args} timed out after {timeout} s: {err[-2000:]}")
+    assert "Warning" not in err, err[-4000:]
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def _run(root, total, kill_at=None) -> subprocess.CompletedProcess:
+    return _child(["train", str(root), str(total)] + ([str(kill_at)] if kill_at else []), 120)
 
 
 def test_sigkilled_training_resumes_bitwise(tmp_path):
@@ -260,30 +288,33 @@ def _sharded_main(examples: int) -> None:
 
 
 def test_sharded_training_resumes_bitwise_on_8_devices():
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "adapters")]))
-    r = subprocess.run([sys.executable, os.path.abspath(__file__), "sharded", "5"], env=env,
-                       capture_output=True, text=True, timeout=180)
+    r = _child(["sharded", "5"], 180, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert "SHARDED-RESUME-OK" in r.stdout
 
 
 def test_resume_bitwise_with_x64_enabled():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_ENABLE_X64="1",
-               PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "adapters")]))
-    r = subprocess.run([sys.executable, os.path.abspath(__file__), "x64"], env=env,
-                       capture_output=True, text=True, timeout=180)
+    r = _child(["x64"], 180, JAX_ENABLE_X64="1")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert "X64-RESUME-OK" in r.stdout
 
 
+def _float_dtypes(state: dict) -> set[str]:
+    leaves = jax.tree_util.tree_leaves(nnx.state(state["model"])) + \
+        jax.tree_util.tree_leaves(nnx.state(state["opt"]))
+    return {str(x.dtype) for x in leaves
+            if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)}
+
+
 def _x64_main() -> None:
     assert jax.config.jax_enable_x64
-    assert dataset(0)[0].dtype == jnp.float64  # the whole run is in 64-bit
+    assert dataset(0)[0].dtype == jnp.float64
     for name in ("schedule", "clip_chain"):
-        run_case({"hidden": 4, "dropout": 0.25, "opt": name}, seed=11, batch=4, total=5,
-                 stops=[1, 3])
+        cfg = {"hidden": 4, "dropout": 0.25, "opt": name, "dtype": "float64"}
+        # the whole run is in 64-bit: data, every parameter, statistic and optimizer slot
+        state = train(build(cfg, 0), dataset(0), 4, 1)
+        assert _float_dtypes(state) == {"float64"}, _float_dtypes(state)
+        run_case(cfg, seed=11, batch=4, total=5, stops=[1, 3])
     print("X64-RESUME-OK")
 
 

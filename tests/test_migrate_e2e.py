@@ -1,8 +1,8 @@
 """End to end: migrate runs between PyTorch and Flax NNX through the adapters and continue them.
 
 Measured (see the report printed with ``-s``): the maximum relative parameter difference
-after continuing K steps in both frameworks; the issue's targets are <= 1e-6 (float64) and
-<= 1e-5 (float32).
+after continuing K steps in both frameworks, checked against per-direction, per-optimizer,
+per-dtype tolerances set from the measured figures (``TOL``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,24 @@ from unickpt.migration.rules import flatten_rules  # noqa: E402
 from unickpt.state import restore_tree  # noqa: E402
 
 N, K, T = 3, 3, 12  # steps before the switch, steps after, schedule length
-TOL = {"f64": 1e-6, "f32": 1e-5}
+# Max relative parameter difference after continuing K steps in both frameworks, per direction,
+# optimizer and dtype: measured (x86-64 CPU, torch 2.13, jax 0.10.2; mlp / cnn) and set at
+# about 2.2x the larger of the two, so that a float64 state rounded through float32 anywhere
+# (relative error ~6e-8) fails every float64 case.
+TOL = {
+    ("torch->jax", "sgd", "f64"): 4e-8,     # 1.799e-08 / 1.711e-08
+    ("torch->jax", "adam", "f64"): 1.5e-8,  # 6.063e-09 / 1.149e-09
+    ("torch->jax", "adamw", "f64"): 1.5e-8,  # 6.063e-09 / 1.150e-09
+    ("torch->jax", "sgd", "f32"): 1.6e-7,   # 7.148e-08 / 6.539e-08
+    ("torch->jax", "adam", "f32"): 8e-6,    # 3.441e-06 / 6.352e-07
+    ("torch->jax", "adamw", "f32"): 8e-6,   # 3.520e-06 / 6.209e-07
+    ("jax->torch", "adamw", "f64"): 1.6e-8,  # 7.197e-09 (mlp)
+    ("jax->torch", "sgd", "f64"): 1e-7,     # 4.367e-08 (mlp)
+    ("jax->torch", "adam", "f64"): 4e-8,    # 1.825e-08 (cnn)
+    ("jax->torch", "adamw", "f32"): 6.5e-6,  # 2.834e-06 (mlp)
+    ("jax->torch", "sgd", "f32"): 1.2e-6,   # 5.479e-07 (mlp)
+    ("jax->torch", "adam", "f32"): 7.5e-6,  # 3.347e-06 (cnn)
+}
 MEASURED: dict[str, float] = {}
 
 
@@ -76,7 +93,7 @@ def test_torch_to_jax_continues_like_torch(tmp_path, kind, algo, dt):
         diff = M.max_rel_diff(M.nnx_params_as_torch(kind, jm), M.torch_params(tm))
     MEASURED[f"torch->jax {kind} {algo} {dt}"] = diff
     print(f"\ntorch->jax {kind} {algo} {dt}: max relative parameter difference {diff:.3e}")
-    assert diff <= TOL[dt]
+    assert diff <= TOL["torch->jax", algo, dt], diff
 
 
 @pytest.mark.parametrize("dt", ["f32", "f64"])
@@ -98,7 +115,7 @@ def test_jax_to_torch_continues_like_jax(tmp_path, kind, algo, dt):
         M.nnx_train(kind, jm, jo, K, N, npdt)
         diff = M.max_rel_diff(M.torch_params(tm), M.nnx_params_as_torch(kind, jm))
     print(f"\njax->torch {kind} {algo} {dt}: max relative parameter difference {diff:.3e}")
-    assert diff <= TOL[dt]
+    assert diff <= TOL["jax->torch", algo, dt], diff
 
 
 def _flat(tree, prefix=()):

@@ -20,6 +20,12 @@ def _latest(root):
     return max(steps) if steps else None
 
 
+def zero_padded_train(root, total_steps, stop_at=None):
+    for s in range(1, total_steps + 1):
+        unickpt.save(os.path.join(root, f"step_{s:02d}"), {"step": s})
+    return {"step": total_steps}
+
+
 def counter_train(root, total_steps, stop_at=None, *, save_every=2, final_save=True,
                   forget_on_second_resume=False):
     """x_{t} = x_{t-1} / 2 + t, plus a shuffled data position; saves every ``save_every``."""
@@ -149,7 +155,7 @@ def test_a_crash_while_resuming_is_reported_with_its_traceback():
     ({"interruptions": [7]}, r"schedule 7: steps must lie in 1..6"),
     ({"interruptions": [()]}, r"expected a step or a non-empty sequence"),
     ({"hard_kill": "sometimes"}, r"hard_kill='sometimes': expected False, True or one of "
-                                 r"\('after_save', 'mid_save'\)"),
+                                 r"\('after_save', 'mid_save', 'torn_write'\)"),
 ])
 def test_bad_arguments_are_rejected_before_any_run(kwargs, message):
     calls = []
@@ -184,6 +190,36 @@ def test_hard_kill_moments_leave_the_disk_as_a_crash_would(tmp_path):
     assert out == KillOutcome(True, 6, "after_save")
     assert unickpt.load(root / "step_6")["step"] == 6
     assert not (root / "step_8").exists()
+
+
+def test_hard_kill_torn_write_leaves_a_half_written_data_file(tmp_path):
+    root = tmp_path / "r"
+    root.mkdir()
+    out = run_and_kill("test_testing_resume:counter_train", str(root), 8, 3, "torn_write")
+    assert out == KillOutcome(True, 4, "torn_write")
+    assert "in the middle of a write into step_4's data file" in out.describe(3)
+    names = sorted(os.listdir(root))
+    assert names[1:] == ["step_2"] and names[0].startswith(".unickpt-tmp.step_4.")
+    # killed inside the data file: no manifest yet, and the file is not what a save writes
+    assert sorted(os.listdir(root / names[0])) == ["arrays.safetensors"]
+    torn = (root / names[0] / "arrays.safetensors").read_bytes()
+    unickpt.save(tmp_path / "whole", unickpt.load(root / "step_2") | {"step": 4})
+    assert torn != (tmp_path / "whole" / "arrays.safetensors").read_bytes()
+    with unickpt.CheckpointManager(root) as m:
+        assert m.resolve_start().step == 2
+    assert [n for n in os.listdir(root) if n.startswith(".unickpt-tmp.")] == []
+
+
+def test_hard_kill_torn_write_resumes_deterministically():
+    tried = assert_resume_deterministic(counter_train, 6, interruptions=[3], hard_kill="torn_write")
+    assert tried
+
+
+def test_hard_kill_step_names_with_leading_zeros_are_not_checkpoints(tmp_path):
+    # a save to step_04 is not a checkpoint of step 4 (the policy's parser): no kill
+    out = run_and_kill("test_testing_resume:zero_padded_train", str(tmp_path), 4, 1,
+                       "mid_save")
+    assert out == KillOutcome(False, None, "mid_save")
 
 
 def test_hard_kill_takes_the_childs_own_children_with_it(tmp_path):

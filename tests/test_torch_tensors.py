@@ -35,6 +35,11 @@ def test_bf16_and_float8_round_trip_every_bit_pattern(tmp_path, dtype):
     unickpt.save(tmp_path / "c", {"t": t})
     loaded = unickpt.load(tmp_path / "c")["t"]
     assert loaded.dtype == numpy_dtype(dtype)
+    # the bits torch itself reports (no adapter involved) are the bits numpy reads back
+    carrier, np_carrier = (torch.int16, np.uint16) if dtype == torch.bfloat16 else \
+        (torch.uint8, np.uint8)
+    assert (loaded.view(np_carrier) == t.view(carrier).numpy().view(np_carrier)).all()
+    assert len(np.unique(loaded.view(np_carrier))) == t.numel()  # every pattern, none lost
     target = torch.zeros_like(t)
     restore_tree({"t": target}, unickpt.load(tmp_path / "c"))
     assert_bitwise_equal(target, t)

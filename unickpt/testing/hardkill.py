@@ -5,8 +5,10 @@ dotted path and, before calling it, wraps the commit step of unickpt's local sto
 checkpoint, whether written by ``unickpt.save`` or by a ``CheckpointManager``, is committed
 there by renaming its temporary directory to ``step_<N>``).  When the first checkpoint of a
 step ``>= N`` is about to be committed (``"mid_save"``: its temporary directory is fully
-written, nothing renamed) or has just been committed (``"after_save"``: before retention and
-the ``latest`` pointer), the child reports the moment through a pipe and freezes that thread;
+written, nothing renamed), is being written (``"torn_write"``: the first write into its data
+file has put only half of its bytes on disk: a torn file inside the temporary directory) or
+has just been committed (``"after_save"``: before retention and the ``latest`` pointer), the
+child reports the moment through a pipe and freezes that thread;
 the parent then kills the whole process with ``SIGKILL``.  The moment is therefore exact and
 reproducible, and the kill is a real one: no ``finally`` block, ``atexit`` hook or buffered
 write of the child runs.
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import select
 import signal
 import subprocess
@@ -33,8 +34,7 @@ from typing import Any
 
 __all__ = ["MOMENTS", "KillOutcome", "run_and_kill", "resolve_target", "dotted_path_of"]
 
-MOMENTS = ("after_save", "mid_save")
-_STEP_RE = re.compile(r"^step_(\d+)$")
+MOMENTS = ("after_save", "mid_save", "torn_write")
 _CHILD = "from unickpt.testing.hardkill import _child_main; _child_main()"
 _FREEZE_SECONDS = 600  # a frozen child whose parent died exits by itself after this
 
@@ -60,6 +60,9 @@ class KillOutcome:
         if self.moment == "mid_save":
             return (f"SIGKILL while step_{self.step} was being saved (temporary directory "
                     "written, not yet committed)")
+        if self.moment == "torn_write":
+            return (f"SIGKILL in the middle of a write into step_{self.step}'s data file "
+                    "(torn temporary directory)")
         return f"SIGKILL right after step_{self.step} was committed"
 
 
@@ -177,10 +180,10 @@ def _frameworks() -> list[str]:
     a global RNG (``capture_rng()`` is not None), so that ``unickpt.RNG()`` captures the same
     generators in the child as in this process, where the resumed run happens.  Frameworks
     without a global RNG (JAX) are left to the trainer to import: they cost seconds."""
-    from ..adapters import _discover, loaded_adapters
+    from ..adapters import loaded_adapters, plugins
 
     with_rng = {a.name for a in loaded_adapters() if a.capture_rng() is not None}
-    return sorted({m for p in _discover() if p.name in with_rng for m in p.modules
+    return sorted({m for p in plugins() if p.name in with_rng for m in p.modules
                    if m in sys.modules})
 
 
@@ -195,6 +198,7 @@ def _child_main() -> None:
     """Entry point of the child process (see the module docstring)."""
     import threading
 
+    from unickpt.policy import TEMP_PREFIX, parse_step
     from unickpt.storage import LocalStorage
 
     cfg = json.loads(sys.argv[1])
@@ -202,24 +206,25 @@ def _child_main() -> None:
     lock = threading.Lock()
     original = LocalStorage.commit
 
-    def freeze(final: str) -> None:
-        m = _STEP_RE.match(os.path.basename(os.path.normpath(final)))
+    def freeze(step: int | None) -> None:
         with lock:  # one report even if several saver threads get here
-            os.write(fd, (json.dumps({"step": int(m.group(1)) if m else -1}) + "\n").encode())
+            os.write(fd, (json.dumps({"step": -1 if step is None else step}) + "\n").encode())
         time.sleep(_FREEZE_SECONDS)  # the parent SIGKILLs us during this sleep
         os._exit(3)
 
-    def due(final: str) -> bool:
-        m = _STEP_RE.match(os.path.basename(os.path.normpath(final)))
-        return m is not None and int(m.group(1)) >= stop
+    def due(step: int | None) -> bool:
+        return step is not None and step >= stop
 
     def commit(self: Any, temp: str, final: str, *, replace: bool = False) -> None:
-        if moment == "mid_save" and due(final):
-            freeze(final)
+        step = parse_step(os.path.basename(os.path.normpath(final)))
+        if moment == "mid_save" and due(step):
+            freeze(step)
         original(self, temp, final, replace=replace)
-        if moment == "after_save" and due(final):
-            freeze(final)
+        if moment == "after_save" and due(step):
+            freeze(step)
 
+    if moment == "torn_write":
+        _tear_writes(TEMP_PREFIX, parse_step, due, freeze)
     LocalStorage.commit = commit  # type: ignore[method-assign]
     # Import the frameworks the parent process has imported, so unickpt.RNG() captures the
     # same set of global generators here as in the parent, where the resumed run happens.
@@ -233,3 +238,49 @@ def _child_main() -> None:
     train = resolve_target(cfg["target"])
     train(cfg["root"], cfg["total_steps"])
     os.close(fd)
+
+
+def _tear_writes(temp_prefix: str, parse_step: Callable[[str], int | None],
+                 due: Callable[[int | None], bool], freeze: Callable[[int | None], None]) -> None:
+    """Wrap ``os.pwrite``/``os.pwritev``/``os.write``: the first write into a file of a due
+    step's temporary directory puts half its bytes on disk, then the process freezes."""
+
+    def step_of(fd: int) -> int | None:
+        try:
+            d = os.path.basename(os.path.dirname(os.readlink(f"/proc/self/fd/{fd}")))
+        except OSError:
+            return None
+        if not d.startswith(temp_prefix):
+            return None
+        return parse_step(d[len(temp_prefix):].split(".", 1)[0])
+
+    orig_pwrite, orig_write = os.pwrite, os.write
+    orig_pwritev = getattr(os, "pwritev", None)
+
+    def pwrite(f: int, data: Any, offset: int) -> int:
+        step = step_of(f) if offset > 0 else None  # offset 0: the header; tear array bytes
+        if due(step):
+            mv = memoryview(data).cast("B")
+            orig_pwrite(f, mv[: max(1, len(mv) // 2)], offset)
+            freeze(step)
+        return orig_pwrite(f, data, offset)
+
+    def pwritev(f: int, buffers: Any, offset: int, *a: Any) -> int:
+        step = step_of(f) if offset > 0 else None
+        if due(step):
+            pwrite(f, list(buffers)[0], offset)
+        assert orig_pwritev is not None
+        return orig_pwritev(f, buffers, offset, *a)
+
+    def write(f: int, data: Any) -> int:
+        step = step_of(f)
+        if due(step):
+            mv = memoryview(data).cast("B")
+            orig_write(f, mv[: max(1, len(mv) // 2)])
+            freeze(step)
+        return orig_write(f, data)
+
+    os.pwrite = pwrite
+    os.write = write
+    if orig_pwritev is not None:
+        os.pwritev = pwritev
