@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import unickpt_torch.data  # noqa: F401  (tracks loaders built from here on)
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 
 import unickpt
-import unickpt_torch.data  # noqa: F401  (tracks loaders built from here on)
 from unickpt.errors import UnsupportedLeafError
 
 N, BATCH, EPOCHS = 11, 3, 3  # 4 batches per epoch, the last one short

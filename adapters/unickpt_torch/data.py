@@ -45,8 +45,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import (BatchSampler, DataLoader, IterableDataset, RandomSampler,
-                              SequentialSampler)
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+)
 from torch.utils.data.distributed import DistributedSampler
 
 from unickpt.errors import UnsupportedLeafError
