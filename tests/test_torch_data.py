@@ -149,3 +149,28 @@ def test_loader_position_and_epoch_are_stored_as_plain_data():
     unickpt.state.restore_tree({"loader": fresh}, tree)
     assert fresh.sampler.epoch == 4
     assert [b[0].tolist() for b in fresh] == [b[0].tolist() for b in it]
+
+
+def test_restored_loader_saved_before_it_is_iterated_keeps_its_position():
+    def mk():
+        return DataLoader(Noisy(), batch_size=2, shuffle=True,
+                          generator=torch.Generator().manual_seed(1))
+    dl = mk()
+    it = iter(dl)
+    next(it), next(it), next(it)
+    tree, _ = unickpt.state.to_tree({"loader": dl})
+    fresh = mk()
+    unickpt.state.restore_tree({"loader": fresh}, tree)
+    again, _ = unickpt.state.to_tree({"loader": fresh})  # e.g. a save right after restore
+    assert again["loader"]["position"] == 3
+    other = mk()
+    unickpt.state.restore_tree({"loader": other}, again)
+    assert [b[0].tolist() for b in other] == [b[0].tolist() for b in it]
+
+
+def test_loader_built_before_tracking_is_refused_with_the_fix(monkeypatch):
+    dl = DataLoader(Noisy(), batch_size=2)
+    dl.__dict__.pop("_unickpt_seen")  # as if built before unickpt_torch.data was imported
+    with pytest.raises(UnsupportedLeafError,
+                       match=r"cannot save loader: .*import unickpt_torch.data"):
+        unickpt.state.to_tree({"loader": dl})

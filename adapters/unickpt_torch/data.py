@@ -104,7 +104,7 @@ def _generators(obj: Any) -> list[torch.Generator]:
 
 def _epoch_owner(obj: Any) -> Any:
     while isinstance(obj, (DataLoader, BatchSampler)):
-        obj = obj.batch_sampler or obj.sampler if isinstance(obj, DataLoader) else obj.sampler
+        obj = (obj.batch_sampler or obj.sampler) if isinstance(obj, DataLoader) else obj.sampler
     return obj if hasattr(obj, "epoch") else None
 
 
@@ -203,7 +203,10 @@ def data_to_tree(obj: Any, ctx: Any, path: Path) -> dict:
                 f"cannot save {format_path(path)}: this {type(obj).__name__} was created "
                 "before unickpt could track its position; `import unickpt_torch.data` before "
                 "building data loaders and samplers")
+        # Not iterated since it was built or restored: a restored, not yet consumed skip is
+        # still its position.
         rec = _start_record(obj)
+        rec["count"][0] = obj.__dict__.get(_SKIP, 0)
     if isinstance(obj, RandomSampler) and obj.generator is None or (
             isinstance(obj, DataLoader) and isinstance(obj.sampler, RandomSampler)
             and obj.sampler.generator is None):
