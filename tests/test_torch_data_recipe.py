@@ -16,6 +16,11 @@ import pytest
 
 import unickpt
 
+# Workers are forked; when another test of the session has imported JAX, JAX warns at every
+# fork (it is multithreaded). These workers run torch code only.
+pytestmark = pytest.mark.filterwarnings(
+    r"ignore:os.fork\(\) was called:RuntimeWarning")
+
 DOC = Path(__file__).resolve().parents[1] / "docs" / "torch.md"
 
 

@@ -15,8 +15,12 @@ import unickpt
 
 sdl = pytest.importorskip("torchdata.stateful_dataloader")
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:'set_vital' is deprecated:UserWarning")  # torchdata 0.11 on torch >= 2.10
+# Workers are forked; when another test of the session has imported JAX, JAX warns at every
+# fork (it is multithreaded). These workers run torch code only.
+pytestmark = [
+    pytest.mark.filterwarnings(r"ignore:os.fork\(\) was called:RuntimeWarning"),
+    pytest.mark.filterwarnings(  # torchdata 0.11 on torch >= 2.10
+        "ignore:'set_vital' is deprecated:UserWarning")]
 
 N, BATCH, EPOCHS = 11, 3, 3
 
