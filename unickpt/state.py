@@ -4,7 +4,8 @@ Saving walks the user's state: plain containers are recursed into, neutral leave
 objects claimed by an adapter are converted by it, objects implementing the unickpt object
 protocol (``_unickpt_to_tree_`` / ``_unickpt_prepare_restore_``, e.g. :class:`unickpt.RNG`)
 convert themselves, and any other object with ``state_dict()`` / ``load_state_dict()`` (the
-Stateful convention) is stored through its state dict.
+Stateful convention) is stored through its state dict, or else with ``get_state()`` /
+``set_state()`` (Grain's data iterators) through that state: plain data or arrays, never pickle.
 
 Restoring is two-phase: every part of the target is checked against the checkpoint first and
 all problems are collected into one :class:`~unickpt.IncompatibleCheckpointError`; only when
@@ -57,6 +58,24 @@ def is_stateful(obj: Any) -> bool:
     """Whether ``obj`` follows the Stateful convention (``state_dict`` + ``load_state_dict``)."""
     return callable(getattr(obj, "state_dict", None)) and callable(
         getattr(obj, "load_state_dict", None))
+
+
+def has_get_state(obj: Any) -> bool:
+    """Whether ``obj`` has ``get_state()`` + ``set_state()`` (e.g. a Grain data iterator).
+
+    >>> class It:
+    ...     pos = 0
+    ...     def get_state(self): return {"pos": self.pos}
+    ...     def set_state(self, s): self.pos = s["pos"]
+    >>> it = It(); it.pos = 7
+    >>> tree, kinds = to_tree({"it": it})
+    >>> tree, kinds[("it",)]
+    ({'it': {'pos': 7}}, 'get_state:unickpt.state.It')
+    >>> restore_tree({"it": It()}, tree)["it"].pos
+    7
+    """
+    return callable(getattr(obj, "get_state", None)) and callable(
+        getattr(obj, "set_state", None))
 
 
 class SaveContext:
@@ -116,10 +135,13 @@ class SaveContext:
         if is_stateful(obj):
             self.kinds[path] = f"stateful:{type(obj).__module__}.{type(obj).__qualname__}"
             return self.to_tree(obj.state_dict(), path)
+        if has_get_state(obj):
+            self.kinds[path] = f"get_state:{type(obj).__module__}.{type(obj).__qualname__}"
+            return self.to_tree(obj.get_state(), path)
         raise UnsupportedLeafError(
             f"cannot {self.purpose} {format_path(path)}: {t.__module__}.{t.__qualname__} is not a "
             "state-tree leaf, no adapter claims it and it has no state_dict()/"
-            "load_state_dict(); convert it, or install/register an adapter for its framework")
+            "load_state_dict() nor get_state()/set_state(); convert it, or install/register an adapter for its framework")
 
 
 class RestoreContext:
@@ -227,8 +249,16 @@ class RestoreContext:
                 return target
 
             return apply_stateful
+        if has_get_state(target):
+            planned = self.plan(target.get_state(), tree, path)
+
+            def apply_get_state() -> Any:
+                target.set_state(planned())
+                return target
+
+            return apply_get_state
         self.mismatch(path, f"cannot restore into {t.__module__}.{t.__qualname__}: no adapter "
-                            "claims it and it has no load_state_dict()")
+                            "claims it and it has no load_state_dict() nor set_state()")
         return lambda: target
 
     def _plan_dict(self, target: dict, tree: Any, path: Path) -> Callable[[], Any]:

@@ -20,6 +20,7 @@ import torch
 from unickpt.errors import UnsupportedLeafError
 from unickpt.tree import Path, convert_scalar
 
+from . import data as _data
 from . import module as _module
 from . import optim as _optim
 from . import rng as _rng
@@ -88,7 +89,7 @@ class TorchAdapter:
             return GRAD_SCALER
         if isinstance(obj, torch.Generator):
             return GENERATOR
-        return None
+        return _data.kind_of(obj)  # DataLoader and the standard samplers (data.py)
 
     def to_tree(self, obj: Any, ctx: Any, path: Path) -> Any:
         kind = self.kind_of(obj)
@@ -100,6 +101,8 @@ class TorchAdapter:
             return _optim.optimizer_to_tree(obj, ctx, path)
         if kind == GENERATOR:
             return _rng.capture_generator(obj)
+        if kind in (_data.LOADER, _data.SAMPLER):
+            return _data.data_to_tree(obj, ctx, path)
         return _sched.stateful_to_tree(obj, ctx, path)
 
     def prepare_restore(self, target: Any, tree: Any, ctx: Any,
@@ -124,6 +127,8 @@ class TorchAdapter:
             return _optim.prepare_optimizer_restore(target, tree, ctx, path)
         if kind == GENERATOR:
             return _rng.prepare_generator_restore(target, tree, ctx, path)
+        if kind in (_data.LOADER, _data.SAMPLER):
+            return _data.prepare_data_restore(target, tree, ctx, path)
         return _sched.prepare_stateful_restore(target, tree, ctx, path)
 
     def capture_rng(self) -> dict | None:
