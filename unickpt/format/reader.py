@@ -258,24 +258,33 @@ class CheckpointReader:
     def verify_all(self, progress: Callable[[int], None] | None = None) -> list[str]:
         """Check every array; returns the names of bad leaves (empty when all is well).
 
-        In an array file whose size or header disagrees with the manifest (truncated,
-        padded), each array is still checked on its own: the ones whose bytes are all there
-        and match their checksum are intact and not reported.
+        In a truncated array file each array is still checked on its own: the ones whose
+        bytes are all there and match their checksum are intact and not reported.  A file
+        that is not truncated but still refused (a damaged safetensors header, bytes appended)
+        reports all its leaves: their bytes may be intact, but the file no longer is what the
+        manifest describes, and ``load`` refuses it.
         """
         checksum.require(f"verifying {self.path}")
         bad: list[str] = []
-        damaged: dict[str, Any] = {}  # file name -> its bytes as found (None: unreadable)
+        # file name -> (its bytes as found or None if unreadable, whether its header is bad)
+        damaged: dict[str, tuple[Any, bool]] = {}
+        sizes = {f.name: f.size for f in self.manifest.files}
         for i, e in enumerate(self.manifest.arrays):
+            header_bad = False
             if e.file in damaged:
-                data = damaged[e.file]
+                data, header_bad = damaged[e.file]
             else:
                 try:
                     data = self._file(e.file)[1]
                 except CorruptCheckpointError as err:
                     if not err.leaves:
                         raise
-                    data = damaged[e.file] = self._map_as_found(e.file)
-            if data is None or e.offset + e.nbytes > len(data):
+                    data = self._map_as_found(e.file)
+                    header_bad = data is not None and len(data) >= sizes[e.file]
+                    damaged[e.file] = (data, header_bad)
+            if header_bad:
+                ok = False
+            elif data is None or e.offset + e.nbytes > len(data):
                 ok = e.nbytes == 0 and data is not None
             else:
                 got = checksum.hasher()
