@@ -255,9 +255,12 @@ def test_huge_header_length_in_array_file(tmp_path):
         assert tracemalloc.get_traced_memory()[1] < 8 << 20
     finally:
         tracemalloc.stop()
-    with pytest.raises(unickpt.CorruptCheckpointError, match="4 damaged leaves") as ei:
+    # every array's bytes are intact; the file as a whole is damaged
+    with pytest.raises(unickpt.CorruptCheckpointError,
+                       match="0 damaged leaves: ; array file 'arrays.safetensors' has a "
+                             "damaged safetensors header; restore") as ei:
         unickpt.verify(path)
-    assert "w" in ei.value.leaves
+    assert ei.value.leaves == []
 
 
 def test_missing_array_file_names_every_leaf(tmp_path):
@@ -287,7 +290,12 @@ def test_truncated_or_extended_array_file(tmp_path, delta):
             fn(path)
     with pytest.raises(unickpt.CorruptCheckpointError, match="damaged leaves") as ei:
         unickpt.verify(path)
-    assert "w" in ei.value.leaves
+    report = unickpt.verify(path, raise_on_error=False)
+    assert DATA in report.files and not report.ok
+    if delta < 0:  # the bytes cut off belong to the last array in the file
+        assert "w" in ei.value.leaves
+    else:  # appended bytes damage no array: the file as a whole is refused
+        assert ei.value.leaves == [] and report.bad == []
 
 
 def test_one_flipped_bit_is_named_by_verify_and_caught_by_load(tmp_path):
@@ -334,7 +342,7 @@ def test_claim_of_a_terabyte_array_fails_fast_without_allocating(tmp_path):
     _rewrite_body(path, claim)
     truncated = r"the manifest says 1099511\d+ \(truncated or replaced\)"
     for fn, match in ((unickpt.load, truncated), (lambda p: unickpt.load(p, mmap=True), truncated),
-                      (unickpt.verify, r"4 damaged leaves: w, b")):
+                      (unickpt.verify, r"1 damaged leaves: w; array file")):
         tracemalloc.start()
         t0 = time.perf_counter()
         try:

@@ -184,10 +184,12 @@ class VerifyReport:
     narrays: int
     nbytes: int
     bad: list[str] = field(default_factory=list)
+    #: array files damaged as a whole (truncated, padded, damaged header) -> why
+    files: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return not self.bad
+        return not (self.bad or self.files)
 
 
 def verify(path: str | os.PathLike, *, raise_on_error: bool = True,
@@ -201,10 +203,12 @@ def verify(path: str | os.PathLike, *, raise_on_error: bool = True,
     with CheckpointReader(path, storage) as r:
         bad = r.verify_all(progress)
         report = VerifyReport(r.path, len(r.manifest.arrays),
-                              sum(a.nbytes for a in r.manifest.arrays), bad)
-    if bad and raise_on_error:
+                              sum(a.nbytes for a in r.manifest.arrays), bad,
+                              dict(r.file_damage))
+    if not report.ok and raise_on_error:
+        files = "".join(f"; {why}" for why in report.files.values())
         raise CorruptCheckpointError(
             f"{report.path}: {len(bad)} damaged leaves: {', '.join(bad[:20])}"
-            f"{' ...' if len(bad) > 20 else ''}; restore from another checkpoint",
+            f"{' ...' if len(bad) > 20 else ''}{files}; restore from another checkpoint",
             path=report.path, leaves=bad)
     return report

@@ -33,13 +33,17 @@ def run(args: argparse.Namespace) -> ExitCode:
             show = not args.quiet and total >= PROGRESS_MIN_BYTES
             with progress_bar("verifying", total, enabled=show) as advance:
                 bad = r.verify_all(advance)
+                files = dict(r.file_damage)
     except (UnickptError, OSError) as e:
         return ExitCode(error(NAME, e, ExitCode.UNREADABLE))
-    if bad:
+    if bad or files:
         print(f"CORRUPT {args.ckpt}: {len(bad)} of {narrays} arrays damaged (checksum "
-              f"mismatch, truncated or missing data), {narrays - len(bad)} intact:")
+              f"mismatch, truncated or missing data), {narrays - len(bad)} intact"
+              f"{':' if bad else ''}")
         for leaf in bad:
             print(f"  {leaf}")
+        for why in files.values():
+            print(f"file damaged: {why}")
         print("restore from another checkpoint (with a manager: resume=<step>)")
         return ExitCode.NO
     print(f"OK {args.ckpt}: {narrays} arrays, {human_size(total)} verified")

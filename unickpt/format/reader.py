@@ -116,6 +116,8 @@ class CheckpointReader:
             self._files: dict[str, tuple[ReadHandle, memoryview | None]] = {}
             self._lock = threading.Lock()
             self._warned_unverified = False
+            #: array file -> why it is damaged as a whole (filled by :meth:`verify_all`)
+            self.file_damage: dict[str, str] = {}
             # array index -> tree path, for naming leaves in errors (found without reading data)
             self.array_paths: dict[int, Path] = {}
             self._skeleton = decode_node(
@@ -258,33 +260,30 @@ class CheckpointReader:
     def verify_all(self, progress: Callable[[int], None] | None = None) -> list[str]:
         """Check every array; returns the names of bad leaves (empty when all is well).
 
-        In a truncated array file each array is still checked on its own: the ones whose
-        bytes are all there and match their checksum are intact and not reported.  A file
-        that is not truncated but still refused (a damaged safetensors header, bytes appended)
-        reports all its leaves: their bytes may be intact, but the file no longer is what the
-        manifest describes, and ``load`` refuses it.
+        Each array is checked on its own, also in an array file that is damaged as a whole
+        (truncated, padded, a damaged safetensors header): the ones whose bytes are all there
+        and match their checksum are intact and not reported, so the count is exact.  The
+        damage of a file as a whole is recorded in :attr:`file_damage` (file name -> why
+        ``load`` refuses it): a checkpoint verifies only when both are empty.
         """
         checksum.require(f"verifying {self.path}")
         bad: list[str] = []
-        # file name -> (its bytes as found or None if unreadable, whether its header is bad)
-        damaged: dict[str, tuple[Any, bool]] = {}
-        sizes = {f.name: f.size for f in self.manifest.files}
+        damaged: dict[str, Any] = {}  # file name -> its bytes as found (None: unreadable)
+        self.file_damage = {}
         for i, e in enumerate(self.manifest.arrays):
-            header_bad = False
             if e.file in damaged:
-                data, header_bad = damaged[e.file]
+                data = damaged[e.file]
             else:
                 try:
                     data = self._file(e.file)[1]
                 except CorruptCheckpointError as err:
                     if not err.leaves:
                         raise
-                    data = self._map_as_found(e.file)
-                    header_bad = data is not None and len(data) >= sizes[e.file]
-                    damaged[e.file] = (data, header_bad)
-            if header_bad:
-                ok = False
-            elif data is None or e.offset + e.nbytes > len(data):
+                    why = str(err).removeprefix(f"{self.path}: ")
+                    self.file_damage[e.file] = why.removesuffix(
+                        "; restore from another checkpoint")
+                    data = damaged[e.file] = self._map_as_found(e.file)
+            if data is None or e.offset + e.nbytes > len(data):
                 ok = e.nbytes == 0 and data is not None
             else:
                 got = checksum.hasher()
