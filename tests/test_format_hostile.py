@@ -334,7 +334,7 @@ def test_claim_of_a_terabyte_array_fails_fast_without_allocating(tmp_path):
     _rewrite_body(path, claim)
     truncated = r"the manifest says 1099511\d+ \(truncated or replaced\)"
     for fn, match in ((unickpt.load, truncated), (lambda p: unickpt.load(p, mmap=True), truncated),
-                      (unickpt.verify, r"4 damaged leaves: w, b")):
+                      (unickpt.verify, r"1 damaged leaves: w;")):  # only w is cut off
         tracemalloc.start()
         t0 = time.perf_counter()
         try:

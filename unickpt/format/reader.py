@@ -233,13 +233,14 @@ class CheckpointReader:
     def verify_all(self, progress: Callable[[int], None] | None = None) -> list[str]:
         """Check every array; returns the names of bad leaves (empty when all is well).
 
-        In an array file whose size or header disagrees with the manifest (truncated,
-        padded), each array is still checked on its own: the ones whose bytes are all there
-        and match their checksum are intact and not reported.
+        In a truncated array file (shorter than the manifest says, header intact) each array
+        is still checked on its own: the ones whose bytes are all there and match their
+        checksum are intact and not reported.  Any other damage to a file (missing, longer,
+        damaged header, or cut only after its last array) reports all of its leaves.
         """
         _hash.require(f"verifying {self.path}")
         bad: list[str] = []
-        damaged: dict[str, Any] = {}  # file name -> its bytes as found (None: unreadable)
+        damaged: dict[str, Any] = {}  # file name -> its surviving bytes (None: unusable)
         for i, e in enumerate(self.manifest.arrays):
             if e.file in damaged:
                 data = damaged[e.file]
@@ -249,9 +250,9 @@ class CheckpointReader:
                 except CorruptCheckpointError as err:
                     if not err.leaves:
                         raise
-                    data = damaged[e.file] = self._map_as_found(e.file)
+                    data = damaged[e.file] = self._truncated_map(e.file)
             if data is None or e.offset + e.nbytes > len(data):
-                ok = e.nbytes == 0 and data is not None
+                ok = False
             else:
                 got = _hash.hasher()
                 for s in range(0, e.nbytes, READ_CHUNK):
@@ -261,17 +262,23 @@ class CheckpointReader:
                 bad.append(self._leaf_name(i))
             if progress is not None:
                 progress(e.nbytes)
+        for name in damaged:  # a damaged file always shows, even if no array localises it
+            if not set(self._leaves_in(name)) & set(bad):
+                bad.extend(x for x in self._leaves_in(name) if x not in bad)
         return bad
 
-    def _map_as_found(self, name: str) -> _mmap.mmap | None:
-        """Map a damaged array file read-only as it is (None if missing, empty or special)."""
+    def _truncated_map(self, name: str) -> _mmap.mmap | None:
+        """The surviving bytes of a truncated array file (None for any other damage)."""
+        fe = next(f for f in self.manifest.files if f.name == name)
         try:
             fd = os.open(os.path.join(self.path, name), os.O_RDONLY | _NONBLOCK)
         except OSError:
             return None
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+            if not stat.S_ISREG(st.st_mode) or not 8 <= st.st_size < fe.size:
+                return None
+            if int.from_bytes(os.pread(fd, 8, 0), "little") + 8 != fe.data_start:
                 return None
             return _mmap.mmap(fd, 0, access=_mmap.ACCESS_READ)
         finally:
