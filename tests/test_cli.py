@@ -278,6 +278,35 @@ def test_verify_intact_arrays_in_a_file_with_a_damaged_tail_and_header(tmp_path,
         fh.write(b"junk")                         # and the file padded
     r = _run("verify", p)
     assert r.exit_code == 1 and "1 of 35 arrays damaged" in r.stdout and "  a03\n" in r.stdout
+    assert "file damaged: array file 'arrays.safetensors'" in r.stdout
+
+
+def test_verify_truncated_file_with_a_flipped_byte_before_the_cut(tmp_path, _run):
+    p, arrays, f = _many(tmp_path)
+    with open(os.path.join(p, f.name), "r+b") as fh:
+        fh.seek(arrays[3].offset + 5)
+        fh.write(b"\x01")                         # one array's bytes flipped
+        fh.truncate(arrays[30].offset)            # and the file cut after array 29
+    r = _run("verify", p)
+    assert r.exit_code == 1 and "6 of 35 arrays damaged" in r.stdout and "29 intact" in r.stdout
+    listed = [ln.strip() for ln in r.stdout.splitlines() if ln.startswith("  ")]
+    assert listed == ["a03", "a30", "a31", "a32", "a33", "a34"]
+
+
+@pytest.mark.parametrize("damage", ["padded", "header"])
+def test_verify_file_damage_that_spares_every_array_still_fails(tmp_path, _run, damage):
+    """Appended bytes or a destroyed header damage no array's bytes, but load refuses the
+    file: verify exits 1, counts 0 damaged arrays and says what is wrong with the file."""
+    p, arrays, f = _many(tmp_path)
+    with open(os.path.join(p, f.name), "r+b") as fh:
+        if damage == "padded":
+            fh.seek(0, 2)
+            fh.write(b"junk")
+        else:
+            fh.write(b"\xff" * 8)                 # safetensors header length destroyed
+    r = _run("verify", p)
+    assert r.exit_code == 1 and "0 of 35 arrays damaged" in r.stdout, r.output
+    assert "35 intact" in r.stdout and "file damaged: array file 'arrays.safetensors'" in r.stdout
 
 
 def test_inspect_prints_file_sizes_on_disk_and_flags_truncation(tmp_path, _run):
