@@ -161,21 +161,25 @@ class CheckpointReader:
                     f"{self.path}: array file {name!r} has a damaged safetensors header",
                     path=self.path, leaves=self._leaves_in(name))
             mm = _mmap.mmap(fd, 0, access=_mmap.ACCESS_READ) if actual else None
-            self._check_header(fe, fd, mm)
+            try:
+                self._check_header(fe, mm[:fe.data_start] if mm is not None else b"")
+            except CorruptCheckpointError:
+                if mm is not None:
+                    mm.close()
+                os.close(fd)
+                raise
             self._files[name] = (fd, mm)
             return fd, mm
 
-    def _check_header(self, fe: FileEntry, fd: int, mm: _mmap.mmap | None) -> None:
-        """Format v2 on: the safetensors header must hash to the manifest's ``header_xxh3``.
+    def _check_header(self, fe: FileEntry, head: bytes | memoryview) -> None:
+        """Format v2 on: the file's first ``data_start`` bytes must hash to ``header_xxh3``.
 
         Checked whenever a file is opened, with or without ``verify`` (it is a few KiB): a
         changed shape or offset in the header would mislead safetensors tooling silently.
         """
         if fe.header_xxh3 is None or not _hash.available():
             return
-        if _hash.digest(memoryview(mm)[:fe.data_start] if mm is not None else b"") \
-                != fe.header_xxh3:
-            os.close(fd)
+        if _hash.digest(head) != fe.header_xxh3:
             raise CorruptCheckpointError(
                 f"{self.path}: array file {fe.name!r} has a damaged safetensors header "
                 "(checksum mismatch); restore from another checkpoint", path=self.path,
