@@ -200,10 +200,16 @@ def test_adapter_kinds_and_protocol():
     assert a.kind_of(torch.device("cpu")) is None
 
 
-def test_plain_dataloader_is_refused_with_the_path():
-    loader = torch.utils.data.DataLoader([1, 2, 3])
+def test_iterable_dataset_loader_is_refused_with_the_path():
+    # Map-style DataLoaders are state leaves (unickpt_torch.data); an IterableDataset has no
+    # index sampler to fast-forward.
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(range(3))
+
+    loader = torch.utils.data.DataLoader(Stream())
     with pytest.raises(unickpt.UnsupportedLeafError,
-                       match=r"cannot save data: torch.utils.data.dataloader.DataLoader"):
+                       match=r"cannot save data: a DataLoader over an IterableDataset"):
         to_tree({"data": loader})
 
 
