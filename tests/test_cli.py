@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import unickpt
+from unickpt.api import save_recorded
 from unickpt.cli import ExitCode, cmd_verify, main
 from unickpt.testing.compare import diff_trees
 from unickpt.tree import Piece, ShardedArray
@@ -36,7 +37,7 @@ def _tree() -> dict:
 @pytest.fixture
 def ck(tmp_path) -> str:
     p = str(tmp_path / "a")
-    unickpt.save(p, _tree(), metadata={"lr": 0.1, "run": "demo"}, _info={"step": 3})
+    save_recorded(p, _tree(), metadata={"lr": 0.1, "run": "demo"}, info={"step": 3})
     return p
 
 

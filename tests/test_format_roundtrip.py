@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import unickpt
+from unickpt.api import save_recorded
 from unickpt.format.dtypes import dtype_from_name, dtype_name
 from unickpt.format.reader import CheckpointReader
 from unickpt.testing import strategies as ust
@@ -273,7 +274,7 @@ def test_reference_cycles_and_too_deep_trees_are_refused(tmp_path):
 
 def test_metadata_and_info_round_trip_and_must_be_plain(tmp_path):
     meta = {"lr": 0.1, "tags": ["a", "b"], 3: {"nested": None}, "np": np.int64(5)}
-    unickpt.save(tmp_path / "ck", {"w": 1}, metadata=meta, _info={"step": 7})
+    save_recorded(tmp_path / "ck", {"w": 1}, metadata=meta, info={"step": 7})
     info = unickpt.inspect(tmp_path / "ck")
     assert info.metadata == {"lr": 0.1, "tags": ["a", "b"], 3: {"nested": None}, "np": 5}
     assert info.info == {"step": 7} and info.format_version == 2

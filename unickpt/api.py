@@ -48,8 +48,7 @@ class SaveInfo:
 
 
 def save(path: str | os.PathLike, tree: Any, *, metadata: dict | None = None,
-         overwrite: bool = False, storage: Storage | None = None,
-         _info: dict | None = None) -> SaveInfo:
+         overwrite: bool = False, storage: Storage | None = None) -> SaveInfo:
     """Write one checkpoint at ``path`` atomically.
 
     ``tree`` is a state tree; framework objects (torch modules, JAX arrays, ...) are converted
@@ -57,8 +56,18 @@ def save(path: str | os.PathLike, tree: Any, *, metadata: dict | None = None,
     The checkpoint appears at ``path`` complete or not at all.  An existing committed
     checkpoint there is refused (``CheckpointExistsError``) unless ``overwrite=True``, which
     replaces it atomically.  ``storage`` is where bytes live (default: the local
-    filesystem; see docs/storage.md).  (``_info`` is the manifest's ``info`` map, for tools that record
-    a step; it will move to an internal entry point.)
+    filesystem; see docs/storage.md).
+    """
+    return save_recorded(path, tree, metadata=metadata, overwrite=overwrite, storage=storage)
+
+
+def save_recorded(path: str | os.PathLike, tree: Any, *, info: dict | None = None,
+                  metadata: dict | None = None, overwrite: bool = False,
+                  storage: Storage | None = None) -> SaveInfo:
+    """:func:`save`, recording ``info`` (the manifest's ``info`` map: step, provenance) too.
+
+    Internal (not re-exported by ``unickpt``): for the project's own tools that write a
+    checkpoint standing for a training step, such as the Orbax converter.
     """
     t0 = time.perf_counter()
     storage = storage or LocalStorage()
@@ -78,7 +87,7 @@ def save(path: str | os.PathLike, tree: Any, *, metadata: dict | None = None,
             f"cannot save {final}: the state contains a reference cycle or is nested far "
             "too deeply to be a state tree") from None
     prepared = prepare(neutral, kinds)  # validates every leaf before anything touches storage
-    stats = commit_checkpoint(storage, final, prepared, metadata=metadata, info=_info,
+    stats = commit_checkpoint(storage, final, prepared, metadata=metadata, info=info,
                               replace=overwrite)
     return SaveInfo(final, stats.nbytes, stats.narrays, time.perf_counter() - t0)
 

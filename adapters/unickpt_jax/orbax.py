@@ -22,6 +22,7 @@ from typing import Any, Literal
 import numpy as np
 
 import unickpt
+from unickpt.api import save_recorded
 from unickpt.errors import CheckpointNotFoundError, UnsupportedLeafError
 from unickpt.tree import Path, ShardedArray, format_path
 
@@ -130,7 +131,7 @@ def import_orbax(src_step_dir: str | os.PathLike, dst_checkpoint: str | os.PathL
     base = os.path.basename(src)
     if base.isdigit():
         info["step"] = int(base)
-    return unickpt.save(dst_checkpoint, tree, overwrite=overwrite, _info=info)
+    return save_recorded(dst_checkpoint, tree, overwrite=overwrite, info=info)
 
 
 def _to_orbax(x: Any, path: Path, bad: list[str], progress: Progress | None) -> Any:

@@ -19,7 +19,7 @@ import sys
 import ml_dtypes
 import numpy as np
 
-import unickpt
+from unickpt.api import save_recorded
 from unickpt.format import FORMAT_VERSION
 from unickpt.tree import LazyArray, Piece, ShardedArray
 
@@ -142,7 +142,7 @@ def main(force: bool = False) -> None:
                 continue
             shutil.rmtree(path)
         info = {"step": 7, "writer": "make_golden"} if name == "metadata" else None
-        unickpt.save(path, tree, metadata=metadata, _info=info)
+        save_recorded(path, tree, metadata=metadata, info=info)
         print(f"wrote   {name}")
 
 

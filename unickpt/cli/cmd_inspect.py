@@ -46,7 +46,7 @@ def _skeleton(r: Any) -> Any:
         s = m.sharded[i]
         return _Ref("sharded", s.dtype, s.shape, sum(m.arrays[a].nbytes for _, a in s.pieces))
 
-    return r._decode(arr, sharded)
+    return r.map_tree(arr, sharded)
 
 
 def disk_files(path: str, manifest: Any) -> list[dict[str, Any]]:

@@ -337,7 +337,6 @@ class CheckpointReader:
         with gc_paused():
             return walk(self._skeleton, ())
 
-    _decode = map_tree  # the former private name, still used by inspect and the CLI
 
     def tree(self, *, mmap: bool = False, verify: bool | None = None,
              assemble: bool = True, workers: int = 4) -> Any:
