@@ -54,7 +54,7 @@ from ..policy import (
     should_save,
     to_delete,
 )
-from ..state import restore_tree, to_tree
+from ..state import load_adapters_for, restore_tree, to_tree
 from ..storage import Storage
 from .background import BackgroundSaver
 from .records import (
@@ -239,6 +239,7 @@ class CheckpointManager:
         """
         d = self.resolve_start()
         if not d.resume or d.path is None:
+            load_adapters_for(state)  # adapters that track live objects start now
             return Restored(0, state, False, None)
         with CheckpointReader(d.path, self.storage) as r:
             # mmap + verify: every array is checksummed in place, then copied into its target.
