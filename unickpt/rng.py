@@ -30,6 +30,7 @@ True
 
 from __future__ import annotations
 
+import functools
 import random
 import warnings
 from collections.abc import Callable
@@ -168,14 +169,14 @@ class RNG:
             if why:
                 notes.append(f"{name} ({why})")
                 continue
-            steps.append(lambda r=restore, s=tree[name]: r(s))
+            steps.append(functools.partial(restore, tree[name]))
         adapters = {a.name: a for a in loaded_adapters()}
         for name, adapter in adapters.items():
             if name not in tree:
                 if adapter.capture_rng() is not None:
                     notes.append(f"{name} (not in the checkpoint)")
                 continue
-            steps.append(lambda a=adapter, s=tree[name]: _adapter_restore(a, s, notes))
+            steps.append(functools.partial(_adapter_restore, adapter, tree[name], notes))
         ignored = sorted(str(k) for k in tree if k not in _BUILTIN and k not in adapters)
 
         def apply() -> RNG:

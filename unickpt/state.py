@@ -54,6 +54,11 @@ def _rebuild(target: Mapping, values: dict) -> Any:
     return values
 
 
+def _constant(v: Any) -> Callable[[], Any]:
+    """A thunk that restores nothing: the target's own value."""
+    return lambda: v
+
+
 def is_stateful(obj: Any) -> bool:
     """Whether ``obj`` follows the Stateful convention (``state_dict`` + ``load_state_dict``)."""
     return callable(getattr(obj, "state_dict", None)) and callable(
@@ -269,12 +274,12 @@ class RestoreContext:
         for k, v in target.items():
             p = (*path, k)
             if self.selected(p) == "none":
-                thunks[k] = (lambda v=v: v)
+                thunks[k] = _constant(v)
             elif k in tree:
                 thunks[k] = self.plan(v, tree[k], p)
             else:
                 self.missing(p)
-                thunks[k] = (lambda v=v: v)
+                thunks[k] = _constant(v)
         for k in tree:
             if k not in target and self.selected((*path, k)) != "none":
                 self.unexpected((*path, k))

@@ -76,7 +76,7 @@ def progress_bar(label: str, total: int | None, *, enabled: bool = True
         yield lambda n: bar.advance(task, n)
 
 
-def plain_table(header: list[str], rows: list[list[str]], right: set[int] = frozenset()
+def plain_table(header: list[str], rows: list[list[str]], right: frozenset[int] | set[int] = frozenset()
                 ) -> str:
     """Columns aligned with two spaces, never cut (no terminal-width truncation).
 

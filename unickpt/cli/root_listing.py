@@ -144,7 +144,7 @@ def collect(root: str, storage: Storage | None = None) -> dict[str, Any]:
     runs = []
     for k in listing.runs:
         rdir = os.path.join(root, format_run(k))
-        steps = sorted(s for n in storage.list_dir(rdir) if (s := parse_step(n)) is not None
+        steps = sorted(st for n in storage.list_dir(rdir) if (st := parse_step(n)) is not None
                        and storage.is_file(os.path.join(rdir, n, MANIFEST_NAME)))
         runs.append({"run": k, "path": rdir, "checkpoints": len(steps),
                      "newest": steps[-1] if steps else None})

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import MissingDependencyError
 
+_xxhash: Any
 try:
     import xxhash as _xxhash
 except ImportError:  # pragma: no cover - exercised in a subprocess test that hides xxhash

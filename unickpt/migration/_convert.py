@@ -307,7 +307,7 @@ class Converter:
         if src is not None and src not in st.slots:
             src = self.aliases.get(src, src)  # optimizer state is kept once per tied tensor
         arr = st.slots.get(src, {}).get(slot) if src is not None else None
-        if arr is None:
+        if arr is None or lm is None:  # (no pair: no source, so no array either)
             if st.slots and self.strict:
                 self.problems.missing.append(f"{where} (no {slot} for source {src or tname})")
             elif st.slots:
@@ -345,7 +345,8 @@ class Converter:
             shape, dtype = leaf_spec(tmodel[n][1])
             entry: dict[str, Any] = {}
             if spec.algorithm in ("adam", "adamw"):
-                entry["step"] = np.asarray(float(st.count), dtype=np.float32)
+                entry["step"] = np.asarray(float(st.count if st.count is not None else self.step),
+                                           dtype=np.float32)
                 for slot, tslot in (("mu", "exp_avg"), ("nu", "exp_avg_sq")):
                     a = self._slot_for(n, model, st, slot, shape, dtype,
                                        format_path((tk, "state", n, tslot)))

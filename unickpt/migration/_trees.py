@@ -25,7 +25,7 @@ def derived_words(seed: int, step: int, n: int, salt: int = 0) -> np.ndarray:
 
 
 def is_rng_kind(kind: str | None) -> bool:
-    return bool(kind) and any(s in kind for s in ("RNG", "Generator", "PRNGKey", "RngKey",
+    return kind is not None and any(s in kind for s in ("RNG", "Generator", "PRNGKey", "RngKey",
                                                    "RngCount"))
 
 

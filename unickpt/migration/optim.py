@@ -204,7 +204,7 @@ def from_torch(sd: Mapping[str, Any], param_names: Sequence[str], *,
     if spec.algorithm in ("adam", "adamw"):
         distinct = sorted(set(steps.values()))
         if len(distinct) > 1:
-            by = {}
+            by: dict[float, list[str]] = {}
             for n, s in steps.items():
                 by.setdefault(s, []).append(n)
             detail = "; ".join(f"step {int(s)}: {', '.join(ns[:4])}{' ...' if len(ns) > 4 else ''}"

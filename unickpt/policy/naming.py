@@ -87,19 +87,25 @@ class Listing:
 
 def classify(names: Iterable[str], committed: Collection[str]) -> Listing:
     """Sort the entry ``names`` of a root; ``committed`` says which ones are checkpoints."""
-    steps, unc, runs, temps, trash, other = [], [], [], [], [], []
+    steps: list[int] = []
+    runs: list[int] = []
+    unc: list[str] = []
+    temps: list[str] = []
+    trash: list[str] = []
+    other: list[str] = []
     for n in names:
         s = parse_step(n)
+        r = parse_run(n)
         if s is not None:
             (steps.append(s) if n in committed else unc.append(n))
-        elif parse_run(n) is not None:
-            runs.append(parse_run(n))
+        elif r is not None:
+            runs.append(r)
         elif n.startswith(TEMP_PREFIX):
             temps.append(n)
         elif n.startswith(TRASH_PREFIX):
             trash.append(n)
         else:
             other.append(n)
-    return Listing(tuple(sorted(steps)), tuple(sorted(unc, key=parse_step)),
+    return Listing(tuple(sorted(steps)), tuple(sorted(unc, key=lambda n: parse_step(n) or 0)),
                    tuple(sorted(runs)), tuple(sorted(temps)), tuple(sorted(trash)),
                    tuple(sorted(other)))

@@ -67,8 +67,8 @@ def retain(steps: Sequence[int], metrics: Mapping[int, Mapping[str, Any]] | None
             if s % keep_every == 0:
                 reasons[s].append("every")
     if keep_best and best_metric is not None:
-        ranked = [(metric_value(metrics.get(s), best_metric), s) for s in steps]
-        ranked = [(v, s) for v, s in ranked if v is not None]
+        values = [(metric_value(metrics.get(s), best_metric), s) for s in steps]
+        ranked = [(v, s) for v, s in values if v is not None]
         sign = 1.0 if best_mode == "min" else -1.0
         ranked.sort(key=lambda vs: (sign * vs[0], -vs[1]))
         for _, s in ranked[:keep_best]:

@@ -101,7 +101,8 @@ def plan_start(resume: str | int, listing: Listing, *, on_existing: str = "archi
         return StartPlan(False, 0, None, "resume='auto': no committed checkpoint, cold start")
     if resume == "never":
         arch, run = _displace(listing, steps, on_existing, root, "resume='never'")
-        why = f"; {len(arch)} old checkpoints archived into {format_run(run)}" if arch else ""
+        why = (f"; {len(arch)} old checkpoints archived into {format_run(run)}"
+               if arch and run is not None else "")
         return StartPlan(False, 0, None, f"resume='never': cold start{why}", arch, run)
     if isinstance(resume, int) and not isinstance(resume, bool):
         if resume not in steps:

@@ -107,7 +107,7 @@ class _Failure:
         self.events, self.error, self.tb = events, error, tb
         self.root: str | None = None  # the failing run's root, when kept for inspection
         # The earliest step whose checkpoints differ from the reference run's, and how.
-        self.divergence: tuple[int, list[TreeDifference]] | None = None
+        self.divergence: _Divergence | None = None
 
 
 def _snapshot(state: Any) -> Any:

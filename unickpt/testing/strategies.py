@@ -24,6 +24,7 @@ Needs ``hypothesis`` (a test dependency, not a core one).
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import Any
 
@@ -157,9 +158,10 @@ def sharded_arrays(draw) -> ShardedArray:
     bounds = list(zip([0, *cuts], [*cuts, shape[0]]))
     pieces = []
     for a0, b0 in bounds:
-        data = whole[a0:b0]
+        part = whole[a0:b0]
+        data: np.ndarray | LazyArray = part
         if draw(st.booleans()):
-            data = LazyArray(data.shape, data.dtype, lambda d=data: d)
+            data = LazyArray(part.shape, part.dtype, functools.partial(np.asarray, part))
         pieces.append(Piece(((a0, b0), *((0, k) for k in shape[1:])), data))
     if draw(st.booleans()):
         pieces.reverse()  # piece order is free
