@@ -201,99 +201,115 @@ class SyscallRecorder:
         self._saved.append((obj, name, orig))
         setattr(obj, name, wrapper(orig))
 
-    def __enter__(self) -> SyscallRecorder:
+    def _wrap_os_open(self, orig: Any) -> Any:
         rec = self
 
-        def os_open(orig: Any) -> Any:
-            def f(path: Any, flags: int, *a: Any, **k: Any) -> int:
-                existed = os.path.lexists(path) if k.get("dir_fd") is None else True
-                fd = orig(path, flags, *a, **k)
-                if flags & os.O_CREAT and not existed:
-                    rec._add("create_file", path)
-                elif flags & os.O_TRUNC:
-                    rec._add("write", path)
-                return fd
-            return f
+        def f(path: Any, flags: int, *a: Any, **k: Any) -> int:
+            existed = os.path.lexists(path) if k.get("dir_fd") is None else True
+            fd = orig(path, flags, *a, **k)
+            if flags & os.O_CREAT and not existed:
+                rec._add("create_file", path)
+            elif flags & os.O_TRUNC:
+                rec._add("write", path)
+            return fd
+        return f
 
-        def b_open(orig: Any) -> Any:
-            def f(file: Any, mode: str = "r", *a: Any, **k: Any) -> Any:
-                if isinstance(file, int) or not any(c in mode for c in "wxa+"):
-                    return orig(file, mode, *a, **k)
-                existed = os.path.lexists(file)
-                fobj = orig(file, mode, *a, **k)
-                rec._add("write" if existed else "create_file", file)
-                return fobj
-            return f
+    def _wrap_b_open(self, orig: Any) -> Any:
+        rec = self
 
-        def fd_write(orig: Any) -> Any:
-            def f(fd: int, *a: Any, **k: Any) -> Any:
-                out = orig(fd, *a, **k)
-                p = rec._fd_path(fd)
-                if p is not None and os.path.isfile(p):
-                    rec._add("write", p)
-                return out
-            return f
+        def f(file: Any, mode: str = "r", *a: Any, **k: Any) -> Any:
+            if isinstance(file, int) or not any(c in mode for c in "wxa+"):
+                return orig(file, mode, *a, **k)
+            existed = os.path.lexists(file)
+            fobj = orig(file, mode, *a, **k)
+            rec._add("write" if existed else "create_file", file)
+            return fobj
+        return f
 
-        def fsync(orig: Any) -> Any:
-            def f(fd: Any) -> None:
-                fd = fd if isinstance(fd, int) else fd.fileno()
-                orig(fd)
-                p = rec._fd_path(fd)
-                if p is not None:
-                    rec._add("fsync", p)
-            return f
+    def _wrap_fd_write(self, orig: Any) -> Any:
+        rec = self
 
-        def rename(orig: Any) -> Any:
-            def f(src: Any, dst: Any, *a: Any, **k: Any) -> None:
-                orig(src, dst, *a, **k)
-                rec._add("rename", src, dst)
-            return f
+        def f(fd: int, *a: Any, **k: Any) -> Any:
+            out = orig(fd, *a, **k)
+            p = rec._fd_path(fd)
+            if p is not None and os.path.isfile(p):
+                rec._add("write", p)
+            return out
+        return f
 
-        def mkdir(orig: Any) -> Any:
-            def f(path: Any, *a: Any, **k: Any) -> None:
+    def _wrap_fsync(self, orig: Any) -> Any:
+        rec = self
+
+        def f(fd: Any) -> None:
+            fd = fd if isinstance(fd, int) else fd.fileno()
+            orig(fd)
+            p = rec._fd_path(fd)
+            if p is not None:
+                rec._add("fsync", p)
+        return f
+
+    def _wrap_rename(self, orig: Any) -> Any:
+        rec = self
+
+        def f(src: Any, dst: Any, *a: Any, **k: Any) -> None:
+            orig(src, dst, *a, **k)
+            rec._add("rename", src, dst)
+        return f
+
+    def _wrap_mkdir(self, orig: Any) -> Any:
+        rec = self
+
+        def f(path: Any, *a: Any, **k: Any) -> None:
+            orig(path, *a, **k)
+            rec._add("create_dir", path)
+        return f
+
+    def _wrap_remove(self, orig: Any) -> Any:
+        rec = self
+
+        def f(path: Any, *a: Any, **k: Any) -> None:
+            if k.get("dir_fd") is not None or rec._nested():
+                return orig(path, *a, **k)  # inside rmtree: recorded as one removal
+            orig(path, *a, **k)
+            rec._add("remove", path)
+        return f
+
+    def _wrap_rmtree(self, orig: Any) -> Any:
+        rec = self
+
+        def f(path: Any, *a: Any, **k: Any) -> None:
+            rec._depth.n = getattr(rec._depth, "n", 0) + 1
+            try:
                 orig(path, *a, **k)
-                rec._add("create_dir", path)
-            return f
-
-        def remove(orig: Any) -> Any:
-            def f(path: Any, *a: Any, **k: Any) -> None:
-                if k.get("dir_fd") is not None or rec._nested():
-                    return orig(path, *a, **k)  # inside rmtree: recorded as one removal
-                orig(path, *a, **k)
+            finally:
+                rec._depth.n -= 1
+            if not os.path.lexists(path):
                 rec._add("remove", path)
-            return f
+        return f
 
-        def rmtree(orig: Any) -> Any:
-            def f(path: Any, *a: Any, **k: Any) -> None:
-                rec._depth.n = getattr(rec._depth, "n", 0) + 1
-                try:
-                    orig(path, *a, **k)
-                finally:
-                    rec._depth.n -= 1
-                if not os.path.lexists(path):
-                    rec._add("remove", path)
-            return f
+    def _wrap_cdll(self, orig: Any) -> Any:
+        rec = self
 
-        def cdll(orig: Any) -> Any:
-            def f(*a: Any, **k: Any) -> Any:
-                return _LibcProxy(orig(*a, **k), rec)
-            return f
+        def f(*a: Any, **k: Any) -> Any:
+            return _LibcProxy(orig(*a, **k), rec)
+        return f
 
-        self._patch(os, "open", os_open)
-        self._patch(builtins, "open", b_open)
+    def __enter__(self) -> SyscallRecorder:
+        self._patch(os, "open", self._wrap_os_open)
+        self._patch(builtins, "open", self._wrap_b_open)
         for name in ("write", "pwrite", "ftruncate", "writev", "pwritev"):
             if hasattr(os, name):
-                self._patch(os, name, fd_write)
-        self._patch(os, "fsync", fsync)
+                self._patch(os, name, self._wrap_fd_write)
+        self._patch(os, "fsync", self._wrap_fsync)
         if hasattr(os, "fdatasync"):
-            self._patch(os, "fdatasync", fsync)
-        self._patch(os, "rename", rename)
-        self._patch(os, "replace", rename)
-        self._patch(os, "mkdir", mkdir)
+            self._patch(os, "fdatasync", self._wrap_fsync)
+        self._patch(os, "rename", self._wrap_rename)
+        self._patch(os, "replace", self._wrap_rename)
+        self._patch(os, "mkdir", self._wrap_mkdir)
         for name in ("unlink", "remove", "rmdir"):
-            self._patch(os, name, remove)
-        self._patch(shutil, "rmtree", rmtree)
-        self._patch(ctypes, "CDLL", cdll)
+            self._patch(os, name, self._wrap_remove)
+        self._patch(shutil, "rmtree", self._wrap_rmtree)
+        self._patch(ctypes, "CDLL", self._wrap_cdll)
         return self
 
     def __exit__(self, *exc: Any) -> None:
