@@ -30,8 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UnsupportedLeafError
-from ..tree import format_path
+from unickpt import UnsupportedLeafError, format_path
 
 __all__ = ["encode", "decode", "SCHEMA_KEY"]
 

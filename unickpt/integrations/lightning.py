@@ -28,7 +28,8 @@ import torch
 from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
 from pytorch_lightning.callbacks import Callback
 
-from .. import api
+import unickpt as api  # the public API only
+
 from . import _rng
 from ._codec import SCHEMA_KEY, decode, encode
 
