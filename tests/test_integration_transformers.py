@@ -36,6 +36,38 @@ def test_newest_verified_skips_a_damaged_newest_checkpoint(tmp_path):
     assert newest_verified(str(tmp_path / "empty")) is None
 
 
+def _tiny_trainer(root, **kw):
+    import transformers
+
+    from unickpt.integrations.transformers import UnickptTrainer
+
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1,
+                                  num_attention_heads=1, intermediate_size=8,
+                                  max_position_embeddings=8)
+    args = transformers.TrainingArguments(output_dir=str(root), use_cpu=True, report_to=[],
+                                          disable_tqdm=True, **kw)
+    return UnickptTrainer(model=transformers.BertForSequenceClassification(cfg), args=args,
+                          train_dataset=[])
+
+
+def test_resume_without_checkpoint_and_unsupported_options_are_typed_errors(tmp_path):
+    with pytest.raises(unickpt.CheckpointNotFoundError,
+                       match=r"holds no committed, verified unickpt checkpoint"):
+        _tiny_trainer(tmp_path).train(resume_from_checkpoint=True)
+    with pytest.raises(unickpt.ConfigError, match=r"does not support save_only_model"):
+        _tiny_trainer(tmp_path, save_only_model=True).train()
+    assert os.listdir(tmp_path) == []  # nothing created before the checks
+
+
+def test_import_unickpt_imports_no_integration_framework():
+    code = ("import sys, unickpt, unickpt.integrations; "
+            "print(sorted(m for m in ('torch', 'transformers', 'accelerate', "
+            "'pytorch_lightning') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 @pytest.mark.slow
 def test_trainer_killed_and_resumed_is_bitwise_equal(tmp_path):
     root, out = str(tmp_path / "root"), str(tmp_path / "out")

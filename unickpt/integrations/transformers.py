@@ -120,7 +120,12 @@ class UnickptTrainerMixin:
             if path is None:
                 raise unickpt_not_found(self.unickpt_root)
         elif resume_from_checkpoint not in (None, False):
-            path = os.path.abspath(os.fspath(resume_from_checkpoint))
+            candidate = os.path.abspath(os.fspath(resume_from_checkpoint))
+            try:
+                api.inspect(candidate)
+                path = candidate
+            except api.CheckpointNotFoundError:
+                pass  # not a unickpt checkpoint (an HF checkpoint-N folder): HF loads it
         resume: Any = "never"
         if path is not None:
             inside = os.path.dirname(path) == self.unickpt_root
