@@ -145,6 +145,8 @@ def _to_tensor(a: Any, dtype_name: str, map_location: Any) -> Any:
     if not isinstance(dtype, torch.dtype):
         raise UnsupportedLeafError(f"the checkpoint stores a torch.{dtype_name} tensor, which "
                                    f"torch {torch.__version__} does not know")
+    if isinstance(a, torch.Tensor):  # decoding a tree that was never written
+        return a.to(dtype)
     arr = np.array(a, copy=True, order="C")  # writable and owned: the tensor keeps it
     if arr.dtype.kind == "V" or arr.dtype.name in ("bfloat16",) or "float8" in arr.dtype.name:
         arr = arr.view(f"uint{8 * arr.dtype.itemsize}")  # ml_dtypes values: same bits
