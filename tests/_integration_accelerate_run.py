@@ -10,9 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import warnings
-
-warnings.simplefilter("ignore")
 
 import accelerate  # noqa: E402
 import torch  # noqa: E402

@@ -11,9 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import warnings
 
-warnings.simplefilter("ignore")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
