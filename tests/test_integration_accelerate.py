@@ -4,6 +4,8 @@ resumed bitwise, and DataPosition's exact mid-epoch resume."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -81,6 +83,10 @@ def test_loop_killed_and_resumed_is_bitwise_equal(tmp_path):
     assert killed.returncode == -9, killed.stdout[-3000:]
     assert sorted(c.step for c in unickpt.CheckpointManager(root).checkpoints()) == [9, 12]
     assert unickpt.load(os.path.join(root, "step_12"))["data"]["batch"] == 4
+    cli = subprocess.run([sys.executable, "-m", "unickpt", "inspect",
+                          os.path.join(root, "step_12")], capture_output=True, text=True,
+                         timeout=120)
+    assert cli.returncode == 0 and "exp_avg" in cli.stdout, cli.stdout + cli.stderr
     resumed = run_script("_integration_accelerate_run.py", "resume", root, out)
     assert resumed.returncode == 0 and "done" in resumed.stdout, resumed.stdout[-3000:]
     a, b = unickpt.load(os.path.join(out, "resumed")), unickpt.load(os.path.join(out, "reference"))
