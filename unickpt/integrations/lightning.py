@@ -163,7 +163,7 @@ class ResumableDataLoader(torch.utils.data.DataLoader):
     def __iter__(self) -> Any:
         pending, self._pending = self._pending, None
         skip = int(pending.get("consumed", 0)) if pending else 0
-        if skip > 0 and pending.get("epoch_rng") is not None:
+        if pending is not None and skip > 0 and pending.get("epoch_rng") is not None:
             keep = _rng.capture()
             self._set_gen_state(pending["epoch_rng"])
             self._epoch_rng = self._gen_state()
