@@ -176,7 +176,8 @@ class Agreement:
                 gaps.append(1)  # no pace yet: measure it at the next call
             else:
                 fastest = min(known)
-                gaps.append(max(1, math.floor(self.every_seconds / fastest))
+                # (the epsilon: 1.0 / 0.1 measured as 9.9999... is still 10 steps)
+                gaps.append(max(1, math.floor(self.every_seconds / fastest + 1e-9))
                             if fastest > 0 else 1)
         return min(gaps) if gaps else 1
 
