@@ -285,7 +285,8 @@ class CheckpointManager:
         self.resolve_start()
         cfg = self.config
         # --- preemption hook: a (rank-agreed) stop signal forces this save
-        preempt = self._preemption is not None and self._preemption.due(step)
+        pre = self._preemption
+        preempt = pre is not None and pre.due(step)
         force = force or preempt
         now = time.monotonic()
         with self._mutex:
@@ -296,8 +297,8 @@ class CheckpointManager:
                                    now=now, last_save_time=self._last_save_time,
                                    last_saved_step=self._last_saved_step, existing=self._steps)
         if not decision.save:
-            if preempt:  # this step is already saved (or in flight): just wait for it
-                self._preemption.finish(self.wait, step)
+            if pre is not None and preempt:  # already saved (or in flight): wait for it
+                pre.finish(self.wait, step)
             return False
         if newest is not None and step < newest:
             raise ConfigError(
@@ -327,8 +328,8 @@ class CheckpointManager:
             prepared = prepare(tree, kinds)
             self._write(step, prepared, clean_metrics, clean_metadata, t0)
             self._last_saved_step, self._last_save_time = step, now
-        if preempt:  # --- preemption hook: committed (async flushed) before preempted=True
-            self._preemption.finish(self.wait, step)
+        if pre is not None and preempt:  # --- preemption hook: committed (async flushed)
+            pre.finish(self.wait, step)  # before preempted=True
         return True
 
     def _info(self, step: int, metrics: dict, t0: float, stats: WriteStats) -> dict:
