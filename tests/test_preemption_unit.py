@@ -214,6 +214,35 @@ def test_handlers_chain_to_the_previous_one_and_are_restored_on_close(tmp_path) 
         signal.signal(signal.SIGTERM, old_term)
 
 
+def test_managers_closed_out_of_order_keep_the_chain_whole(tmp_path) -> None:
+    seen: list[int] = []
+    old = signal.signal(signal.SIGUSR2, lambda n, f: seen.append(n))
+    try:
+        a = CheckpointManager(tmp_path / "a", preemption=True, preemption_signals=["USR2"])
+        b = CheckpointManager(tmp_path / "b", preemption=True, preemption_signals=["USR2"])
+        a.close()  # b's handler is installed: a's stays in b's chain
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert seen == [signal.SIGUSR2] and b._preemption.flag.count == 1
+        b.close()
+        # b put back what it replaced (a's handler, which still chains to the original)
+        assert signal.getsignal(signal.SIGUSR2) == a._preemption.flag._handle
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert seen == [signal.SIGUSR2] * 2
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+
+
+def test_a_dropped_manager_restores_its_handlers(tmp_path) -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    mgr = CheckpointManager(tmp_path, preemption=True)
+    assert signal.getsignal(signal.SIGTERM) is not before
+    del mgr
+    import gc
+
+    gc.collect()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_sigint_by_name_does_not_raise_keyboard_interrupt_mid_save(tmp_path) -> None:
     with CheckpointManager(tmp_path, preemption=True, preemption_signals=["SIGINT"]) as mgr:
         os.kill(os.getpid(), signal.SIGINT)  # Python's default would raise KeyboardInterrupt

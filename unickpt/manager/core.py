@@ -123,6 +123,8 @@ class CheckpointManager:
         # A manager dropped without close() must not keep its root locked for the rest of
         # the process (notebooks re-create managers); the finalizer holds only the lock.
         weakref.finalize(self, self.run_root.release)
+        if self._preemption is not None:  # --- preemption hook: handlers back on drop too
+            weakref.finalize(self, self._preemption.close)
 
     # ------------------------------------------------------------------ context manager
     def __enter__(self) -> CheckpointManager:

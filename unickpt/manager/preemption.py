@@ -103,11 +103,13 @@ class SignalFlag:
                         "thread %r, and only the main thread may install handlers",
                         threading.current_thread().name)
             return False
-        for s, prev in self._previous.items():
+        for s, prev in list(self._previous.items()):
             if signal.getsignal(s) == self._handle:
                 # None: the previous handler was not set from Python; the default is closest.
                 signal.signal(s, signal.SIG_DFL if prev is None else prev)
-        self._previous = {}
+                del self._previous[s]
+            # else a handler installed after ours may chain to ours: keep chaining to the
+            # one we replaced, so the chain stays whole
         return True
 
 
