@@ -57,6 +57,7 @@ from ..policy import (
 from ..state import load_adapters_for, restore_tree, to_tree
 from ..storage import Storage
 from .background import BackgroundSaver
+from .preemption import Preemption
 from .records import (
     CheckpointInfo,
     Restored,
@@ -89,7 +90,9 @@ class CheckpointManager:
         **options: the short form of ``config`` (not both): see :class:`unickpt.policy.ManagerConfig` (``resume``, ``on_existing``,
             ``enabled``, ``save_every``, ``save_every_seconds``, ``keep_last``,
             ``keep_every``, ``keep_best``, ``best_metric``, ``best_mode``, ``async_save``,
-            ``stale_temp_seconds``, ``verify``).  They are validated here, before any I/O;
+            ``stale_temp_seconds``, ``verify``, ``preemption``, ``preemption_signals``,
+            ``preemption_grace_seconds``, ``preemption_check_every_steps``,
+            ``preemption_check_every_seconds``).  They are validated here, before any I/O;
             a bad value raises :class:`~unickpt.ConfigError` saying what is allowed.
 
     The first call that needs the root (``resolve_start``, ``restore`` or ``save``) creates
@@ -115,9 +118,13 @@ class CheckpointManager:
         self._last_save_time = time.monotonic()
         self._closed = False
         self._saver = BackgroundSaver(self.root) if self.config.async_save else None
+        # --- preemption hook (unickpt/manager/preemption.py): handlers installed here
+        self._preemption = _preemption(self.config, self.root)
         # A manager dropped without close() must not keep its root locked for the rest of
         # the process (notebooks re-create managers); the finalizer holds only the lock.
         weakref.finalize(self, self.run_root.release)
+        if self._preemption is not None:  # --- preemption hook: handlers back on drop too
+            weakref.finalize(self, self._preemption.close)
 
     # ------------------------------------------------------------------ context manager
     def __enter__(self) -> CheckpointManager:
@@ -182,6 +189,11 @@ class CheckpointManager:
                     external = (path, recorded)
             self._decision = self._start(resume, external)
             log.info("unickpt: %s: %s", self.root, self._decision.reason)
+            if self._preemption is not None and self._steps:  # --- preemption hook
+                seconds = (self.run_root.read_info(max(self._steps)) or {}).get("save_seconds")
+                if isinstance(seconds, (int, float)):
+                    self._preemption.record_save(float(seconds))
+                    self._preemption.check_budget("at start")
             return self._decision
 
     def _start(self, resume: Any, external: tuple[str, int] | None) -> StartDecision:
@@ -274,6 +286,10 @@ class CheckpointManager:
         checksum.require(f"saving into {self.root}")
         self.resolve_start()
         cfg = self.config
+        # --- preemption hook: a (rank-agreed) stop signal forces this save
+        pre = self._preemption
+        preempt = pre is not None and pre.due(step)
+        force = force or preempt
         now = time.monotonic()
         with self._mutex:
             # the newest committed step, or the one in flight (an async save not yet done)
@@ -283,6 +299,8 @@ class CheckpointManager:
                                    now=now, last_save_time=self._last_save_time,
                                    last_saved_step=self._last_saved_step, existing=self._steps)
         if not decision.save:
+            if pre is not None and preempt:  # already saved (or in flight): wait for it
+                pre.finish(self.wait, step)
             return False
         if newest is not None and step < newest:
             raise ConfigError(
@@ -307,11 +325,13 @@ class CheckpointManager:
             self._last_saved_step, self._last_save_time = step, now
             self._saver.submit(lambda: self._write(step, prepared, clean_metrics,
                                                    clean_metadata, t0), format_step(step))
-            return True
-        tree, kinds = to_tree(state)
-        prepared = prepare(tree, kinds)
-        self._write(step, prepared, clean_metrics, clean_metadata, t0)
-        self._last_saved_step, self._last_save_time = step, now
+        else:
+            tree, kinds = to_tree(state)
+            prepared = prepare(tree, kinds)
+            self._write(step, prepared, clean_metrics, clean_metadata, t0)
+            self._last_saved_step, self._last_save_time = step, now
+        if pre is not None and preempt:  # --- preemption hook: committed (async flushed)
+            pre.finish(self.wait, step)  # before preempted=True
         return True
 
     def _info(self, step: int, metrics: dict, t0: float, stats: WriteStats) -> dict:
@@ -347,6 +367,8 @@ class CheckpointManager:
                                 "be updated: %s", final, e)
             self._apply_retention()
         total = time.perf_counter() - t0
+        if self._preemption is not None:  # --- preemption hook: the grace budget's figures
+            self._preemption.record_save(total)
         nbytes = recorded.get("nbytes", 0)
         log.info("unickpt: saved %s: %.1f MB in %.2fs (%.1f MB/s)%s", final, nbytes / 1e6,
                  total, nbytes / 1e6 / total if total > 0 else math.inf,
@@ -409,6 +431,14 @@ class CheckpointManager:
         finally:
             self._closed = True
             self.run_root.release()
+            if self._preemption is not None:  # --- preemption hook: previous handlers back
+                self._preemption.close()
+
+    @property
+    def preempted(self) -> bool:
+        """True once a preemption signal was seen and its save is committed: stop the loop
+        (``if mgr.preempted: break``).  Always False without ``preemption=True``."""
+        return self._preemption is not None and self._preemption.preempted
 
     def _check_open(self) -> None:
         if self._closed:
@@ -423,6 +453,16 @@ class CheckpointManager:
     def latest(self) -> CheckpointInfo | None:
         """The newest committed checkpoint, or None (no side effects)."""
         return self.run_root.latest()
+
+
+def _preemption(cfg: ManagerConfig, root: str) -> Preemption | None:
+    """The preemption watcher of ``preemption=True`` (handlers installed), else None."""
+    if not (cfg.preemption and cfg.enabled):
+        return None
+    # Multi-process: pass the job's coordinator here (it needs only all_gather(obj, timeout)).
+    return Preemption(cfg.preemption_signals or (), cfg.preemption_grace_seconds, root,
+                      coordinator=None, every_steps=cfg.preemption_check_every_steps,
+                      every_seconds=cfg.preemption_check_every_seconds)
 
 
 def _config(config: ManagerConfig | None, options: dict[str, Any]) -> ManagerConfig:

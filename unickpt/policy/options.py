@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,15 @@ class ManagerConfig:
         stale_temp_seconds: age after which a leftover temporary directory of a process
             that cannot be checked (other host) counts as stale.
         verify: checksum every array when restoring.
+        preemption: save on a scheduler's stop signal (docs/preemption.md).
+        preemption_signals: the signals that mean "stop" (names, numbers or
+            ``signal.Signals``); SIGTERM and SIGUSR1 when None.  Normalized to a tuple of
+            ``signal.Signals``.
+        preemption_grace_seconds: the time the scheduler leaves between its signal and its
+            SIGKILL; a warning is logged when recent saves took longer.
+        preemption_check_every_steps / preemption_check_every_seconds: in a multi-process
+            job, how often the ranks agree on the flag (one small collective); the first
+            interval reached triggers a check.  Unused in a single process.
     """
 
     resume: str | int | os.PathLike = "auto"
@@ -66,6 +76,11 @@ class ManagerConfig:
     async_save: bool = False
     stale_temp_seconds: float = STALE_TEMP_SECONDS
     verify: bool = True
+    preemption: bool = False
+    preemption_signals: tuple | None = None
+    preemption_grace_seconds: float = 30.0
+    preemption_check_every_steps: int | None = None
+    preemption_check_every_seconds: float | None = 5.0
 
     def __post_init__(self) -> None:
         r = self.resume
@@ -88,7 +103,7 @@ class ManagerConfig:
         if self.on_existing not in ON_EXISTING:
             raise ConfigError(f"on_existing={self.on_existing!r} is not allowed; use 'archive' "
                               "or 'error'")
-        for name in ("enabled", "async_save", "verify"):
+        for name in ("enabled", "async_save", "verify", "preemption"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not allowed; use True or "
                                   "False")
@@ -114,6 +129,7 @@ class ManagerConfig:
             if self.keep_best is None:
                 raise ConfigError("best_metric is only used by keep_best; set keep_best=N "
                                   "(how many best checkpoints to keep) or drop best_metric")
+        _check_preemption(self)
 
     @property
     def has_retention(self) -> bool:
@@ -124,6 +140,54 @@ class ManagerConfig:
         return {"keep_last": self.keep_last, "keep_every": self.keep_every,
                 "keep_best": self.keep_best, "best_metric": self.best_metric,
                 "best_mode": self.best_mode}
+
+
+# SIGKILL and SIGSTOP cannot be caught; SIGINT stays the user's Ctrl-C unless named.
+_UNCATCHABLE = {signal.SIGKILL, signal.SIGSTOP}
+
+
+def _signal_of(v: Any) -> signal.Signals:
+    if isinstance(v, str):
+        name = v.upper() if v.upper().startswith("SIG") else "SIG" + v.upper()
+        if name in signal.Signals.__members__:
+            return signal.Signals[name]
+    elif isinstance(v, int) and not isinstance(v, bool):
+        try:
+            return signal.Signals(v)
+        except ValueError:
+            pass
+    raise ConfigError(f"preemption_signals: {v!r} is not a signal; use names such as "
+                      "'SIGTERM' / 'SIGUSR1', numbers or signal.Signals members")
+
+
+def _check_preemption(cfg: ManagerConfig) -> None:
+    """Validate (and normalize) the preemption options."""
+    sigs = cfg.preemption_signals
+    if sigs is not None and not cfg.preemption:
+        raise ConfigError("preemption_signals is only used with preemption=True; set "
+                          "preemption=True or drop preemption_signals")
+    if cfg.preemption:
+        if sigs is None:
+            sigs = (signal.SIGTERM, signal.SIGUSR1)
+        if isinstance(sigs, (str, int)) or not isinstance(sigs, (list, tuple)) or not sigs:
+            raise ConfigError(f"preemption_signals={sigs!r} is not allowed; use a non-empty "
+                              "list such as ['SIGTERM', 'SIGUSR1']")
+        norm = tuple(dict.fromkeys(_signal_of(v) for v in sigs))
+        bad = [s.name for s in norm if s in _UNCATCHABLE]
+        if bad:
+            raise ConfigError(f"preemption_signals: {', '.join(bad)} cannot be caught by any "
+                              "process; use SIGTERM / SIGUSR1 (what schedulers send first)")
+        object.__setattr__(cfg, "preemption_signals", norm)
+    g = cfg.preemption_grace_seconds
+    if isinstance(g, bool) or not isinstance(g, (int, float)) or not g > 0 or math.isinf(g):
+        raise ConfigError(f"preemption_grace_seconds={g!r} is not allowed; use a positive "
+                          "number of seconds (the scheduler's grace period, e.g. 30)")
+    _pos_int("preemption_check_every_steps", cfg.preemption_check_every_steps)
+    s = cfg.preemption_check_every_seconds
+    if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0
+                          or math.isinf(s)):
+        raise ConfigError(f"preemption_check_every_seconds={s!r} is not allowed; use a "
+                          "positive number of seconds or None")
 
 
 def make_config(options: dict) -> ManagerConfig:
