@@ -49,10 +49,13 @@ from ..storage import (
 )
 from .records import CheckpointInfo
 
-__all__ = ["RunRoot", "scan", "read_info", "read_manifest", "write_pointer", "read_pointer",
+__all__ = ["RunRoot", "scan", "read_info", "valid_info", "read_manifest", "write_pointer", "read_pointer",
            "temp_is_stale", "pid_alive"]
 
 log = logging.getLogger("unickpt")
+
+# ``step_<N>.damaged-<time>``: a damaged checkpoint set aside (never a step, never deleted)
+DAMAGED_INFIX = ".damaged-"
 
 
 def pid_alive(pid: int) -> bool:
@@ -77,17 +80,44 @@ def scan(storage: Storage, root: str) -> Listing:
 
 
 def read_manifest(storage: Storage, path: str) -> Any:
-    """The decoded manifest of checkpoint ``path`` (raises CorruptCheckpointError)."""
-    raw = storage.read_bytes(posixpath.join(path, MANIFEST_NAME))
-    if len(raw) > MAX_MANIFEST_BYTES:
-        raise CorruptCheckpointError(f"{path}: manifest too large", path=path)
+    """The decoded manifest of checkpoint ``path`` (raises CorruptCheckpointError).
+
+    The size is checked before anything is read: a huge (or sparse) manifest costs no memory.
+    """
+    f = storage.open(posixpath.join(path, MANIFEST_NAME))
+    try:
+        if f.size > MAX_MANIFEST_BYTES:
+            raise CorruptCheckpointError(
+                f"{path}: manifest is {f.size} bytes (limit {MAX_MANIFEST_BYTES}); it is "
+                "damaged: resume from another checkpoint", path=path)
+        buf = bytearray(f.size)
+        raw = bytes(buf[:f.pread_into(memoryview(buf), 0)])
+    finally:
+        f.close()
     return read_manifest_bytes(raw, path)
 
 
+def valid_info(info: Any) -> dict | None:
+    """``info`` if the manager can use it (a map whose ``metrics`` is a map of str to
+    numbers), else None: the format leaves ``info`` free, so a hostile or foreign one must
+    read as "damaged manifest" rather than raise deep inside a lookup."""
+    if not isinstance(info, dict):
+        return None
+    metrics = info.get("metrics")
+    if metrics is None:
+        return info
+    if not isinstance(metrics, dict) or not all(
+            isinstance(k, str) and not isinstance(v, bool) and isinstance(v, (int, float))
+            for k, v in metrics.items()):
+        return None
+    return info
+
+
 def read_info(storage: Storage, path: str) -> dict | None:
-    """The ``info`` map of checkpoint ``path``, or None when its manifest is unreadable."""
+    """The ``info`` map of checkpoint ``path``, or None when its manifest is unreadable
+    (or its ``info`` unusable, see :func:`valid_info`)."""
     try:
-        return read_manifest(storage, path).info
+        return valid_info(read_manifest(storage, path).info)
     except (OSError, CorruptCheckpointError):
         return None
 
@@ -175,9 +205,13 @@ class RunRoot:
         return [self.describe(s) for s in self.scan().steps] if self.exists() else []
 
     def latest(self) -> CheckpointInfo | None:
-        """The newest committed checkpoint, or None."""
-        newest = self.scan().newest if self.exists() else None
-        return None if newest is None else self.describe(newest)
+        """The newest committed checkpoint whose manifest reads, or None: the one
+        ``resume="auto"`` would pick (a damaged newer one is skipped, as auto-resume does)."""
+        steps = list(self.scan().steps) if self.exists() else []
+        for step in reversed(steps):
+            if self.read_info(step) is not None:
+                return self.describe(step)
+        return None
 
     # ---------------------------------------------------------------- acting
     def open(self) -> None:
@@ -237,6 +271,25 @@ class RunRoot:
         self.storage.move_many([(self.step_path(s), posixpath.join(dest, format_step(s)))
                                 for s in steps])
         return dest
+
+    def set_aside_damaged(self, step: int) -> str | None:
+        """Move ``step_<N>`` aside to ``step_<N>.damaged-<UTC time>`` if its manifest exists
+        but cannot be read (a damaged checkpoint in the way of a save); return the new path,
+        or None (nothing done) when it is not such a checkpoint.  Never deletes anything."""
+        path = self.step_path(step)
+        if not self.storage.is_file(posixpath.join(path, MANIFEST_NAME)):
+            return None
+        if self.read_info(step) is not None:
+            return None
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = f"{path}{DAMAGED_INFIX}{stamp}"
+        n = 0
+        while self.storage.exists(aside):  # two damaged copies within one second
+            n += 1
+            aside = f"{path}{DAMAGED_INFIX}{stamp}.{n}"
+        self.storage.move_many([(path, aside)])
+        log.warning("unickpt: %s has a damaged manifest; moved it to %s", path, aside)
+        return aside
 
     def delete(self, steps: Iterable[int]) -> None:
         """Delete checkpoints: first renamed out of the ``step_N`` namespace (one durable
