@@ -189,6 +189,8 @@ class CheckpointManager:
         cfg, rr = self.config, self.run_root
         rr.open()
         listing = rr.scan()
+        if rr.recover(listing):  # an interrupted overwrite or archive: undone, look again
+            listing = rr.scan()
         rr.clean_leftovers(listing, threshold=cfg.stale_temp_seconds)
         if resume in ("auto", "must"):
             listing = self._skip_unreadable(listing)

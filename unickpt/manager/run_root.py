@@ -35,15 +35,17 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from ..errors import CorruptCheckpointError, RunRootError
+from ..errors import CheckpointExistsError, CorruptCheckpointError, RunRootError
 from ..format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, read_manifest_bytes
 from ..policy.naming import LATEST_NAME, Listing, classify, format_run, format_step, parse_step
 from ..storage import (
+    ARCHIVE_PREFIX,
     STALE_TEMP_SECONDS,
     LocalStorage,
     Storage,
     WriterLock,
     host_tag,
+    parse_previous_name,
     parse_temp_name,
     trash_name,
 )
@@ -234,6 +236,62 @@ class RunRoot:
     def write_pointer(self, name: str | None) -> None:
         write_pointer(self.storage, self.path, name)
 
+    def _committed(self, path: str) -> bool:
+        return self.storage.is_file(posixpath.join(path, MANIFEST_NAME))
+
+    def _restorable_previous(self, name: str) -> str | None:
+        """The checkpoint path an interrupted overwrite left only in trash entry ``name``
+        (its previous complete copy, with no committed copy in place), or None."""
+        base = parse_previous_name(name)
+        if base is None or not self._committed(posixpath.join(self.path, name)):
+            return None
+        target = posixpath.join(self.path, base)
+        return None if self._committed(target) else target
+
+    def recover(self, listing: Listing) -> bool:
+        """Undo interrupted multi-step operations (lock held); True if the root changed.
+
+        * An overwrite killed between its two renames (filesystems without atomic exchange)
+          left the previous complete copy as ``.unickpt-trash.previous.<name>.*`` and nothing
+          at ``<name>``: it is renamed back (the new copy, never published, is a stale temp).
+        * An archive killed midway left ``.unickpt-archive.run_<K>``: its checkpoints are moved
+          back into the root and the staging directory removed, so the next start plans the
+          archive again from scratch (all of the old run in one ``run_<K>``).
+        """
+        changed = False
+        for name in listing.trash:
+            target = self._restorable_previous(name)
+            if target is None:
+                continue
+            if self.storage.exists(target):  # something uncommitted there: leave both alone
+                log.warning("unickpt: %s holds the previous copy of %s, which is in the way "
+                            "(uncommitted); move one of them yourself",
+                            posixpath.join(self.path, name), target)
+                continue
+            self.storage.move_many([(posixpath.join(self.path, name), target)])
+            log.warning("unickpt: an overwrite of %s was interrupted; its previous copy was "
+                        "put back", target)
+            changed = True
+        for name in listing.other:
+            if name.startswith(ARCHIVE_PREFIX):
+                changed |= self._roll_back_archive(posixpath.join(self.path, name))
+        return changed
+
+    def _roll_back_archive(self, staging: str) -> bool:
+        back = [(posixpath.join(staging, n), posixpath.join(self.path, n))
+                for n in self.storage.list_dir(staging) if parse_step(n) is not None]
+        back = [(a, b) for a, b in back if not self.storage.exists(b)]
+        if back:
+            self.storage.move_many(back)
+        if self.storage.list_dir(staging):
+            log.warning("unickpt: the interrupted archive %s could not be rolled back fully "
+                        "(names in the way); move its entries yourself", staging)
+        else:
+            self.storage.remove_tree(staging)
+        log.warning("unickpt: an archive of %s was interrupted; %d checkpoints were moved back",
+                    self.path, len(back))
+        return True
+
     def clean_leftovers(self, listing: Listing, *,
                         threshold: float = STALE_TEMP_SECONDS) -> list[str]:
         """Remove stale temps and retention trash (lock held); return the removed names."""
@@ -256,6 +314,8 @@ class RunRoot:
                     continue
                 removed.append(name)
         for name in listing.trash:
+            if self._restorable_previous(name) is not None:
+                continue  # the only complete copy of a checkpoint: never deleted
             with contextlib.suppress(OSError):
                 self.storage.remove_tree(posixpath.join(self.path, name))
                 removed.append(name)
@@ -265,11 +325,27 @@ class RunRoot:
         return removed
 
     def archive(self, steps: Iterable[int], run: int) -> str:
-        """Move ``steps`` into ``ROOT/run_<run>/`` (durably); return that directory."""
+        """Move ``steps`` into ``ROOT/run_<run>/`` (durably); return that directory.
+
+        All or nothing: the pointer is removed first (it never names a moved step), the
+        checkpoints go into ``ROOT/.unickpt-archive.run_<run>``, which is then renamed to
+        ``run_<run>`` in one step; a crash midway is rolled back by :meth:`recover`.
+        """
         dest = posixpath.join(self.path, format_run(run))
-        self.storage.make_dirs(dest)
-        self.storage.move_many([(self.step_path(s), posixpath.join(dest, format_step(s)))
-                                for s in steps])
+        staging = posixpath.join(self.path, ARCHIVE_PREFIX + format_run(run))
+        if self.storage.exists(dest):
+            raise CheckpointExistsError(f"cannot archive into {dest}: the destination exists; "
+                                        "move or delete it first")
+        self.write_pointer(None)
+        self.storage.make_dirs(staging)
+        try:
+            self.storage.move_many([(self.step_path(s),
+                                     posixpath.join(staging, format_step(s))) for s in steps])
+            self.storage.move_many([(staging, dest)])
+        except OSError:
+            with contextlib.suppress(OSError):
+                self._roll_back_archive(staging)
+            raise
         return dest
 
     def set_aside_damaged(self, step: int) -> str | None:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import CheckpointExistsError, LockedError, RunRootError
-from .protocol import LOCK_NAME, NotRegularFileError, temp_name, trash_name
+from .protocol import LOCK_NAME, NotRegularFileError, previous_name, temp_name
 
 __all__ = ["LocalStorage", "LocalWriteHandle", "LocalReadHandle", "RootLock", "fsync_dir"]
 
@@ -293,11 +293,13 @@ class LocalStorage:
                 fsync_dir(parent)
                 shutil.rmtree(temp, ignore_errors=True)
                 return
-            trash = trash_name(final)
-            os.rename(final, trash)
+            # The old copy goes aside under a "previous" trash name: a crash before the second
+            # rename leaves it there, and the next manager start restores it (docs/manager.md).
+            previous = previous_name(final)
+            os.rename(final, previous)
             os.rename(temp, final)
             fsync_dir(parent)
-            shutil.rmtree(trash, ignore_errors=True)
+            shutil.rmtree(previous, ignore_errors=True)
             return
         # os.rename would silently replace an empty directory that appeared meanwhile; the
         # existence check above plus the run-root lock held by the manager rule that out.
