@@ -184,10 +184,13 @@ class VerifyReport:
     narrays: int
     nbytes: int
     bad: list[str] = field(default_factory=list)
+    #: file-level damage (an array file's size or header differs from the manifest), which
+    #: makes the checkpoint unloadable even when every array in the file checks out
+    files: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.bad
+        return not self.bad and not self.files
 
 
 def verify(path: str | os.PathLike, *, raise_on_error: bool = True,
@@ -201,10 +204,14 @@ def verify(path: str | os.PathLike, *, raise_on_error: bool = True,
     with CheckpointReader(path, storage) as r:
         bad = r.verify_all(progress)
         report = VerifyReport(r.path, len(r.manifest.arrays),
-                              sum(a.nbytes for a in r.manifest.arrays), bad)
+                              sum(a.nbytes for a in r.manifest.arrays), bad,
+                              list(r.file_damage.values()))
     if bad and raise_on_error:
         raise CorruptCheckpointError(
             f"{report.path}: {len(bad)} damaged leaves: {', '.join(bad[:20])}"
             f"{' ...' if len(bad) > 20 else ''}; restore from another checkpoint",
             path=report.path, leaves=bad)
+    if report.files and raise_on_error:
+        raise CorruptCheckpointError(f"{report.files[0]} (every array in it checks out, but "
+                                     "the file does not load as it is)", path=report.path)
     return report

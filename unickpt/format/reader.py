@@ -271,6 +271,9 @@ class CheckpointReader:
         checksum.require(f"verifying {self.path}")
         bad: list[str] = []
         damaged: dict[str, Any] = {}  # file name -> its bytes as found (None: unreadable)
+        # file-level damage (size, header) even where every array in it checks out: such a
+        # file does not load, so the checkpoint is not ok (see ``file_damage``)
+        self.file_damage: dict[str, str] = {}
         for i, e in enumerate(self.manifest.arrays):
             if e.file in damaged:
                 data = damaged[e.file]
@@ -280,6 +283,7 @@ class CheckpointReader:
                 except CorruptCheckpointError as err:
                     if not err.leaves:
                         raise
+                    self.file_damage[e.file] = str(err)
                     data = damaged[e.file] = self._map_as_found(e.file)
             if data is None or e.offset + e.nbytes > len(data):
                 ok = e.nbytes == 0 and data is not None
