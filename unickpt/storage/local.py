@@ -297,7 +297,12 @@ class LocalStorage:
             # rename leaves it there, and the next manager start restores it (docs/manager.md).
             previous = previous_name(final)
             os.rename(final, previous)
-            os.rename(temp, final)
+            try:
+                os.rename(temp, final)
+            except OSError:  # e.g. disk full: put the old copy back now
+                with contextlib.suppress(OSError):
+                    os.rename(previous, final)
+                raise
             fsync_dir(parent)
             shutil.rmtree(previous, ignore_errors=True)
             return

@@ -438,9 +438,8 @@ def sweep(scenario: CrashScenario, workdir: str, *, mode: str = "kill",
         kind = "killed" if out.killed else ("raised" if out.error else "finished")
         rep.outcomes[kind] = rep.outcomes.get(kind, 0) + 1
         rep.points += 1
-        if mode == "enospc" and out.error and "ENOSPC" not in out.error and \
-                "No space left" not in out.error:
-            rep.failures.append(f"{out.describe()}: the error hides the cause")
+        if mode == "enospc" and out.error:
+            rep.failures.extend(_check_enospc_error(root, out))
         try:
             scenario.check(root, storage() if storage else None, out)
         except AssertionError as e:
@@ -449,3 +448,25 @@ def sweep(scenario: CrashScenario, workdir: str, *, mode: str = "kill",
             rep.failures.append(f"{out.describe()}: restart raised {type(e).__name__}: {e}")
         shutil.rmtree(root, ignore_errors=True)
     return rep
+
+
+def _check_enospc_error(root: str, out: CrashOutcome) -> list[str]:
+    """A disk-full error must name its cause, and what it says about the checkpoint
+    (committed or not) must be true."""
+    import re
+
+    from ..manager import RunRoot
+    where = out.describe()
+    if "No space left" not in out.error:
+        return [f"{where}: the error hides the cause (disk full)"]
+    m = re.search(r"step_(\d+)", out.error)
+    if m is None:
+        return []
+    step, steps = int(m.group(1)), RunRoot(root).scan().steps
+    if ("nothing was committed" in out.error or "was not committed" in out.error) \
+            and step in steps:
+        return [f"{where}: the error says step_{step} was not committed, but it is"]
+    if "was committed" in out.error and "nothing was committed" not in out.error \
+            and step not in steps:
+        return [f"{where}: the error says step_{step} was committed, but it is not"]
+    return []

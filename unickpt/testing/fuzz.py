@@ -19,7 +19,6 @@ differs from what was saved while ``verify`` says ok.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
