@@ -295,7 +295,10 @@ def fuzz(workdir: str, *, examples: int, seed: int = 0,
     body = read_body(pristine)
     names = sorted(os.listdir(pristine))
     data_name = next(n for n in names if n != MANIFEST_NAME)
-    raw = {n: open(os.path.join(pristine, n), "rb").read() for n in names}  # noqa: SIM115
+    raw = {}
+    for n in names:
+        with open(os.path.join(pristine, n), "rb") as f:
+            raw[n] = f.read()
     started = not tracemalloc.is_tracing()
     if started:
         tracemalloc.start()
