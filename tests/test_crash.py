@@ -58,3 +58,12 @@ def test_crash_points_cover_every_call_when_asked():
     sample = crash_points(100, 10, seed=3)
     assert len(sample) == 10 and sample[0] == 1 and sample[-1] == 100
     assert sample == crash_points(100, 10, seed=3)
+
+
+def test_docs_testing_harness_example_runs_as_written():
+    import re
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "testing.md")) as f:
+        text = f.read()
+    section = text.split("## Crash, disk-full and fuzz harness", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(compile(code, "docs/testing.md", "exec"), {})
