@@ -262,6 +262,12 @@ def _archive_run(root: str, storage: Any, done: Callable[[int], None]) -> None:
 def _archive_check(root: str, storage: Any, out: CrashOutcome) -> None:
     from .. import load
     where = out.describe()
+    pointer = os.path.join(root, "latest")
+    if os.path.exists(pointer):  # latest never names a step already moved
+        with open(pointer) as f:
+            named = f.read().strip()
+        assert os.path.exists(os.path.join(root, named, "manifest.msgpack")), (
+            f"{where}: latest names {named}, which is not in the root")
     with _manager(root, storage, resume="never") as m:  # the same relaunch
         m.resolve_start()
         _assert_clean(root, storage, where)
@@ -307,6 +313,8 @@ def _scenarios() -> dict[str, CrashScenario]:
         CrashScenario("save", none, _save_run(), _resume_check({})),
         CrashScenario("async_save", none, _save_run(async_save=True), _resume_check({})),
         CrashScenario("retention", three, _save_run(keep_last=1),
+                      _resume_check({"keep_last": 1})),
+        CrashScenario("async_retention", three, _save_run(keep_last=1, async_save=True),
                       _resume_check({"keep_last": 1})),
         CrashScenario("archive", _archive_setup, _archive_run, _archive_check),
         CrashScenario("overwrite", three, _overwrite_run, _overwrite_check),
