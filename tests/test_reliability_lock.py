@@ -69,6 +69,7 @@ def test_forked_helper_outliving_a_killed_job_keeps_no_lock(tmp_path):
         m.resolve_start()
         pid = os.fork()
         if pid == 0:  # a data-loader-like helper that outlives its parent
+            print("helper up", flush=True)  # after the fork hooks ran
             time.sleep(60)
             os._exit(0)
         print(pid, flush=True)
@@ -77,7 +78,9 @@ def test_forked_helper_outliving_a_killed_job_keeps_no_lock(tmp_path):
     p = subprocess.Popen([sys.executable, "-c", code], env=ENV, stdout=subprocess.PIPE,
                          text=True, start_new_session=True)
     try:
-        helper = int(p.stdout.readline())
+        lines = sorted(p.stdout.readline().strip() for _ in range(2))
+        helper = int(lines[0])
+        assert lines[1] == "helper up"
         os.kill(p.pid, signal.SIGKILL)
         p.wait(timeout=30)
         os.kill(helper, 0)  # the helper is still alive
