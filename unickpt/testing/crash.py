@@ -43,7 +43,7 @@ import numpy as np
 
 __all__ = ["OPS", "CrashScenario", "CrashOutcome", "SweepReport", "SCENARIOS", "inject",
            "count_calls", "run_injected", "crash_points", "sweep", "state_for",
-           "default_points"]
+           "default_points", "sweep_isolated"]
 
 OPS = ("open", "write", "pwrite", "pwritev", "ftruncate", "fsync", "mkdir", "rename",
        "replace", "unlink", "rmdir")
@@ -478,3 +478,31 @@ def _check_enospc_error(root: str, out: CrashOutcome) -> list[str]:
             and step not in steps:
         return [f"{where}: the error says step_{step} was committed, but it is not"]
     return []
+
+
+def sweep_isolated(name: str, workdir: str, *, mode: str = "kill", points: int | None = None,
+                   seed: int = 0, timeout: float = 600.0) -> SweepReport:
+    """:func:`sweep` of the built-in scenario ``name`` in a fresh interpreter.
+
+    Forking a process that runs threads (JAX, torch, a thread pool) can deadlock the child;
+    a fresh interpreter has none, so test suites run sweeps through this.
+    """
+    import json
+    import subprocess
+    import sys
+    code = ("import json, logging, sys; logging.disable(logging.WARNING); "
+            "from unickpt.testing.crash import SCENARIOS, sweep; "
+            f"r = sweep(SCENARIOS[{name!r}], {workdir!r}, mode={mode!r}, points={points!r}, "
+            f"seed={seed!r}); print(json.dumps(r.__dict__))")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    finally:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+    if p.returncode != 0:
+        raise AssertionError(f"crash sweep {name} ({mode}) failed to run: {err[-2000:]}")
+    return SweepReport(**json.loads(out.strip().splitlines()[-1]))
