@@ -136,7 +136,6 @@ def test_archive_on_cold_start_is_durable(tmp_path):
     np.testing.assert_array_equal(unickpt.load(root / "step_1")["w"], _state(3)["w"])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 18 row 11")
 def test_new_run_root_with_missing_parents_is_durable(tmp_path):
     root = tmp_path / "a" / "b" / "run"
     with SyscallRecorder(tmp_path) as rec, unickpt.CheckpointManager(root) as mgr:

@@ -236,13 +236,14 @@ def test_keep_every_and_best(tmp_path):
     assert names(tmp_path) == ["latest", "step_4", "step_5", "step_8", "step_9"]
 
 
-def test_resumed_from_checkpoint_never_deleted(tmp_path):
+def test_resumed_from_checkpoint_released_once_a_newer_one_commits(tmp_path):
+    # issue 19 item 10: protection lasts until the run can resume from a newer checkpoint
     fill(tmp_path, [1, 2, 3])
     with CheckpointManager(tmp_path, resume=1, keep_last=1, on_existing="archive") as m:
         m.restore(state(0))
         for s in (2, 3, 4):
             m.save(s, state(s))
-    assert names(tmp_path) == ["latest", "run_1", "step_1", "step_4"]
+    assert names(tmp_path) == ["latest", "run_1", "step_4"]
 
 
 def test_no_retention_keeps_all(tmp_path):
@@ -427,8 +428,10 @@ def test_damaged_newest_manifest_falls_back(tmp_path):
     with CheckpointManager(tmp_path) as m:
         with pytest.warns(UserWarning, match="step_2 has a damaged manifest"):
             assert m.resolve_start().step == 1
-        with pytest.raises(CheckpointExistsError, match="not a committed checkpoint"):
-            m.save(2, state(2))
+        # issue 19 item 2: the damaged directory is set aside (never deleted), the save proceeds
+        with pytest.warns(UserWarning, match=r"step_2 has a damaged manifest; it was moved to"):
+            assert m.save(2, state(2)) is True
+    assert [n for n in names(tmp_path) if n.startswith("step_2.damaged-")]
 
 
 def test_pointer_temp_files_are_cleaned(tmp_path):

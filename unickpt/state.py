@@ -35,7 +35,16 @@ import numpy as np
 from .adapters import adapter_for
 from .contract import Selection
 from .errors import IncompatibleCheckpointError, UnsupportedLeafError
-from .tree import LazyArray, Path, ShardedArray, convert_scalar, format_path, is_scalar_leaf
+from .tree import (
+    LazyArray,
+    Path,
+    Piece,
+    ShardedArray,
+    convert_scalar,
+    format_path,
+    host_copy,
+    is_scalar_leaf,
+)
 
 GENERATOR_KIND = "numpy.random.Generator"
 
@@ -118,7 +127,12 @@ class SaveContext:
         if isinstance(obj, LazyArray):
             return obj.materialize(path) if self.snapshot else obj
         if isinstance(obj, ShardedArray):
-            return obj
+            if not self.snapshot:
+                return obj
+            # An async save writes later: each piece is copied now (a user may edit the
+            # arrays the pieces view as soon as save() returns).
+            return ShardedArray(obj.shape, obj.dtype,
+                                [Piece(p.index, host_copy(p.data)) for p in obj.pieces])
         if isinstance(obj, np.random.Generator):
             # A user-owned generator: its bit generator's state dict is plain data.
             self.kinds[path] = GENERATOR_KIND

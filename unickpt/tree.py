@@ -81,6 +81,12 @@ def _host(data: Any) -> np.ndarray:
     return data.materialize() if isinstance(data, LazyArray) else np.asarray(data)
 
 
+def host_copy(data: Any) -> np.ndarray:
+    """A host copy of a piece's data that nothing else views (for async snapshots)."""
+    a = _host(data)
+    return a if isinstance(data, LazyArray) else np.array(a, copy=True)
+
+
 @dataclass(frozen=True)
 class Piece:
     """One stored piece of a sharded array: ``index`` is a tuple of ``(start, stop)`` per dim."""

@@ -46,5 +46,9 @@ def run(args: argparse.Namespace) -> ExitCode:
             print(f"file damaged: {why}")
         print("restore from another checkpoint (with a manager: resume=<step>)")
         return ExitCode.NO
+    if r.file_damage:  # every array checks out, but a file does not load as it is
+        print(f"CORRUPT {args.ckpt}: {narrays} arrays intact, but: "
+              f"{'; '.join(r.file_damage.values())}")
+        return ExitCode.NO
     print(f"OK {args.ckpt}: {narrays} arrays, {human_size(total)} verified")
     return ExitCode.OK

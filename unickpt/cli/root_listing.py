@@ -111,7 +111,9 @@ def _kept_by(steps: list[int], described: dict[int, dict]) -> dict[int, list[str
             keep_last=opts.get("keep_last"), keep_every=opts.get("keep_every"),
             keep_best=opts.get("keep_best"), best_metric=opts.get("best_metric"),
             best_mode=opts.get("best_mode", "min"),
-            protected=[resumed] if isinstance(resumed, int) else []).items()}
+            # as the manager: the resumed-from step is protected only until a newer commit
+            protected=[resumed] if isinstance(resumed, int) and resumed >= steps[-1]
+            else []).items()}
     except (TypeError, ValueError):
         return None
 

@@ -68,6 +68,9 @@ class BackgroundSaver:
             self._thread = None
         if self._error is not None:
             e, self._error = self._error, None
+            if getattr(e, "committed", ""):  # failed after the publish: say so, not "lost"
+                raise BackgroundSaveError(
+                    f"background save {self._label} into {self.what}: {e}") from e
             raise BackgroundSaveError(
                 f"background save {self._label} into {self.what} failed: {e!r}; that "
                 "checkpoint was not committed (earlier checkpoints are intact)") from e

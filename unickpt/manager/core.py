@@ -65,7 +65,7 @@ from .records import (
     checkpoint_info,
     plain_metrics,
 )
-from .run_root import RunRoot, read_info
+from .run_root import RunRoot, read_info, valid_info
 
 __all__ = ["CheckpointManager", "StartDecision", "Restored", "CheckpointInfo"]
 
@@ -201,6 +201,8 @@ class CheckpointManager:
         cfg, rr = self.config, self.run_root
         rr.open()
         listing = rr.scan()
+        if rr.recover(listing):  # an interrupted overwrite or archive: undone, look again
+            listing = rr.scan()
         rr.clean_leftovers(listing, threshold=cfg.stale_temp_seconds)
         if resume in ("auto", "must"):
             listing = self._skip_unreadable(listing)
@@ -253,17 +255,35 @@ class CheckpointManager:
         if not d.resume or d.path is None:
             load_adapters_for(state)  # adapters that track live objects start now
             return Restored(0, state, False, None)
-        with CheckpointReader(d.path, self.storage) as r:
-            # mmap + verify: every array is checksummed in place, then copied into its target.
-            # Sharded arrays stay pieces (assemble=False): an adapter reads only the regions
-            # its target sharding needs (no full host gather); np.asarray(piece) assembles.
-            tree = r.tree(mmap=True, verify=self.config.verify, assemble=False)
-            m = r.manifest
-            new = restore_tree(state, tree, strict=strict, select=_as_select(select),
-                               checkpoint=d.path, kinds=m.kinds,
-                               warn=lambda msg: warnings.warn(msg, UserWarning, stacklevel=3))
+        try:
+            with CheckpointReader(d.path, self.storage) as r:
+                # mmap + verify: every array is checksummed in place, then copied into its
+                # target.  Sharded arrays stay pieces (assemble=False): an adapter reads only
+                # the regions its target sharding needs; np.asarray(piece) assembles.
+                tree = r.tree(mmap=True, verify=self.config.verify, assemble=False)
+                m = r.manifest
+                new = restore_tree(state, tree, strict=strict, select=_as_select(select),
+                                   checkpoint=d.path, kinds=m.kinds,
+                                   warn=lambda msg: warnings.warn(msg, UserWarning,
+                                                                  stacklevel=3))
+        except CorruptCheckpointError as e:
+            raise self._damaged_data(e, d) from e
+        info = valid_info(m.info) or {}
         return Restored(d.step, new, True, d.path, dict(m.metadata),
-                        dict(m.info.get("metrics") or {}))
+                        dict(info.get("metrics") or {}))
+
+    def _damaged_data(self, e: CorruptCheckpointError, d: StartDecision) -> Exception:
+        """The error of a start checkpoint whose data is damaged, saying how to go on.
+
+        The rule (docs/manager.md): auto-resume skips checkpoints whose *manifest* is damaged
+        (checked at start for the newest ones); damaged *array data* is found only while
+        restoring, and then restore stops: it never silently resumes an older step, since the
+        caller may already have acted on the start decision."""
+        older = sorted(s for s in self._steps if s < d.step)
+        how = (f"to resume the previous checkpoint, pass resume={older[-1]} (or move "
+               f"{d.path} aside)" if older else
+               f"no older checkpoint exists; move {d.path} aside to start cold")
+        return type(e)(f"{e}; {how}", path=e.path, leaves=e.leaves)
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, state: Any, *, metrics: Mapping[str, Any] | None = None,
@@ -311,11 +331,18 @@ class CheckpointManager:
         # checked and copied now: the caller may change its dict while an async save runs
         clean_metadata = plain_data(dict(metadata or {}), "metadata")
         final = self.run_root.step_path(step)
-        # Not committed (else it would be in _steps), so not ours: never write into it.
+        # Not committed by us (else it would be in _steps): never write into it.  A checkpoint
+        # whose manifest is damaged (skipped by auto-resume) is set aside, never deleted.
         if self.storage.exists(final):
-            raise CheckpointExistsError(
-                f"save(step={step}): {final} exists but is not a committed checkpoint (left "
-                "by another tool?); move or delete it, unickpt never writes into it")
+            with self._mutex:
+                aside = self.run_root.set_aside_damaged(step)
+            if aside is None:
+                raise CheckpointExistsError(
+                    f"save(step={step}): {final} exists but is not a committed checkpoint "
+                    "(left by another tool?); move or delete it, unickpt never writes into it")
+            warnings.warn(f"unickpt: {final} has a damaged manifest; it was moved to {aside} "
+                          f"(kept for inspection) and step {step} is saved anew",
+                          UserWarning, stacklevel=2)
         t0 = time.perf_counter()
         if self._saver is not None:
             self._wait_background()  # at most one save in flight: its snapshot is freed first
@@ -354,8 +381,16 @@ class CheckpointManager:
             commit_checkpoint(self.storage, final, prepared, metadata=metadata, info=info,
                               publish_guard=lambda: self._mutex)
         except OSError as e:  # disk full, quota, I/O error: say which save and what is left
-            raise OSError(e.errno, f"{e.strerror or e} while saving {final}: nothing was "
-                                   "committed and earlier checkpoints are intact") from e
+            # The step was free when the save started and the lock keeps others out: a
+            # committed ``final`` now is ours (the publish happened, a later step failed).
+            if not is_committed(final, self.storage):
+                raise OSError(e.errno, f"{e.strerror or e} while saving {final}: nothing was "
+                                       "committed and earlier checkpoints are intact") from e
+            with self._mutex:
+                self._steps.add(step)
+                self._metrics[step] = metrics
+            raise _after_commit(e, final, "making the commit durable (fsync of the run "
+                                "root)", "it may not survive a power loss") from e
         with self._mutex:
             self._steps.add(step)
             self._metrics[step] = metrics
@@ -365,7 +400,11 @@ class CheckpointManager:
                 except OSError as e:  # the pointer is informational: readers scan
                     log.warning("unickpt: %s is committed but the latest pointer could not "
                                 "be updated: %s", final, e)
-            self._apply_retention()
+            try:
+                self._apply_retention()
+            except OSError as e:
+                raise _after_commit(e, final, "retention (deleting older checkpoints)",
+                                    "older checkpoints may be kept until the next save") from e
         total = time.perf_counter() - t0
         if self._preemption is not None:  # --- preemption hook: the grace budget's figures
             self._preemption.record_save(total)
@@ -386,10 +425,13 @@ class CheckpointManager:
             return
         steps = sorted(self._steps)
         metrics = {s: self._metrics_of(s) for s in steps} if cfg.keep_best else {}
+        # The resumed-from checkpoint is protected only until a newer one is committed: then
+        # the run can resume from that one, and keep_last=N means N again.
+        resumed = self._resumed_step
+        protected = (resumed,) if resumed is not None and resumed >= steps[-1] else ()
         kept = retain(steps, metrics, keep_last=cfg.keep_last, keep_every=cfg.keep_every,
                       keep_best=cfg.keep_best, best_metric=cfg.best_metric,
-                      best_mode=cfg.best_mode,
-                      protected=() if self._resumed_step is None else (self._resumed_step,))
+                      best_mode=cfg.best_mode, protected=protected)
         doomed = to_delete(kept)
         if not doomed:
             return
@@ -463,6 +505,21 @@ def _preemption(cfg: ManagerConfig, root: str) -> Preemption | None:
     return Preemption(cfg.preemption_signals or (), cfg.preemption_grace_seconds, root,
                       coordinator=None, every_steps=cfg.preemption_check_every_steps,
                       every_seconds=cfg.preemption_check_every_seconds)
+
+
+class CommittedButFailedError(OSError):
+    """An I/O failure *after* a checkpoint was published (internal: an ``OSError`` for
+    callers).  ``committed`` is the checkpoint's path: it is complete and resumable."""
+
+    committed: str = ""
+
+
+def _after_commit(e: OSError, final: str, what: str, consequence: str) -> OSError:
+    err = CommittedButFailedError(
+        e.errno, f"{final} was committed (complete, it will be resumed), but {what} then "
+                 f"failed: {e.strerror or e}; {consequence}")
+    err.committed = final
+    return err
 
 
 def _config(config: ManagerConfig | None, options: dict[str, Any]) -> ManagerConfig:

@@ -35,24 +35,29 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from ..errors import CorruptCheckpointError, RunRootError
+from ..errors import CheckpointExistsError, CorruptCheckpointError, RunRootError
 from ..format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, read_manifest_bytes
 from ..policy.naming import LATEST_NAME, Listing, classify, format_run, format_step, parse_step
 from ..storage import (
+    ARCHIVE_PREFIX,
     STALE_TEMP_SECONDS,
     LocalStorage,
     Storage,
     WriterLock,
     host_tag,
+    parse_previous_name,
     parse_temp_name,
     trash_name,
 )
 from .records import CheckpointInfo
 
-__all__ = ["RunRoot", "scan", "read_info", "read_manifest", "write_pointer", "read_pointer",
+__all__ = ["RunRoot", "scan", "read_info", "valid_info", "read_manifest", "write_pointer", "read_pointer",
            "temp_is_stale", "pid_alive"]
 
 log = logging.getLogger("unickpt")
+
+# ``step_<N>.damaged-<time>``: a damaged checkpoint set aside (never a step, never deleted)
+DAMAGED_INFIX = ".damaged-"
 
 
 def pid_alive(pid: int) -> bool:
@@ -77,17 +82,44 @@ def scan(storage: Storage, root: str) -> Listing:
 
 
 def read_manifest(storage: Storage, path: str) -> Any:
-    """The decoded manifest of checkpoint ``path`` (raises CorruptCheckpointError)."""
-    raw = storage.read_bytes(posixpath.join(path, MANIFEST_NAME))
-    if len(raw) > MAX_MANIFEST_BYTES:
-        raise CorruptCheckpointError(f"{path}: manifest too large", path=path)
+    """The decoded manifest of checkpoint ``path`` (raises CorruptCheckpointError).
+
+    The size is checked before anything is read: a huge (or sparse) manifest costs no memory.
+    """
+    f = storage.open(posixpath.join(path, MANIFEST_NAME))
+    try:
+        if f.size > MAX_MANIFEST_BYTES:
+            raise CorruptCheckpointError(
+                f"{path}: manifest is {f.size} bytes (limit {MAX_MANIFEST_BYTES}); it is "
+                "damaged: resume from another checkpoint", path=path)
+        buf = bytearray(f.size)
+        raw = bytes(buf[:f.pread_into(memoryview(buf), 0)])
+    finally:
+        f.close()
     return read_manifest_bytes(raw, path)
 
 
+def valid_info(info: Any) -> dict | None:
+    """``info`` if the manager can use it (a map whose ``metrics`` is a map of str to
+    numbers), else None: the format leaves ``info`` free, so a hostile or foreign one must
+    read as "damaged manifest" rather than raise deep inside a lookup."""
+    if not isinstance(info, dict):
+        return None
+    metrics = info.get("metrics")
+    if metrics is None:
+        return info
+    if not isinstance(metrics, dict) or not all(
+            isinstance(k, str) and not isinstance(v, bool) and isinstance(v, (int, float))
+            for k, v in metrics.items()):
+        return None
+    return info
+
+
 def read_info(storage: Storage, path: str) -> dict | None:
-    """The ``info`` map of checkpoint ``path``, or None when its manifest is unreadable."""
+    """The ``info`` map of checkpoint ``path``, or None when its manifest is unreadable
+    (or its ``info`` unusable, see :func:`valid_info`)."""
     try:
-        return read_manifest(storage, path).info
+        return valid_info(read_manifest(storage, path).info)
     except (OSError, CorruptCheckpointError):
         return None
 
@@ -175,9 +207,13 @@ class RunRoot:
         return [self.describe(s) for s in self.scan().steps] if self.exists() else []
 
     def latest(self) -> CheckpointInfo | None:
-        """The newest committed checkpoint, or None."""
-        newest = self.scan().newest if self.exists() else None
-        return None if newest is None else self.describe(newest)
+        """The newest committed checkpoint whose manifest reads, or None: the one
+        ``resume="auto"`` would pick (a damaged newer one is skipped, as auto-resume does)."""
+        steps = list(self.scan().steps) if self.exists() else []
+        for step in reversed(steps):
+            if self.read_info(step) is not None:
+                return self.describe(step)
+        return None
 
     # ---------------------------------------------------------------- acting
     def open(self) -> None:
@@ -199,6 +235,62 @@ class RunRoot:
 
     def write_pointer(self, name: str | None) -> None:
         write_pointer(self.storage, self.path, name)
+
+    def _committed(self, path: str) -> bool:
+        return self.storage.is_file(posixpath.join(path, MANIFEST_NAME))
+
+    def _restorable_previous(self, name: str) -> str | None:
+        """The checkpoint path an interrupted overwrite left only in trash entry ``name``
+        (its previous complete copy, with no committed copy in place), or None."""
+        base = parse_previous_name(name)
+        if base is None or not self._committed(posixpath.join(self.path, name)):
+            return None
+        target = posixpath.join(self.path, base)
+        return None if self._committed(target) else target
+
+    def recover(self, listing: Listing) -> bool:
+        """Undo interrupted multi-step operations (lock held); True if the root changed.
+
+        * An overwrite killed between its two renames (filesystems without atomic exchange)
+          left the previous complete copy as ``.unickpt-trash.previous.<name>.*`` and nothing
+          at ``<name>``: it is renamed back (the new copy, never published, is a stale temp).
+        * An archive killed midway left ``.unickpt-archive.run_<K>``: its checkpoints are moved
+          back into the root and the staging directory removed, so the next start plans the
+          archive again from scratch (all of the old run in one ``run_<K>``).
+        """
+        changed = False
+        for name in listing.trash:
+            target = self._restorable_previous(name)
+            if target is None:
+                continue
+            if self.storage.exists(target):  # something uncommitted there: leave both alone
+                log.warning("unickpt: %s holds the previous copy of %s, which is in the way "
+                            "(uncommitted); move one of them yourself",
+                            posixpath.join(self.path, name), target)
+                continue
+            self.storage.move_many([(posixpath.join(self.path, name), target)])
+            log.warning("unickpt: an overwrite of %s was interrupted; its previous copy was "
+                        "put back", target)
+            changed = True
+        for name in listing.other:
+            if name.startswith(ARCHIVE_PREFIX):
+                changed |= self._roll_back_archive(posixpath.join(self.path, name))
+        return changed
+
+    def _roll_back_archive(self, staging: str) -> bool:
+        back = [(posixpath.join(staging, n), posixpath.join(self.path, n))
+                for n in self.storage.list_dir(staging) if parse_step(n) is not None]
+        back = [(a, b) for a, b in back if not self.storage.exists(b)]
+        if back:
+            self.storage.move_many(back)
+        if self.storage.list_dir(staging):
+            log.warning("unickpt: the interrupted archive %s could not be rolled back fully "
+                        "(names in the way); move its entries yourself", staging)
+        else:
+            self.storage.remove_tree(staging)
+        log.warning("unickpt: an archive of %s was interrupted; %d checkpoints were moved back",
+                    self.path, len(back))
+        return True
 
     def clean_leftovers(self, listing: Listing, *,
                         threshold: float = STALE_TEMP_SECONDS) -> list[str]:
@@ -222,6 +314,8 @@ class RunRoot:
                     continue
                 removed.append(name)
         for name in listing.trash:
+            if self._restorable_previous(name) is not None:
+                continue  # the only complete copy of a checkpoint: never deleted
             with contextlib.suppress(OSError):
                 self.storage.remove_tree(posixpath.join(self.path, name))
                 removed.append(name)
@@ -231,12 +325,47 @@ class RunRoot:
         return removed
 
     def archive(self, steps: Iterable[int], run: int) -> str:
-        """Move ``steps`` into ``ROOT/run_<run>/`` (durably); return that directory."""
+        """Move ``steps`` into ``ROOT/run_<run>/`` (durably); return that directory.
+
+        All or nothing: the pointer is removed first (it never names a moved step), the
+        checkpoints go into ``ROOT/.unickpt-archive.run_<run>``, which is then renamed to
+        ``run_<run>`` in one step; a crash midway is rolled back by :meth:`recover`.
+        """
         dest = posixpath.join(self.path, format_run(run))
-        self.storage.make_dirs(dest)
-        self.storage.move_many([(self.step_path(s), posixpath.join(dest, format_step(s)))
-                                for s in steps])
+        staging = posixpath.join(self.path, ARCHIVE_PREFIX + format_run(run))
+        if self.storage.exists(dest):
+            raise CheckpointExistsError(f"cannot archive into {dest}: the destination exists; "
+                                        "move or delete it first")
+        self.write_pointer(None)
+        self.storage.make_dirs(staging)
+        try:
+            self.storage.move_many([(self.step_path(s),
+                                     posixpath.join(staging, format_step(s))) for s in steps])
+            self.storage.move_many([(staging, dest)])
+        except OSError:
+            with contextlib.suppress(OSError):
+                self._roll_back_archive(staging)
+            raise
         return dest
+
+    def set_aside_damaged(self, step: int) -> str | None:
+        """Move ``step_<N>`` aside to ``step_<N>.damaged-<UTC time>`` if its manifest exists
+        but cannot be read (a damaged checkpoint in the way of a save); return the new path,
+        or None (nothing done) when it is not such a checkpoint.  Never deletes anything."""
+        path = self.step_path(step)
+        if not self.storage.is_file(posixpath.join(path, MANIFEST_NAME)):
+            return None
+        if self.read_info(step) is not None:
+            return None
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = f"{path}{DAMAGED_INFIX}{stamp}"
+        n = 0
+        while self.storage.exists(aside):  # two damaged copies within one second
+            n += 1
+            aside = f"{path}{DAMAGED_INFIX}{stamp}.{n}"
+        self.storage.move_many([(path, aside)])
+        log.warning("unickpt: %s has a damaged manifest; moved it to %s", path, aside)
+        return aside
 
     def delete(self, steps: Iterable[int]) -> None:
         """Delete checkpoints: first renamed out of the ``step_N`` namespace (one durable

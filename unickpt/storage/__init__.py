@@ -19,6 +19,7 @@ can be told apart from a save still running.
 
 from .local import LocalStorage
 from .protocol import (
+    ARCHIVE_PREFIX,
     LOCK_NAME,
     STALE_TEMP_SECONDS,
     TEMP_PREFIX,
@@ -30,7 +31,9 @@ from .protocol import (
     WriterLock,
     host_tag,
     is_transient_name,
+    parse_previous_name,
     parse_temp_name,
+    previous_name,
     staged,
     temp_name,
     trash_name,
@@ -39,4 +42,4 @@ from .protocol import (
 __all__ = ["Storage", "WriteHandle", "ReadHandle", "WriterLock", "NotRegularFileError",
            "LocalStorage", "staged", "TEMP_PREFIX", "TRASH_PREFIX", "LOCK_NAME",
            "STALE_TEMP_SECONDS", "host_tag", "temp_name", "trash_name", "parse_temp_name",
-           "is_transient_name"]
+           "is_transient_name", "ARCHIVE_PREFIX", "previous_name", "parse_previous_name"]

@@ -19,11 +19,12 @@ import socket
 import stat
 import sys
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import CheckpointExistsError, LockedError, RunRootError
-from .protocol import LOCK_NAME, NotRegularFileError, temp_name, trash_name
+from .protocol import LOCK_NAME, NotRegularFileError, previous_name, temp_name
 
 __all__ = ["LocalStorage", "LocalWriteHandle", "LocalReadHandle", "RootLock", "fsync_dir"]
 
@@ -155,12 +156,19 @@ class RootLock:
     exclude each other too; the lock dies with its process (no stale locks after SIGKILL).
     ``flock`` is local: on network filesystems that do not support it, run one writer per
     root by other means.
+
+    Processes: the lock belongs to the process that took it, never to its children.  The
+    descriptor is close-on-exec (a spawned program never inherits it), and a forked child
+    closes its copy right after the fork without unlocking (an unlock would act on the open
+    file shared with the parent): a child that exits, calls ``close()`` or outlives a
+    SIGKILLed parent neither releases nor keeps the parent's lock.
     """
 
     def __init__(self, root: str):
         self.root = root
         self.path = os.path.join(root, LOCK_NAME)
         self._fd: int | None = None
+        self._owner = 0
 
     def acquire(self) -> None:
         if self._fd is not None:
@@ -169,7 +177,7 @@ class RootLock:
             raise RunRootError(f"run root {self.root} is not writable by this process; fix "
                                "its permissions or choose another root")
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as e:
             raise RunRootError(f"cannot create the lock file {self.path}: {e.strerror}; the run "
                                "root must be writable") from e
@@ -189,14 +197,39 @@ class RootLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid={os.getpid()} host={socket.gethostname()} since="
                       f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode(), 0)
-        self._fd = fd
+        self._fd, self._owner = fd, os.getpid()
+        _held.add(self)
 
     def release(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None
+            _held.discard(self)
+            if self._owner == os.getpid():  # never unlock the file a parent shares with us
+                with contextlib.suppress(OSError):
+                    fcntl.flock(fd, fcntl.LOCK_UN)
             with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+                os.close(fd)
+
+    def _forget_in_child(self) -> None:
+        # After fork: drop the inherited copy of the descriptor without unlocking, so the
+        # lock lives exactly as long as the process that took it.
+        if self._fd is not None and self._owner != os.getpid():
+            fd, self._fd = self._fd, None
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+_held: weakref.WeakSet[RootLock] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for lock in list(_held):
+        lock._forget_in_child()
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class LocalStorage:
@@ -221,10 +254,27 @@ class LocalStorage:
         return os.path.lexists(path)
 
     def make_dirs(self, path: str) -> None:
-        os.makedirs(path, exist_ok=True)
+        """Create ``path`` and its missing parents, each made durable in its parent: a new
+        run root must survive a power loss together with the checkpoints committed in it."""
+        path = os.path.abspath(path)
+        missing = []
+        while not os.path.isdir(path):
+            missing.append(path)
+            parent = os.path.dirname(path)
+            if parent == path:
+                break
+            path = parent
+        for d in reversed(missing):
+            try:
+                os.mkdir(d)
+            except FileExistsError:
+                if not os.path.isdir(d):
+                    raise
+                continue  # created meanwhile by another process, which makes it durable
+            fsync_dir(os.path.dirname(d))
 
     def make_temp_dir(self, final: str) -> str:
-        os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
+        self.make_dirs(os.path.dirname(os.path.abspath(final)))
         tmp = temp_name(os.path.abspath(final))
         os.mkdir(tmp)
         return tmp
@@ -243,11 +293,18 @@ class LocalStorage:
                 fsync_dir(parent)
                 shutil.rmtree(temp, ignore_errors=True)
                 return
-            trash = trash_name(final)
-            os.rename(final, trash)
-            os.rename(temp, final)
+            # The old copy goes aside under a "previous" trash name: a crash before the second
+            # rename leaves it there, and the next manager start restores it (docs/manager.md).
+            previous = previous_name(final)
+            os.rename(final, previous)
+            try:
+                os.rename(temp, final)
+            except OSError:  # e.g. disk full: put the old copy back now
+                with contextlib.suppress(OSError):
+                    os.rename(previous, final)
+                raise
             fsync_dir(parent)
-            shutil.rmtree(trash, ignore_errors=True)
+            shutil.rmtree(previous, ignore_errors=True)
             return
         # os.rename would silently replace an empty directory that appeared meanwhile; the
         # existence check above plus the run-root lock held by the manager rule that out.

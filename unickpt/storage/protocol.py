@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 __all__ = ["Storage", "WriteHandle", "ReadHandle", "WriterLock", "NotRegularFileError",
            "staged", "TEMP_PREFIX", "TRASH_PREFIX", "LOCK_NAME",
            "STALE_TEMP_SECONDS", "host_tag", "temp_name", "trash_name", "parse_temp_name",
-           "is_transient_name"]
+           "is_transient_name", "ARCHIVE_PREFIX", "previous_name", "parse_previous_name"]
 
 TEMP_PREFIX = ".unickpt-tmp."
 TRASH_PREFIX = ".unickpt-trash."
@@ -163,6 +163,31 @@ def trash_name(path: str) -> str:
     """The sibling name ``path`` is moved to before it is deleted."""
     parent, base = posixpath.split(path.rstrip("/"))
     return posixpath.join(parent, f"{TRASH_PREFIX}{base}.{uuid.uuid4().hex[:8]}")
+
+
+# An overwrite on a filesystem without atomic exchange moves the old checkpoint aside under
+# this trash sub-prefix first: a crash before the new copy is renamed into place leaves the
+# previous *complete* copy there, and the next start puts it back instead of deleting it.
+PREVIOUS_INFIX = "previous."
+# Archiving (resume="never") moves checkpoints into ROOT/<this>run_<K> first, then renames
+# that into place: a crash midway leaves a recognisable staging dir the next start rolls back.
+ARCHIVE_PREFIX = ".unickpt-archive."
+
+
+def previous_name(path: str) -> str:
+    """The sibling name an overwritten checkpoint is moved to while its replacement lands."""
+    parent, base = posixpath.split(path.rstrip("/"))
+    return posixpath.join(parent, f"{TRASH_PREFIX}{PREVIOUS_INFIX}{base}."
+                                  f"{uuid.uuid4().hex[:8]}")
+
+
+def parse_previous_name(name: str) -> str | None:
+    """The checkpoint name an overwrite moved aside as ``name``, or None."""
+    head = TRASH_PREFIX + PREVIOUS_INFIX
+    if not name.startswith(head):
+        return None
+    base, _, tag = name[len(head):].rpartition(".")
+    return base or None
 
 
 def parse_temp_name(name: str) -> tuple[str, str, int] | None:

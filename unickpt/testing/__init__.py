@@ -9,6 +9,9 @@
 * ``unickpt.testing.conformance``: the checks every adapter must pass
   (:class:`~unickpt.testing.conformance.AdapterConformance`, to subclass in an adapter
   package's tests; see docs/adapters.md).
+* ``unickpt.testing.crash`` and ``unickpt.testing.fuzz``: kill (or fill the disk) at every
+  I/O call of a save, retention, archive or overwrite and check the restart; feed mutated
+  checkpoints to every reader (see docs/testing.md).
 * A pytest plugin (``unickpt_root`` fixture, ``--unickpt-examples``), registered through the
   ``pytest11`` entry point.
 
