@@ -145,6 +145,12 @@ class CheckpointReader:
             try:
                 fd = self.storage.open(fpath)
             except FileNotFoundError:
+                if not self.storage.exists(posixpath.join(self.path, MANIFEST_NAME)):
+                    # the manifest went too: the checkpoint was deleted after we opened it
+                    raise CheckpointNotFoundError(
+                        f"{self.path} was removed while it was being read (deleted by the "
+                        "retention of the job writing this run?); read a newer checkpoint, "
+                        "or keep this one (keep_last/keep_every) to read it") from None
                 raise CorruptCheckpointError(
                     f"{self.path}: array file {name!r} is missing; restore from another "
                     "checkpoint", path=self.path, leaves=self._leaves_in(name)) from None
