@@ -210,7 +210,8 @@ class CheckpointManager:
                           on_existing=cfg.on_existing, root=self.root,
                           external=external is not None,
                           external_step=external[1] if external else None)
-        archived_to = rr.archive(plan.archive, plan.archive_run) if plan.archive else None
+        archived_to = (rr.archive(plan.archive, plan.archive_run)
+                       if plan.archive and plan.archive_run is not None else None)
         self._steps = set(listing.steps) - set(plan.archive)
         if plan.archive:
             rr.write_pointer(format_step(max(self._steps)) if self._steps else None)
@@ -313,7 +314,8 @@ class CheckpointManager:
         now = time.monotonic()
         with self._mutex:
             # the newest committed step, or the one in flight (an async save not yet done)
-            newest = max(self._steps | ({self._last_saved_step} - {None}), default=None)
+            in_flight = {self._last_saved_step} if self._last_saved_step is not None else set()
+            newest = max(self._steps | in_flight, default=None)
             decision = should_save(step, save_every=cfg.save_every,
                                    save_every_seconds=cfg.save_every_seconds, force=force,
                                    now=now, last_save_time=self._last_save_time,
@@ -442,6 +444,8 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ background
     def _poll_background(self) -> None:
+        if self._saver is None:
+            return
         try:
             self._saver.poll()
         except UnickptError:
@@ -449,6 +453,8 @@ class CheckpointManager:
             raise
 
     def _wait_background(self) -> None:
+        if self._saver is None:
+            return
         try:
             self._saver.wait()
         except UnickptError:

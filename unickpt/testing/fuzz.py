@@ -253,7 +253,7 @@ def _run_case(ckpt: str, where: str, rep: FuzzReport, original: Any, *,
                 warnings.simplefilter("ignore")
                 results[name] = fn()
             rep.count(f"{name}:ok")
-        except (UnickptError, *ALLOWED_BUILTINS) as e:
+        except (UnickptError, *ALLOWED_BUILTINS) as e:  # type: ignore[misc]
             rep.count(f"{name}:{type(e).__name__}")
         except Exception as e:  # noqa: BLE001 - the finding
             rep.failures.append(f"{where}: {name} raised {type(e).__name__}: {e}"[:400])
