@@ -89,7 +89,7 @@ class CheckpointManager:
         **options: the short form of ``config`` (not both): see :class:`unickpt.policy.ManagerConfig` (``resume``, ``on_existing``,
             ``enabled``, ``save_every``, ``save_every_seconds``, ``keep_last``,
             ``keep_every``, ``keep_best``, ``best_metric``, ``best_mode``, ``async_save``,
-            ``stale_temp_seconds``, ``verify``).  They are validated here, before any I/O;
+            ``stale_temp_seconds``, ``verify``, ``incremental``).  They are validated here, before any I/O;
             a bad value raises :class:`~unickpt.ConfigError` saying what is allowed.
 
     The first call that needs the root (``resolve_start``, ``restore`` or ``save``) creates
@@ -331,7 +331,7 @@ class CheckpointManager:
 
         try:
             commit_checkpoint(self.storage, final, prepared, metadata=metadata, info=info,
-                              publish_guard=lambda: self._mutex)
+                              publish_guard=lambda: self._mutex, previous=self._previous(step))
         except OSError as e:  # disk full, quota, I/O error: say which save and what is left
             raise OSError(e.errno, f"{e.strerror or e} while saving {final}: nothing was "
                                    "committed and earlier checkpoints are intact") from e
@@ -347,9 +347,20 @@ class CheckpointManager:
             self._apply_retention()
         total = time.perf_counter() - t0
         nbytes = recorded.get("nbytes", 0)
-        log.info("unickpt: saved %s: %.1f MB in %.2fs (%.1f MB/s)%s", final, nbytes / 1e6,
-                 total, nbytes / 1e6 / total if total > 0 else math.inf,
+        written = recorded.get("written_bytes", nbytes)
+        log.info("unickpt: saved %s: %.1f MB (%.1f MB written, the rest shared) in %.2fs "
+                 "(%.1f MB/s)%s", final, nbytes / 1e6, written / 1e6, total,
+                 nbytes / 1e6 / total if total > 0 else math.inf,
                  f", metrics {metrics}" if metrics else "")
+
+    def _previous(self, step: int) -> str | None:
+        """The checkpoint an incremental save of ``step`` shares unchanged files with: the
+        newest committed one of this root before it (None: write everything)."""
+        if not self.config.incremental:
+            return None
+        with self._mutex:
+            older = [s for s in self._steps if s < step]
+        return self.run_root.step_path(max(older)) if older else None
 
     def _metrics_of(self, step: int) -> dict:
         if step not in self._metrics:

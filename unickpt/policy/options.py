@@ -51,6 +51,9 @@ class ManagerConfig:
         stale_temp_seconds: age after which a leftover temporary directory of a process
             that cannot be checked (other host) counts as stale.
         verify: checksum every array when restoring.
+        incremental: share array files that did not change since the previous committed
+            checkpoint of the root instead of writing them again (hard links locally; a
+            backend without ``Storage.share`` writes everything).  False writes every byte.
     """
 
     resume: str | int | os.PathLike = "auto"
@@ -66,6 +69,7 @@ class ManagerConfig:
     async_save: bool = False
     stale_temp_seconds: float = STALE_TEMP_SECONDS
     verify: bool = True
+    incremental: bool = True
 
     def __post_init__(self) -> None:
         r = self.resume
@@ -88,7 +92,7 @@ class ManagerConfig:
         if self.on_existing not in ON_EXISTING:
             raise ConfigError(f"on_existing={self.on_existing!r} is not allowed; use 'archive' "
                               "or 'error'")
-        for name in ("enabled", "async_save", "verify"):
+        for name in ("enabled", "async_save", "verify", "incremental"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not allowed; use True or "
                                   "False")
