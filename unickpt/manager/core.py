@@ -348,9 +348,10 @@ class CheckpointManager:
         total = time.perf_counter() - t0
         nbytes = recorded.get("nbytes", 0)
         written = recorded.get("written_bytes", nbytes)
-        log.info("unickpt: saved %s: %.1f MB (%.1f MB written, the rest shared) in %.2fs "
-                 "(%.1f MB/s)%s", final, nbytes / 1e6, written / 1e6, total,
-                 nbytes / 1e6 / total if total > 0 else math.inf,
+        shared = (f" ({written / 1e6:.1f} MB written, {(nbytes - written) / 1e6:.1f} MB "
+                  "shared with the previous checkpoint)" if written < nbytes else "")
+        log.info("unickpt: saved %s: %.1f MB%s in %.2fs (%.1f MB/s)%s", final, nbytes / 1e6,
+                 shared, total, nbytes / 1e6 / total if total > 0 else math.inf,
                  f", metrics {metrics}" if metrics else "")
 
     def _previous(self, step: int) -> str | None:
