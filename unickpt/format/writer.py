@@ -366,27 +366,29 @@ def write_tree(directory: str, tree: Any, *, metadata: dict | None = None,
                info: dict | Callable[[WriteStats], dict] | None = None,
                kinds: dict[Path, str] | None = None, workers: int | None = None,
                prepared: tuple | None = None, storage: Storage | None = None,
-               previous: str | None = None) -> WriteStats:
+               incremental: bool = False, previous: str | None = None) -> WriteStats:
     """Write ``tree`` into the (existing, empty, uncommitted) ``directory`` of ``storage``.
 
     Files are synced (durable); committing is the caller's job.  ``info`` may be
     a callable that receives the :class:`WriteStats` of the array data (written and synced)
     and returns the info map, so that a save can record its own size and duration.
 
-    ``previous`` (a committed checkpoint of the same storage, normally the run's newest)
-    turns on sharing: array files whose arrays are all byte-identical to ``previous`` are
-    shared with it (:func:`unickpt.storage.can_share`) instead of written.  Nothing in
-    ``previous`` is ever opened for writing.
+    ``incremental`` splits the arrays into several files by a stable grouping
+    (:mod:`unickpt.format.groups`; one file otherwise), and ``previous`` (a committed
+    checkpoint of the same storage, normally the run's newest) then turns on sharing: array
+    files whose arrays are all byte-identical to ``previous`` are shared with it
+    (:func:`unickpt.storage.can_share`) instead of written.  Nothing in ``previous`` is
+    ever opened for writing.
     """
     t0 = time.perf_counter()
     storage = storage or LocalStorage()
     node, jobs, sharded = prepared if prepared is not None else flatten(tree)
     with gc_paused():  # only around the CPU-bound encoding, never the (long) I/O
-        groups = group_jobs(jobs)
+        groups = group_jobs(jobs) if incremental else [list(range(len(jobs)))]
     names = file_names(len(groups), DATA_FILE)
     nworkers = workers or default_workers()
     prev = (_read_previous(storage, previous)
-            if previous is not None and can_share(storage) else None)
+            if incremental and previous is not None and can_share(storage) else None)
     shared = _share_groups(storage, directory, jobs, groups, names, prev, nworkers)
     files: list[FileEntry] = []
     pending: list[tuple[str, bytes, int, list[_Job]]] = []

@@ -331,7 +331,9 @@ class CheckpointManager:
 
         try:
             commit_checkpoint(self.storage, final, prepared, metadata=metadata, info=info,
-                              publish_guard=lambda: self._mutex, previous=self._previous(step))
+                              publish_guard=lambda: self._mutex,
+                              incremental=self.config.incremental,
+                              previous=self._previous(step))
         except OSError as e:  # disk full, quota, I/O error: say which save and what is left
             raise OSError(e.errno, f"{e.strerror or e} while saving {final}: nothing was "
                                    "committed and earlier checkpoints are intact") from e
