@@ -28,6 +28,7 @@ def small_groups(monkeypatch):
     monkeypatch.setattr(groups, "SPLIT_BYTES", 0)
     monkeypatch.setattr(groups, "ALONE_BYTES", 4096)
     monkeypatch.setattr(groups, "GROUP_BYTES", 8192)
+    monkeypatch.setattr(groups, "MERGE_BYTES", 0)
 
 
 def lora_state(step: int) -> dict:
@@ -290,26 +291,33 @@ def test_property_random_saves_changes_and_deletions(scenario):
                 for i in changed:
                     values[i] = fresh = fresh + 1
                 state = _build(layout, values)
-                _, jobs, _ = flatten(state)
-                grouped = groups.group_jobs(jobs)
-                # jobs are in tree order, which is the layout's order; an empty array that
-                # "changed" has the same (no) bytes
-                moved = {i for i in changed if layout[i][2]}
-                dirty = [g for g in grouped if moved & set(g)]
-                expect_written = sum(jobs[i].dtype.itemsize * int(np.prod(jobs[i].shape))
-                                     for g in dirty for i in g)
+                moved = {layout[i][:2] for i in changed if layout[i][2]}  # bytes that differ
+                # the rule, from the previous checkpoint's manifest alone: a previous file is
+                # shared iff none of its arrays changed; everything else is written
+                with CheckpointReader(os.path.join(root, f"step_{step - 1}")) as r:
+                    members: dict[str, list] = {}
+                    for i, e in enumerate(r.manifest.arrays):
+                        members.setdefault(e.file, []).append((r.array_paths[i], e.nbytes))
+                clean = [f for f, ms in members.items() if not {p for p, _ in ms} & moved]
+                total = sum(n for _, _, n in layout) * 8
+                expect_written = total - sum(n for f in clean for _, n in members[f])
                 m.save(step, state)
                 saved[step] = state
                 path = os.path.join(root, f"step_{step}")
                 info = m.run_root.read_info(step)
                 assert info["written_bytes"] == expect_written
-                assert info["shared_files"] == len(grouped) - len(dirty)
-                # bytes that reached the disk: the written arrays plus each new file's header
+                assert info["shared_files"] == len(clean)
+                # bytes that reached the disk: exactly the written arrays plus new headers
                 new = [n for n in os.listdir(path) if n.endswith(".safetensors")
                        and os.stat(os.path.join(path, n)).st_nlink == 1]
-                assert len(new) == len(dirty)
                 with CheckpointReader(path) as r:
                     starts = {f.name: f.data_start for f in r.manifest.files}
+                    paths = {n: {r.array_paths[i] for i, e in enumerate(r.manifest.arrays)
+                                 if e.file == n} for n in new}
+                assert len(new) == len(starts) - len(clean)
+                # a new file holds changed arrays or unchanged ones, never both: the unchanged
+                # ones are shared at the next save where they are still unchanged
+                assert all(not p & moved or p <= moved for p in paths.values())
                 assert sum(os.path.getsize(os.path.join(path, n)) - starts[n]
                            for n in new) == expect_written
                 # retention by hand between saves: delete random older checkpoints

@@ -20,6 +20,7 @@ def _small_groups() -> None:
     from unickpt.format import groups
 
     groups.SPLIT_BYTES, groups.ALONE_BYTES, groups.GROUP_BYTES = 0, 256 << 10, 1 << 20
+    groups.MERGE_BYTES = 0
 
 
 def state(step: int) -> dict:

@@ -29,16 +29,20 @@ from . import checksum
 from .manifest import ArrayEntry, FileEntry
 from .reader import CheckpointReader
 
-__all__ = ["SPLIT_BYTES", "GROUP_BYTES", "ALONE_BYTES", "HEAD_BYTES", "group_jobs",
-           "file_names", "Previous", "read_previous", "shareable", "head_digest"]
+__all__ = ["SPLIT_BYTES", "GROUP_BYTES", "ALONE_BYTES", "MERGE_BYTES", "HEAD_BYTES",
+           "group_jobs", "file_names", "Previous", "read_previous", "Plan", "plan_files",
+           "head_digest", "confirm_file"]
 
 # A state smaller than SPLIT_BYTES stays one file (sharing would save little, and one file
-# is one fsync).  Above it, an array of ALONE_BYTES or more gets a file of its own (big
-# weights: frozen ones are then shared whatever their neighbours do), and smaller arrays are
-# packed per top-level subtree, in tree order, into files of about GROUP_BYTES.
+# is one fsync).  Above it, arrays are packed per top-level subtree, in tree order, into files
+# of about GROUP_BYTES; an array of ALONE_BYTES or more gets a file of its own; packs smaller
+# than MERGE_BYTES (counters, RNG states, biases) are merged into one file.  Files are few
+# and large because each file costs a create, an fsync and an unlink (~6 ms on a small VM):
+# many small files would make a save where everything changes slower than one file.
 SPLIT_BYTES = 64 << 20
-GROUP_BYTES = 64 << 20
-ALONE_BYTES = 1 << 20
+GROUP_BYTES = 128 << 20
+ALONE_BYTES = 128 << 20
+MERGE_BYTES = 4 << 20
 # Arrays larger than this record the checksum of their first HEAD_BYTES bytes (``head_xxh3``):
 # a changed array is then told apart from its previous version by hashing 4 KiB, not all of
 # it, so a save where everything changes costs what it cost before sharing existed.
@@ -49,19 +53,25 @@ def _nbytes(job: Any) -> int:
     return math.prod(job.shape) * job.dtype.itemsize
 
 
-def group_jobs(jobs: Sequence[Any], *, split_bytes: int | None = None,
-               group_bytes: int | None = None,
-               alone_bytes: int | None = None) -> list[list[int]]:
-    """Job indices per array file, deterministic from the jobs' paths and sizes."""
+def group_jobs(jobs: Sequence[Any], idx: Sequence[int] | None = None, *,
+               split_bytes: int | None = None, group_bytes: int | None = None,
+               alone_bytes: int | None = None,
+               merge_bytes: int | None = None) -> list[list[int]]:
+    """Job indices per array file, deterministic from the jobs' paths and sizes (``idx``:
+    only these jobs, in this order)."""
     split = SPLIT_BYTES if split_bytes is None else split_bytes
     cap = GROUP_BYTES if group_bytes is None else group_bytes
     alone = ALONE_BYTES if alone_bytes is None else alone_bytes
-    sizes = [_nbytes(j) for j in jobs]
-    if sum(sizes) < split or len(jobs) <= 1:
-        return [list(range(len(jobs)))]
+    merge = MERGE_BYTES if merge_bytes is None else merge_bytes
+    idx = list(range(len(jobs))) if idx is None else list(idx)
+    sizes = {i: _nbytes(jobs[i]) for i in idx}
+    if sum(sizes.values()) < split or len(idx) <= 1:
+        return [idx] if idx or not jobs else []
     groups: list[list[int]] = []
+    packs: list[list[int]] = []
     open_packs: dict[tuple, tuple[list[int], int]] = {}
-    for i, j in enumerate(jobs):
+    for i in idx:
+        j = jobs[i]
         if sizes[i] >= alone:
             groups.append([i])
             continue
@@ -71,12 +81,17 @@ def group_jobs(jobs: Sequence[Any], *, split_bytes: int | None = None,
         if pack is None:
             pack = []
             groups.append(pack)
+            packs.append(pack)
         pack.append(i)
         size += sizes[i]
         if size >= cap:
             open_packs.pop(key, None)
         else:
             open_packs[key] = (pack, size)
+    small = [id(g) for g in packs if sum(sizes[i] for i in g) < merge]
+    if len(small) > 1:  # one file for all the little packs, in tree order
+        merged = sorted(i for g in groups if id(g) in small for i in g)
+        groups = [g for g in groups if id(g) not in small] + [merged]
     return groups
 
 
@@ -118,37 +133,61 @@ def read_previous(storage: Storage, path: str) -> Previous | None:
     return Previous(path, by_path, {f.name: f for f in m.files}, counts)
 
 
-def shareable(jobs: Sequence[Any], group: list[int], prev: Previous,
-              dtype_name: Any, hash_job: Any) -> tuple[FileEntry, list[ArrayEntry]] | None:
-    """The previous file and entries ``group`` can share, or None (then it is written).
+@dataclass
+class Plan:
+    """The array files of one save: ``shared`` previous files (their entry, and per array the
+    job index and previous entry) and ``new`` groups of job indices to write."""
 
-    Cheap checks first (paths, file, dtypes, shapes), then each array's ``head_xxh3`` where
-    recorded, then full checksums, stopping at the first difference.  ``hash_job(job)``
-    returns the full xxh3 of a job's bytes; the values computed are kept on the jobs
-    (``prehash``), so a group found different is not hashed twice.
+    shared: list[tuple[FileEntry, list[tuple[int, ArrayEntry]]]]
+    new: list[list[int]]
+
+
+def plan_files(jobs: Sequence[Any], prev: Previous | None, dtype_name: Any,
+               hash_job: Any, map_: Any = map) -> Plan:
+    """Decide which previous files are shared and how the other arrays are grouped.
+
+    Each array is *unchanged* when the previous checkpoint has an array at the same tree
+    path with the same dtype, shape and checksum (a differing ``head_xxh3`` settles
+    "changed" after hashing 4 KiB).  A previous file is shared when it holds only unchanged
+    arrays of this save, all of them.  The remaining arrays are grouped (:func:`group_jobs`)
+    unchanged and changed apart: an unchanged array that shared a file with a changed one is
+    written once more, into a file of unchanged arrays that the next save can share.
+    ``hash_job(job)`` is the full xxh3 of a job's bytes (kept on the job: never computed
+    twice); ``map_`` runs the checks (a thread pool's map).
     """
-    if not group:
-        return None
-    prevs = [prev.by_path.get(jobs[i].path) for i in group]
-    if any(e is None for e in prevs):
-        return None
-    fname = prevs[0].file
-    if any(e.file != fname for e in prevs) or prev.counts.get(fname) != len(group):
-        return None
-    for i, e in zip(group, prevs):
-        j = jobs[i]
-        if e.dtype != dtype_name(j.dtype) or tuple(e.shape) != tuple(j.shape) \
-                or e.nbytes != _nbytes(j):
-            return None
-    for i, e in zip(group, prevs):
-        j = jobs[i]
-        if e.head_xxh3 is not None and not isinstance(j.array, LazyArray):
-            if head_digest(_head(j)) != e.head_xxh3:
-                return None
-        if hash_job(j) != e.xxh3:
-            return None
-    fe = prev.files.get(fname)
-    return None if fe is None else (fe, prevs)
+    if prev is None:
+        return Plan([], group_jobs(jobs))
+    cands: list[tuple[int, ArrayEntry]] = []
+    for i, j in enumerate(jobs):
+        e = prev.by_path.get(j.path)
+        if (e is not None and e.dtype == dtype_name(j.dtype)
+                and tuple(e.shape) == tuple(j.shape) and e.nbytes == _nbytes(j)):
+            cands.append((i, e))
+
+    def same(c: tuple[int, ArrayEntry]) -> bool:
+        j, e = jobs[c[0]], c[1]
+        if e.head_xxh3 is not None and not isinstance(j.array, LazyArray) \
+                and head_digest(_head(j)) != e.head_xxh3:
+            return False
+        return hash_job(j) == e.xxh3
+
+    unchanged = {i: e for (i, e), ok in zip(cands, map_(same, cands)) if ok}
+    per_file: dict[str, list[tuple[int, ArrayEntry]]] = {}
+    for i, e in unchanged.items():
+        per_file.setdefault(e.file, []).append((i, e))
+    shared = []
+    for name, members in per_file.items():
+        fe = prev.files.get(name)
+        if fe is not None and len(members) == prev.counts.get(name):
+            shared.append((fe, sorted(members, key=lambda m: m[1].offset)))
+    taken = {i for _, members in shared for i, _ in members}
+    rest = [i for i in range(len(jobs)) if i not in taken]
+    if not shared and sum(_nbytes(jobs[i]) for i in rest) < SPLIT_BYTES:
+        return Plan([], [rest])
+    keep = [i for i in rest if i in unchanged]
+    moved = [i for i in rest if i not in unchanged]
+    return Plan(shared, group_jobs(jobs, keep, split_bytes=0)
+                + group_jobs(jobs, moved, split_bytes=0))
 
 
 def _head(job: Any) -> Any:

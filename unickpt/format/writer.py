@@ -30,9 +30,8 @@ from ..tree import LazyArray, Path, ShardedArray, format_path
 from . import checksum
 from .dtypes import UnsupportedDtype, dtype_name, safetensors_code
 from .gcpause import gc_paused
-from .groups import HEAD_BYTES, Previous, confirm_file, file_names, group_jobs, head_digest
+from .groups import HEAD_BYTES, Plan, Previous, confirm_file, file_names, head_digest, plan_files
 from .groups import read_previous as _read_previous
-from .groups import shareable as _shareable
 from .manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -383,20 +382,31 @@ def write_tree(directory: str, tree: Any, *, metadata: dict | None = None,
     t0 = time.perf_counter()
     storage = storage or LocalStorage()
     node, jobs, sharded = prepared if prepared is not None else flatten(tree)
-    with gc_paused():  # only around the CPU-bound encoding, never the (long) I/O
-        groups = group_jobs(jobs) if incremental else [list(range(len(jobs)))]
-    names = file_names(len(groups), DATA_FILE)
     nworkers = workers or default_workers()
     prev = (_read_previous(storage, previous)
             if incremental and previous is not None and can_share(storage) else None)
-    shared = _share_groups(storage, directory, jobs, groups, names, prev, nworkers)
+    if not incremental:
+        plan = Plan([], [list(range(len(jobs)))])
+    elif prev is None:
+        with gc_paused():  # only around the CPU-bound encoding, never the (long) I/O
+            plan = plan_files(jobs, None, None, None)
+    else:
+        with ThreadPoolExecutor(nworkers, thread_name_prefix="unickpt-hash") as ex:
+            plan = plan_files(jobs, prev, lambda dt: _dtype_info(dt)[0], _hash_job, ex.map)
+    # a file that cannot be shared after all is written instead: the count stays the same
+    names = file_names(len(plan.shared) + len(plan.new), DATA_FILE)
     files: list[FileEntry] = []
+    groups = list(plan.new)
+    for fe, members in plan.shared:
+        name = names[len(files)]
+        if _share_file(storage, directory, prev, fe, members, jobs, name):
+            files.append(FileEntry(name, fe.size, fe.data_start, fe.header_xxh3))
+        else:  # the checksums computed while planning are reused
+            groups.append(sorted(i for i, _ in members))
+    nshared = len(files)
     pending: list[tuple[str, bytes, int, list[_Job]]] = []
     with gc_paused():
-        for k, (g, name) in enumerate(zip(groups, names)):
-            if k in shared:
-                files.append(shared[k])
-                continue
+        for g, name in zip(groups, names[nshared:]):
             fjobs = [jobs[i] for i in g]
             header, size = layout(fjobs, name)
             files.append(FileEntry(name, size, len(header), checksum.digest(header)))
@@ -407,7 +417,7 @@ def write_tree(directory: str, tree: Any, *, metadata: dict | None = None,
 
     def stats() -> WriteStats:
         return WriteStats(nbytes=nbytes, narrays=len(jobs), seconds=time.perf_counter() - t0,
-                          written=written, files=len(files), shared_files=len(shared))
+                          written=written, files=len(files), shared_files=nshared)
 
     if callable(info):
         info = info(stats())
@@ -432,39 +442,19 @@ def _hash_job(j: _Job) -> int:
     return j.prehash
 
 
-def _share_groups(storage: Storage, directory: str, jobs: list[_Job], groups: list[list[int]],
-                  names: list[str], prev: Previous | None,
-                  nworkers: int) -> dict[int, FileEntry]:
-    """Share every group whose arrays are unchanged since ``prev``; their file entries."""
-    if prev is None:
-        return {}
-
-    def check(k: int) -> Any:
-        return _shareable(jobs, groups[k], prev, lambda dt: _dtype_info(dt)[0], _hash_job)
-
-    ks = range(len(groups))
-    if nworkers > 1 and len(groups) > 1:
-        with ThreadPoolExecutor(min(nworkers, len(groups)),
-                                thread_name_prefix="unickpt-hash") as ex:
-            found = list(ex.map(check, ks))
-    else:
-        found = [check(k) for k in ks]
-    out: dict[int, FileEntry] = {}
-    for k, hit in enumerate(found):
-        if hit is None:
-            continue
-        fe, prevs = hit
-        name = names[k]
-        if not confirm_file(storage, prev, fe) or not storage.share(  # type: ignore[attr-defined]
-                posixpath.join(prev.path, fe.name), posixpath.join(directory, name)):
-            continue  # written normally (the checksums computed above are reused)
-        for i, e in zip(groups[k], prevs):
-            j = jobs[i]
-            byteorder = ">" if j.dtype.byteorder == ">" else "<"
-            j.entry = ArrayEntry(name, e.name, e.dtype, tuple(e.shape), e.offset, e.nbytes,
-                                 e.xxh3, byteorder, j.scalar, e.head_xxh3)
-        out[k] = FileEntry(name, fe.size, fe.data_start, fe.header_xxh3)
-    return out
+def _share_file(storage: Storage, directory: str, prev: Previous, fe: FileEntry,
+                members: list[tuple[int, ArrayEntry]], jobs: list[_Job], name: str) -> bool:
+    """Share ``prev``'s file ``fe`` as ``name`` and point its arrays' entries at it; False
+    (nothing created) when the file is not what its manifest says or the storage declines."""
+    if not confirm_file(storage, prev, fe) or not storage.share(  # type: ignore[attr-defined]
+            posixpath.join(prev.path, fe.name), posixpath.join(directory, name)):
+        return False
+    for i, e in members:
+        j = jobs[i]
+        byteorder = ">" if j.dtype.byteorder == ">" else "<"
+        j.entry = ArrayEntry(name, e.name, e.dtype, tuple(e.shape), e.offset, e.nbytes,
+                             e.xxh3, byteorder, j.scalar, e.head_xxh3)
+    return True
 
 
 # Files written at once (each an open descriptor until synced): bounded, so a state with
