@@ -150,23 +150,32 @@ def test_nothing_in_the_previous_checkpoint_is_opened_for_writing(tmp_path):
 
 
 def test_a_change_anywhere_in_an_array_is_seen(tmp_path):
-    # the head checksum matches (first 4 KiB unchanged): the full checksum decides
-    big = np.arange(4096, dtype=np.float64)
+    # arrays over 64 KiB record head_xxh3; a change past the first 4 KiB leaves it equal, and
+    # the full checksum decides; a change in the head is seen from 4 KiB of hashing
+    big = np.arange(16384, dtype=np.float64)
     with unickpt.CheckpointManager(tmp_path) as m:
         m.save(1, {"x": big, "y": big + 1})
         tail = big.copy()
         tail[-1] = -1.0
         m.save(2, {"x": tail, "y": big + 1})
         # dtype, shape, a renamed, added or removed array: never shared
-        m.save(3, {"x": tail.view(np.int64), "y": (big + 1).reshape(64, 64)})
-        m.save(4, {"z": tail.view(np.int64), "y": (big + 1).reshape(64, 64), "w": big})
+        m.save(3, {"x": tail.view(np.int64), "y": (big + 1).reshape(128, 128)})
+        m.save(4, {"z": tail.view(np.int64), "y": (big + 1).reshape(128, 128), "w": big})
+        head = (big + 1).reshape(128, 128).copy()
+        head[0, 0] = 7.0
+        m.save(5, {"z": tail.view(np.int64), "y": head, "w": big})
     got = unickpt.load(tmp_path / "step_2")
     assert got["x"].tobytes() == tail.tobytes()
-    info = [RunRoot(tmp_path).read_info(s) for s in (2, 3, 4)]
+    with CheckpointReader(tmp_path / "step_1") as r:
+        assert {e.head_xxh3 for e in r.manifest.arrays} == {
+            groups.head_digest(big.view(np.uint8)), groups.head_digest((big + 1).view(np.uint8))}
+    info = [RunRoot(tmp_path).read_info(s) for s in (2, 3, 4, 5)]
+    n = big.nbytes
     assert [(i["shared_files"], i["written_bytes"]) for i in info] == [
-        (1, 32768), (0, 65536), (1, 65536)]
+        (1, n), (0, 2 * n), (1, 2 * n), (2, n)]
     assert unickpt.load(tmp_path / "step_3")["x"].dtype == np.int64
-    for s in (1, 2, 3, 4):
+    assert unickpt.load(tmp_path / "step_5")["y"][0, 0] == 7.0
+    for s in (1, 2, 3, 4, 5):
         assert unickpt.verify(tmp_path / f"step_{s}").ok
 
 

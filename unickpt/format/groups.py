@@ -30,6 +30,7 @@ from .manifest import ArrayEntry, FileEntry
 from .reader import CheckpointReader
 
 __all__ = ["SPLIT_BYTES", "GROUP_BYTES", "ALONE_BYTES", "MERGE_BYTES", "HEAD_BYTES",
+           "HEAD_MIN_BYTES",
            "group_jobs", "file_names", "Previous", "read_previous", "Plan", "plan_files",
            "head_digest", "confirm_file"]
 
@@ -47,6 +48,7 @@ MERGE_BYTES = 4 << 20
 # a changed array is then told apart from its previous version by hashing 4 KiB, not all of
 # it, so a save where everything changes costs what it cost before sharing existed.
 HEAD_BYTES = 4096
+HEAD_MIN_BYTES = 64 << 10  # arrays over this size get a head_xxh3 (smaller ones hash fast)
 
 
 def _nbytes(job: Any) -> int:

@@ -30,7 +30,7 @@ from ..tree import LazyArray, Path, ShardedArray, format_path
 from . import checksum
 from .dtypes import UnsupportedDtype, dtype_name, safetensors_code
 from .gcpause import gc_paused
-from .groups import HEAD_BYTES, Plan, Previous, confirm_file, file_names, head_digest, plan_files
+from .groups import HEAD_BYTES, HEAD_MIN_BYTES, Plan, Previous, confirm_file, file_names, plan_files
 from .groups import read_previous as _read_previous
 from .manifest import (
     FORMAT_VERSION,
@@ -288,10 +288,14 @@ def _chunks(a: np.ndarray | LazyArray, path: Path) -> Iterable[memoryview]:
 
 def _write_job(fh: WriteHandle, j: _Job) -> None:
     h = checksum.hasher() if j.prehash is None else None
+    # head_xxh3 for arrays over HEAD_MIN_BYTES, whatever path writes them (chunks may be short)
+    head = checksum.hasher() if j.entry.nbytes > HEAD_MIN_BYTES else None
+    head_left = HEAD_BYTES
     pos = j.entry.offset
     for mv in _chunks(j.array, j.path):
-        if pos == j.entry.offset and j.entry.nbytes > HEAD_BYTES:
-            j.entry.head_xxh3 = head_digest(mv)
+        if head is not None and head_left > 0:
+            head.update(mv[:head_left])
+            head_left -= min(len(mv), head_left)
         if h is not None:
             h.update(mv)
         fh.pwrite(mv, pos)
@@ -302,6 +306,8 @@ def _write_job(fh: WriteHandle, j: _Job) -> None:
         raise RuntimeError(f"{format_path(j.path)}: wrote {pos - j.entry.offset} bytes, "
                            f"expected {j.entry.nbytes}")
     j.entry.xxh3 = h.intdigest() if h is not None else j.prehash
+    if head is not None:
+        j.entry.head_xxh3 = head.intdigest()
 
 
 def _small_bytes(j: _Job) -> bytes:
