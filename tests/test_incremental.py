@@ -345,3 +345,62 @@ def test_property_random_saves_changes_and_deletions(scenario):
             p = f"{root}/step_{s}"
             assert same_tree(unickpt.load(p), saved[s]), s
             assert unickpt.verify(p).ok
+
+
+# ----------------------------------------------------------------- golden multi-file checkpoint
+
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "v2", "incremental")
+
+
+def golden_state(step: int) -> dict:
+    """What tests/golden/v2/incremental holds: step 2 of a manager run with sharing, whose
+    frozen array file (arrays-00000) was shared with step 1 (written once, never again)."""
+    return {"frozen": {"w": np.arange(16400, dtype=np.float32)},
+            "train": {"a": np.array([1, 2, 3], np.float32) * step, "n": np.int64(step)},
+            "step": step}
+
+
+def _spec_reader_multi(path: str) -> dict:
+    """Arrays by tensor name, read from docs/FORMAT.md alone: every file of ``files``, sizes
+    and header checksums checked, ``xxh3`` and (4.1) ``head_xxh3`` of every array."""
+    import json
+
+    import msgpack
+    import xxhash
+
+    with open(os.path.join(path, "manifest.msgpack"), "rb") as f:
+        outer = msgpack.unpackb(f.read(), raw=False)
+    body = msgpack.unpackb(outer["body"], raw=False, strict_map_key=False)
+    data = {}
+    for fe in body["files"]:
+        with open(os.path.join(path, fe["name"]), "rb") as f:
+            raw = f.read()
+        assert len(raw) == fe["size"]
+        assert xxhash.xxh3_64_intdigest(raw[:fe["data_start"]]) == fe["header_xxh3"]
+        assert json.loads(raw[8:fe["data_start"]])["__metadata__"]["unickpt_format"] == "2"
+        data[fe["name"]] = raw
+    out = {}
+    for e in body["arrays"]:
+        chunk = data[e["file"]][e["offset"]:e["offset"] + e["nbytes"]]
+        assert xxhash.xxh3_64_intdigest(chunk) == e["xxh3"]
+        if "head_xxh3" in e:
+            assert xxhash.xxh3_64_intdigest(chunk[:4096]) == e["head_xxh3"]
+        out[e["name"]] = np.frombuffer(chunk, np.dtype(e["dtype"])).reshape(e["shape"])
+    return out
+
+
+def test_golden_multi_file_checkpoint_reads_everywhere():
+    assert sorted(os.listdir(GOLDEN)) == ["arrays-00000.safetensors",
+                                          "arrays-00001.safetensors", "manifest.msgpack"]
+    assert same_tree(unickpt.load(GOLDEN), golden_state(2))
+    assert same_tree(unickpt.load(GOLDEN, mmap=True), golden_state(2))
+    assert unickpt.verify(GOLDEN).ok
+    ins = unickpt.inspect(GOLDEN)
+    assert ins.format_version == 2 and ins.info["shared_files"] == 1
+    spec = _spec_reader_multi(GOLDEN)
+    exp = golden_state(2)
+    assert spec["frozen/w"].tobytes() == exp["frozen"]["w"].tobytes()
+    assert spec["train/a"].tobytes() == exp["train"]["a"].tobytes()
+    safetensors = pytest.importorskip("safetensors")
+    with safetensors.safe_open(os.path.join(GOLDEN, "arrays-00000.safetensors"), "np") as f:
+        assert f.get_tensor("frozen/w").tobytes() == exp["frozen"]["w"].tobytes()
