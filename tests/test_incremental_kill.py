@@ -54,7 +54,7 @@ def _bit_exact(path: str, step: int) -> None:
 
 
 def test_sigkill_mid_incremental_save_leaves_older_checkpoints_intact(tmp_path, monkeypatch):
-    _small_groups()
+    # the children scale the groups down (_small_groups); this process only reads
     root = str(tmp_path / "run")
     os.makedirs(root)
     monkeypatch.syspath_prepend(os.path.dirname(os.path.abspath(__file__)))
