@@ -57,7 +57,9 @@ def test_ls_table(tmp_path, capsys):
     rows = _rows(out)
     assert list(rows) == ["4", "5", "8", "9"]
     size = sum(f.stat().st_size for f in (tmp_path / "step_9").iterdir())
-    assert rows["9"][2:] == [f"{size / 1024:.1f} KiB", "loss=4.5", "newest, last", "ok"]
+    # the state never changes: step 9 shares its array file with step 8 and writes none of it
+    assert rows["9"][2:] == [f"{size / 1024:.1f} KiB (0 B written)", "loss=4.5", "newest, last",
+                             "ok"]
     assert "latest pointer: step_9" in out
     assert f"writer lock held by: pid={os.getpid()}" in out
     assert ".unickpt-tmp.step_10.otherhost.12.abcd1234" in out and "maybe running" in out
@@ -100,8 +102,8 @@ def test_ls_is_a_cli_command(tmp_path):
 
 def test_ls_table_shows_damaged_checkpoints(tmp_path, capsys):
     with unickpt.CheckpointManager(tmp_path, keep_last=5) as m:
-        for s in (1, 2, 3):
-            m.save(s, {"w": np.zeros(1000)}, metrics={"loss": float(s)})
+        for s in (1, 2, 3):  # a different state each step: no file is shared between steps
+            m.save(s, {"w": np.full(1000, float(s))}, metrics={"loss": float(s)})
     (tmp_path / "step_3" / "manifest.msgpack").write_bytes(b"\x85trunc")
     size = (tmp_path / "step_2" / "arrays.safetensors").stat().st_size
     os.truncate(tmp_path / "step_2" / "arrays.safetensors", 100)

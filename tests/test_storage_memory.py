@@ -80,6 +80,12 @@ class MemoryStorage:
             raise FileExistsError(path)
         return MemFile(self.files.setdefault(path, bytearray(size)))
 
+    def share(self, src, dst):  # optional (incremental saves): the same bytes, like a hard link
+        if self.exists(dst):
+            raise FileExistsError(dst)
+        self.files[dst] = self.files[src]  # committed files are never written again
+        return True
+
     def open(self, path):
         if path in self.dirs:
             raise IsADirectoryError(path)

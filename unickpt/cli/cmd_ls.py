@@ -1,6 +1,7 @@
 """``unickpt ls ROOT``: what a run root holds, and why each checkpoint is kept.
 
-Lists the committed checkpoints (step, time, size, metrics, which retention rule keeps each
+Lists the committed checkpoints (step, time, size (and, for an incremental save, how much
+of it that save wrote: the rest is shared with older checkpoints), metrics, which retention rule keeps each
 one, and whether it is damaged), what the ``latest`` pointer says, leftovers of interrupted
 saves, stray ``step_<N>`` directories, archived runs and the writer lock's holder.  It only
 reads; the data comes from :func:`unickpt.cli.root_listing.collect`.
@@ -38,7 +39,10 @@ def _row(c: dict[str, Any]) -> list[str]:
         "%Y-%m-%d %H:%M:%S")
     kept = "-" if c["kept_by"] is None else (", ".join(c["kept_by"]) or "(to delete)")
     state = "ok" if c["damage"] is None else f"DAMAGED: {c['damage']}"
-    return [str(c["step"]), when, human_size(c["size"]), _metrics(c["metrics"]), kept, state]
+    size = human_size(c["size"])
+    if c.get("shared_files") and c.get("written") is not None:  # an incremental save
+        size += f" ({human_size(c['written'])} written)"
+    return [str(c["step"]), when, size, _metrics(c["metrics"]), kept, state]
 
 
 def render(data: dict[str, Any]) -> str:

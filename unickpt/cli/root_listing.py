@@ -91,9 +91,15 @@ def describe_checkpoint(storage: Storage, root: str, step: int) -> dict[str, Any
             if damage:
                 break
     t = info.get("time")
+    written, shared = info.get("written_bytes"), info.get("shared_files")
     return {"step": step, "path": path,
             "time": float(t) if isinstance(t, (int, float)) else mtime,
-            "size": sum(sizes.values()), "metrics": info.get("metrics") or {}, "info": info,
+            "size": sum(sizes.values()),
+            # array bytes this save wrote; the rest of `size` is shared with older checkpoints
+            # (hard links: deleting either never affects the other)
+            "written": written if isinstance(written, int) else None,
+            "shared_files": shared if isinstance(shared, int) else 0,
+            "metrics": info.get("metrics") or {}, "info": info,
             "readable": not (damage or "").startswith("manifest"), "damage": damage}
 
 

@@ -32,18 +32,21 @@ def commit_checkpoint(storage: Storage, final: str, prepared: Prepared, *,
                       info: dict | Callable[[WriteStats], dict] | None = None,
                       replace: bool = False,
                       publish_guard: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
-                      ) -> WriteStats:
+                      incremental: bool = False, previous: str | None = None) -> WriteStats:
     """Write ``prepared`` as the checkpoint ``final`` of ``storage`` and publish it.
 
     ``info`` may be a callable receiving the :class:`WriteStats` of the array data.  The
     publish runs inside ``publish_guard()`` (the manager passes its mutex).  With ``replace``
     an existing checkpoint is swapped out atomically; otherwise one there raises
-    :class:`~unickpt.CheckpointExistsError`.
+    :class:`~unickpt.CheckpointExistsError`.  ``incremental`` splits the arrays into several
+    files by a stable grouping, and ``previous`` (a committed checkpoint of the same storage)
+    then lets the files that did not change be shared with it instead of written.
     """
     flat, kinds = prepared
     with staged(storage, final) as tmp:
         stats = write_tree(tmp, None, metadata=metadata, info=info, kinds=kinds,
-                           prepared=flat, storage=storage)
+                           prepared=flat, storage=storage, incremental=incremental,
+                           previous=previous)
         with publish_guard():
             storage.commit(tmp, final, replace=replace)
     return stats

@@ -47,6 +47,9 @@ class ArrayEntry:
     xxh3: int
     byteorder: str = "<"  # "<" or ">": the byte order of the array as the user gave it
     scalar: bool = False  # a numpy scalar (np.generic) rather than a 0-d array
+    # optional: xxh3-64 of the first 4096 bytes (arrays over 64 KiB); lets an incremental save
+    # see that an array changed without hashing all of it (never proof that it did not)
+    head_xxh3: int | None = None
 
     def to_msg(self) -> dict:
         d = {"file": self.file, "name": self.name, "dtype": self.dtype, "shape": list(self.shape),
@@ -55,6 +58,8 @@ class ArrayEntry:
             d["byteorder"] = self.byteorder
         if self.scalar:
             d["scalar"] = True
+        if self.head_xxh3 is not None:
+            d["head_xxh3"] = self.head_xxh3
         return d
 
 
@@ -330,8 +335,12 @@ def _validate_arrays(m: dict, fail: Callable[[str], NoReturn],
         scalar = a.get("scalar", False)
         if scalar is not False and (scalar is not True or shape != ()):
             fail(f"array {i}: 'scalar' must be a bool, true only for shape []")
+        head = a.get("head_xxh3")
+        if head is not None and (type(head) is not int or not 0 <= head <= _UINT64_MAX):
+            fail(f"array {i}: head_xxh3 is not a uint64")
         spans.setdefault(fname, []).append((offset, offset + nbytes, i))
-        arrays.append(ArrayEntry(fname, tname, dname, shape, offset, nbytes, xxh, bo, scalar))
+        arrays.append(ArrayEntry(fname, tname, dname, shape, offset, nbytes, xxh, bo, scalar,
+                                 head))
     for fname, sp in spans.items():
         sp.sort()
         for (_s0, e0, i0), (s1, _e1, i1) in zip(sp, sp[1:]):

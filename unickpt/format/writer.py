@@ -25,11 +25,13 @@ import numpy as np
 
 from .. import __version__
 from ..errors import UnsupportedLeafError
-from ..storage import LocalStorage, Storage, WriteHandle
+from ..storage import LocalStorage, Storage, WriteHandle, can_share
 from ..tree import LazyArray, Path, ShardedArray, format_path
 from . import checksum
 from .dtypes import UnsupportedDtype, dtype_name, safetensors_code
 from .gcpause import gc_paused
+from .groups import HEAD_BYTES, HEAD_MIN_BYTES, Plan, Previous, confirm_file, file_names, plan_files
+from .groups import read_previous as _read_previous
 from .manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -62,15 +64,28 @@ class _Job:
     shape: tuple[int, ...]
     scalar: bool
     entry: ArrayEntry | None = None
+    prehash: int | None = None  # full xxh3, when a sharing check already computed it
 
 
 @dataclass
 class WriteStats:
-    """What a write produced: bytes of array data, number of arrays and seconds spent."""
+    """What a write produced: bytes of array data, number of arrays and seconds spent.
+
+    ``written`` is the array bytes actually written (the rest, ``nbytes - written``, is in
+    files shared with the previous checkpoint); ``files`` and ``shared_files`` count array
+    files.  ``written`` defaults to ``nbytes`` (nothing shared).
+    """
 
     nbytes: int
     narrays: int
     seconds: float
+    written: int | None = None
+    files: int = 1
+    shared_files: int = 0
+
+    def __post_init__(self) -> None:
+        if self.written is None:
+            self.written = self.nbytes
 
 
 def flatten(tree: Any) -> tuple[Any, list[_Job], list]:
@@ -272,10 +287,17 @@ def _chunks(a: np.ndarray | LazyArray, path: Path) -> Iterable[memoryview]:
 
 
 def _write_job(fh: WriteHandle, j: _Job) -> None:
-    h = checksum.hasher()
+    h = checksum.hasher() if j.prehash is None else None
+    # head_xxh3 for arrays over HEAD_MIN_BYTES, whatever path writes them (chunks may be short)
+    head = checksum.hasher() if j.entry.nbytes > HEAD_MIN_BYTES else None
+    head_left = HEAD_BYTES
     pos = j.entry.offset
     for mv in _chunks(j.array, j.path):
-        h.update(mv)
+        if head is not None and head_left > 0:
+            head.update(mv[:head_left])
+            head_left -= min(len(mv), head_left)
+        if h is not None:
+            h.update(mv)
         fh.pwrite(mv, pos)
         if len(mv) >= SMALL_BYTES:
             fh.hint_written(pos, len(mv))
@@ -283,7 +305,9 @@ def _write_job(fh: WriteHandle, j: _Job) -> None:
     if pos != j.entry.offset + j.entry.nbytes:
         raise RuntimeError(f"{format_path(j.path)}: wrote {pos - j.entry.offset} bytes, "
                            f"expected {j.entry.nbytes}")
-    j.entry.xxh3 = h.intdigest()
+    j.entry.xxh3 = h.intdigest() if h is not None else j.prehash
+    if head is not None:
+        j.entry.head_xxh3 = head.intdigest()
 
 
 def _small_bytes(j: _Job) -> bytes:
@@ -346,49 +370,137 @@ def default_workers() -> int:
 def write_tree(directory: str, tree: Any, *, metadata: dict | None = None,
                info: dict | Callable[[WriteStats], dict] | None = None,
                kinds: dict[Path, str] | None = None, workers: int | None = None,
-               prepared: tuple | None = None, storage: Storage | None = None) -> WriteStats:
+               prepared: tuple | None = None, storage: Storage | None = None,
+               incremental: bool = False, previous: str | None = None) -> WriteStats:
     """Write ``tree`` into the (existing, empty, uncommitted) ``directory`` of ``storage``.
 
     Files are synced (durable); committing is the caller's job.  ``info`` may be
     a callable that receives the :class:`WriteStats` of the array data (written and synced)
     and returns the info map, so that a save can record its own size and duration.
+
+    ``incremental`` splits the arrays into several files by a stable grouping
+    (:mod:`unickpt.format.groups`; one file otherwise), and ``previous`` (a committed
+    checkpoint of the same storage, normally the run's newest) then turns on sharing: array
+    files whose arrays are all byte-identical to ``previous`` are shared with it
+    (:func:`unickpt.storage.can_share`) instead of written.  Nothing in ``previous`` is
+    ever opened for writing.
     """
     t0 = time.perf_counter()
     storage = storage or LocalStorage()
     node, jobs, sharded = prepared if prepared is not None else flatten(tree)
-    with gc_paused():  # only around the CPU-bound encoding, never the (long) I/O
-        header, size = layout(jobs)
-        items = _work_items(jobs)
-    fh = storage.create(posixpath.join(directory, DATA_FILE), size)
-    try:
-        fh.pwrite(header, 0)
-        nworkers = min(workers or default_workers(), max(1, len(items)))
-        if nworkers == 1 or sum(n for n, _ in items) < (8 << 20):
-            for _, write in items:
-                write(fh)
-        else:
-            with ThreadPoolExecutor(nworkers, thread_name_prefix="unickpt-write") as ex:
-                for f in [ex.submit(write, fh) for _, write in items]:
-                    f.result()
-        fh.sync()
-    finally:
-        fh.close()
-    if callable(info):
-        info = info(WriteStats(nbytes=sum(j.entry.nbytes for j in jobs), narrays=len(jobs),
-                               seconds=time.perf_counter() - t0))
+    nworkers = workers or default_workers()
+    prev = (_read_previous(storage, previous)
+            if incremental and previous is not None and can_share(storage) else None)
+    if not incremental:
+        plan = Plan([], [list(range(len(jobs)))])
+    elif prev is None:
+        with gc_paused():  # only around the CPU-bound encoding, never the (long) I/O
+            plan = plan_files(jobs, None, None, None)
+    else:
+        with ThreadPoolExecutor(nworkers, thread_name_prefix="unickpt-hash") as ex:
+            plan = plan_files(jobs, prev, lambda dt: _dtype_info(dt)[0], _hash_job, ex.map)
+    # a file that cannot be shared after all is written instead: the count stays the same
+    names = file_names(len(plan.shared) + len(plan.new), DATA_FILE)
+    files: list[FileEntry] = []
+    groups = list(plan.new)
+    for fe, members in plan.shared:
+        name = names[len(files)]
+        if _share_file(storage, directory, prev, fe, members, jobs, name):
+            files.append(FileEntry(name, fe.size, fe.data_start, fe.header_xxh3))
+        else:  # the checksums computed while planning are reused
+            groups.append(sorted(i for i, _ in members))
+    nshared = len(files)
+    pending: list[tuple[str, bytes, int, list[_Job]]] = []
     with gc_paused():
-        raw = _manifest_bytes(node, jobs, sharded, size, header, kinds, metadata, info)
+        for g, name in zip(groups, names[nshared:]):
+            fjobs = [jobs[i] for i in g]
+            header, size = layout(fjobs, name)
+            files.append(FileEntry(name, size, len(header), checksum.digest(header)))
+            pending.append((name, header, size, fjobs))
+    _write_files(storage, directory, pending, nworkers)
+    nbytes = sum(j.entry.nbytes for j in jobs)
+    written = sum(j.entry.nbytes for p in pending for j in p[3])
+
+    def stats() -> WriteStats:
+        return WriteStats(nbytes=nbytes, narrays=len(jobs), seconds=time.perf_counter() - t0,
+                          written=written, files=len(files), shared_files=nshared)
+
+    if callable(info):
+        info = info(stats())
+    with gc_paused():
+        raw = _manifest_bytes(node, jobs, sharded, files, kinds, metadata, info)
     mh = storage.create(posixpath.join(directory, MANIFEST_NAME), len(raw))
     try:
         mh.pwrite(raw, 0)
         mh.sync()
     finally:
         mh.close()
-    nbytes = sum(j.entry.nbytes for j in jobs)
-    return WriteStats(nbytes=nbytes, narrays=len(jobs), seconds=time.perf_counter() - t0)
+    return stats()
 
 
-def _manifest_bytes(node: Any, jobs: list[_Job], sharded: list, size: int, header: bytes,
+def _hash_job(j: _Job) -> int:
+    """Full xxh3 of a job's bytes, remembered on the job (a later write does not rehash)."""
+    if j.prehash is None:
+        h = checksum.hasher()
+        for mv in _chunks(j.array, j.path):
+            h.update(mv)
+        j.prehash = h.intdigest()
+    return j.prehash
+
+
+def _share_file(storage: Storage, directory: str, prev: Previous, fe: FileEntry,
+                members: list[tuple[int, ArrayEntry]], jobs: list[_Job], name: str) -> bool:
+    """Share ``prev``'s file ``fe`` as ``name`` and point its arrays' entries at it; False
+    (nothing created) when the file is not what its manifest says or the storage declines."""
+    if not confirm_file(storage, prev, fe) or not storage.share(  # type: ignore[attr-defined]
+            posixpath.join(prev.path, fe.name), posixpath.join(directory, name)):
+        return False
+    for i, e in members:
+        j = jobs[i]
+        byteorder = ">" if j.dtype.byteorder == ">" else "<"
+        j.entry = ArrayEntry(name, e.name, e.dtype, tuple(e.shape), e.offset, e.nbytes,
+                             e.xxh3, byteorder, j.scalar, e.head_xxh3)
+    return True
+
+
+# Files written at once (each an open descriptor until synced): bounded, so a state with
+# thousands of array files never runs into the process's descriptor limit.
+OPEN_FILES = 64
+
+
+def _write_files(storage: Storage, directory: str,
+                 pending: list[tuple[str, bytes, int, list[_Job]]], nworkers: int) -> None:
+    """Create, fill and sync the array files ``pending`` (name, header, size, jobs)."""
+    for w in range(0, len(pending), OPEN_FILES):
+        wave = pending[w:w + OPEN_FILES]
+        handles: list[WriteHandle] = []
+        try:
+            items: list[tuple[int, Callable[[], None]]] = []
+            for name, header, size, fjobs in wave:
+                fh = storage.create(posixpath.join(directory, name), size)
+                handles.append(fh)
+                fh.pwrite(header, 0)
+                with gc_paused():
+                    items += [(n, functools.partial(write, fh)) for n, write in _work_items(fjobs)]
+            items.sort(key=lambda it: -it[0])
+            n = min(nworkers, max(1, len(items)))
+            if n == 1 or sum(b for b, _ in items) < (8 << 20):
+                for _, run in items:
+                    run()
+                for fh in handles:
+                    fh.sync()
+            else:
+                with ThreadPoolExecutor(n, thread_name_prefix="unickpt-write") as ex:
+                    for f in [ex.submit(run) for _, run in items]:
+                        f.result()
+                    for f in [ex.submit(fh.sync) for fh in handles]:
+                        f.result()
+        finally:
+            for fh in handles:
+                fh.close()
+
+
+def _manifest_bytes(node: Any, jobs: list[_Job], sharded: list, files: list[FileEntry],
                     kinds: dict[Path, str] | None, metadata: dict | None,
                     info: dict | None) -> bytes:
     manifest = Manifest(
@@ -400,7 +512,7 @@ def _manifest_bytes(node: Any, jobs: list[_Job], sharded: list, size: int, heade
                               [(tuple(p.index), ji) for p, ji in zip(s.pieces, idx)],
                               ">" if np.dtype(s.dtype).byteorder == ">" else "<")
                  for s, idx in sharded],
-        files=[FileEntry(DATA_FILE, size, len(header), checksum.digest(header))],
+        files=files,
         kinds=dict(kinds or {}),
         metadata=plain_data(metadata or {}, "metadata"),
         info=plain_data(info or {}, "info"),

@@ -92,8 +92,8 @@ class CheckpointManager:
             ``keep_every``, ``keep_best``, ``best_metric``, ``best_mode``, ``async_save``,
             ``stale_temp_seconds``, ``verify``, ``preemption``, ``preemption_signals``,
             ``preemption_grace_seconds``, ``preemption_check_every_steps``,
-            ``preemption_check_every_seconds``).  They are validated here, before any I/O;
-            a bad value raises :class:`~unickpt.ConfigError` saying what is allowed.
+            ``preemption_check_every_seconds``, ``incremental``).  They are validated here,
+            before any I/O; a bad value raises :class:`~unickpt.ConfigError` saying what is allowed.
 
     The first call that needs the root (``resolve_start``, ``restore`` or ``save``) creates
     it, takes its writer lock (a second manager on the same root gets
@@ -381,7 +381,9 @@ class CheckpointManager:
 
         try:
             commit_checkpoint(self.storage, final, prepared, metadata=metadata, info=info,
-                              publish_guard=lambda: self._mutex)
+                              publish_guard=lambda: self._mutex,
+                              incremental=self.config.incremental,
+                              previous=self._previous(step))
         except OSError as e:  # disk full, quota, I/O error: say which save and what is left
             # The step was free when the save started and the lock keeps others out: a
             # committed ``final`` now is ours (the publish happened, a later step failed).
@@ -411,9 +413,21 @@ class CheckpointManager:
         if self._preemption is not None:  # --- preemption hook: the grace budget's figures
             self._preemption.record_save(total)
         nbytes = recorded.get("nbytes", 0)
-        log.info("unickpt: saved %s: %.1f MB in %.2fs (%.1f MB/s)%s", final, nbytes / 1e6,
-                 total, nbytes / 1e6 / total if total > 0 else math.inf,
+        written = recorded.get("written_bytes", nbytes)
+        shared = (f" ({written / 1e6:.1f} MB written, {(nbytes - written) / 1e6:.1f} MB "
+                  "shared with the previous checkpoint)" if written < nbytes else "")
+        log.info("unickpt: saved %s: %.1f MB%s in %.2fs (%.1f MB/s)%s", final, nbytes / 1e6,
+                 shared, total, nbytes / 1e6 / total if total > 0 else math.inf,
                  f", metrics {metrics}" if metrics else "")
+
+    def _previous(self, step: int) -> str | None:
+        """The checkpoint an incremental save of ``step`` shares unchanged files with: the
+        newest committed one of this root before it (None: write everything)."""
+        if not self.config.incremental:
+            return None
+        with self._mutex:
+            older = [s for s in self._steps if s < step]
+        return self.run_root.step_path(max(older)) if older else None
 
     def _metrics_of(self, step: int) -> dict:
         if step not in self._metrics:

@@ -3,8 +3,8 @@ the ``info`` map stored in every checkpoint's manifest.
 
 >>> from unickpt.format.writer import WriteStats
 >>> info = checkpoint_info(3, {"loss": 0.5}, 2.0, WriteStats(4_000_000, 2, 1.5))
->>> info["step"], info["nbytes"], info["bandwidth"]
-(3, 4000000, 2000000.0)
+>>> info["step"], info["nbytes"], info["written_bytes"], info["bandwidth"]
+(3, 4000000, 4000000, 2000000.0)
 """
 
 from __future__ import annotations
@@ -118,6 +118,9 @@ def checkpoint_info(step: int, metrics: dict, seconds: float, stats: WriteStats,
         "pid": os.getpid(),
         "save_seconds": seconds,
         "nbytes": stats.nbytes,
+        "written_bytes": stats.written,
+        "files": stats.files,
+        "shared_files": stats.shared_files,
         "narrays": stats.narrays,
         "bandwidth": stats.nbytes / seconds if seconds > 0 else 0.0,
         "async": async_save,

@@ -61,6 +61,9 @@ class ManagerConfig:
         preemption_check_every_steps / preemption_check_every_seconds: in a multi-process
             job, how often the ranks agree on the flag (one small collective); the first
             interval reached triggers a check.  Unused in a single process.
+        incremental: share array files that did not change since the previous committed
+            checkpoint of the root instead of writing them again (hard links locally; a
+            backend without ``Storage.share`` writes everything).  False writes every byte.
     """
 
     resume: str | int | os.PathLike = "auto"
@@ -81,6 +84,7 @@ class ManagerConfig:
     preemption_grace_seconds: float = 30.0
     preemption_check_every_steps: int | None = None
     preemption_check_every_seconds: float | None = 5.0
+    incremental: bool = True
 
     def __post_init__(self) -> None:
         r = self.resume
@@ -103,7 +107,7 @@ class ManagerConfig:
         if self.on_existing not in ON_EXISTING:
             raise ConfigError(f"on_existing={self.on_existing!r} is not allowed; use 'archive' "
                               "or 'error'")
-        for name in ("enabled", "async_save", "verify", "preemption"):
+        for name in ("enabled", "async_save", "verify", "preemption", "incremental"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not allowed; use True or "
                                   "False")

@@ -26,9 +26,11 @@ from .protocol import (
     TRASH_PREFIX,
     NotRegularFileError,
     ReadHandle,
+    Sharing,
     Storage,
     WriteHandle,
     WriterLock,
+    can_share,
     host_tag,
     is_transient_name,
     parse_previous_name,
@@ -39,7 +41,7 @@ from .protocol import (
     trash_name,
 )
 
-__all__ = ["Storage", "WriteHandle", "ReadHandle", "WriterLock", "NotRegularFileError",
+__all__ = ["Storage", "Sharing", "can_share", "WriteHandle", "ReadHandle", "WriterLock", "NotRegularFileError",
            "LocalStorage", "staged", "TEMP_PREFIX", "TRASH_PREFIX", "LOCK_NAME",
            "STALE_TEMP_SECONDS", "host_tag", "temp_name", "trash_name", "parse_temp_name",
            "is_transient_name", "ARCHIVE_PREFIX", "previous_name", "parse_previous_name"]

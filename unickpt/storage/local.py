@@ -321,6 +321,25 @@ class LocalStorage:
             raise
         return LocalWriteHandle(fd)
 
+    def share(self, src: str, dst: str) -> bool:
+        """Make the new file ``dst`` the same bytes as the committed file ``src``: a hard link.
+
+        False (nothing created) when the filesystem cannot link (another device, no hard
+        links, too many links): the caller then writes ``dst`` itself.  Safe because unickpt
+        never opens an existing file for writing: a committed file is never modified, only
+        unlinked, and a directory entry removed from one checkpoint leaves the others intact.
+        """
+        try:
+            os.link(src, dst, follow_symlinks=False)
+        except FileExistsError:
+            raise
+        except OSError as e:
+            if e.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP,
+                           errno.EOPNOTSUPP, errno.EACCES, errno.ENOSYS):
+                return False
+            raise
+        return True
+
     def open(self, path: str) -> LocalReadHandle:
         # O_NONBLOCK: a FIFO planted in a checkpoint must not hang the reader
         fd = os.open(path, os.O_RDONLY | _NONBLOCK)

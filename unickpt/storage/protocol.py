@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Storage", "WriteHandle", "ReadHandle", "WriterLock", "NotRegularFileError",
+__all__ = ["Storage", "Sharing", "can_share", "WriteHandle", "ReadHandle", "WriterLock", "NotRegularFileError",
            "staged", "TEMP_PREFIX", "TRASH_PREFIX", "LOCK_NAME",
            "STALE_TEMP_SECONDS", "host_tag", "temp_name", "trash_name", "parse_temp_name",
            "is_transient_name", "ARCHIVE_PREFIX", "previous_name", "parse_previous_name"]
@@ -145,6 +145,26 @@ class Storage(Protocol):
 
     def lock(self, root: str) -> WriterLock:
         """The writer lock of the run root ``root`` (not yet acquired)."""
+
+
+@runtime_checkable
+class Sharing(Protocol):
+    """The optional method of a :class:`Storage` that makes incremental saves cheap.
+
+    A backend without it still works: every save then writes all of its bytes.
+    """
+
+    def share(self, src: str, dst: str) -> bool:
+        """Make the new file ``dst`` (which must not exist; in a staged checkpoint) hold the
+        same bytes as the committed file ``src``, cheaply (local: a hard link; object stores:
+        a server-side copy), and return True; or create nothing and return False when the
+        backend cannot (the writer then writes ``dst`` itself).  ``dst`` must stay those
+        bytes whatever later happens to ``src`` (deleting it, or the checkpoint holding it)."""
+
+
+def can_share(storage: object) -> bool:
+    """Whether ``storage`` has the optional :meth:`Sharing.share` method."""
+    return callable(getattr(storage, "share", None))
 
 
 def host_tag() -> str:
