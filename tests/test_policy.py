@@ -236,7 +236,8 @@ def test_random_histories_through_the_manager(sessions, opts):
                 assert m.save(last, {"x": np.array([last])}, metrics=metrics)
                 committed[last] = metrics
                 kept = retain(sorted(committed), {s: committed[s] for s in committed},
-                              best_metric=best, protected=[resumed] if resumed else [],
+                              best_metric=best,  # resumed: protected until a newer commit
+                              protected=[resumed] if resumed and resumed >= last else [],
                               **opts)
                 committed = {s: committed[s] for s, r in kept.items() if r}
             m.close()

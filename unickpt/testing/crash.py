@@ -15,11 +15,15 @@ relaunches, as a user would, and checks the scenario's promise:
 * an archive never splits the old run over two ``run_<K>`` directories; an overwrite never
   loses the checkpoint (the old or the new copy is there, complete).
 
->>> from unickpt.testing.crash import SCENARIOS, sweep
+>>> from unickpt.testing.crash import sweep_isolated
 >>> import tempfile
->>> report = sweep(SCENARIOS["save"], tempfile.mkdtemp(), points=3)
+>>> report = sweep_isolated("save", tempfile.mkdtemp(), points=3)
 >>> report.points, report.failures
 (3, [])
+
+(:func:`sweep` runs in the calling process; :func:`sweep_isolated` in a fresh interpreter,
+which a process running threads, such as one that imported JAX, needs: fork and threads do
+not mix.)
 
 Third-party storage backends run the same scenarios with ``storage=`` (a factory).
 """
