@@ -10,7 +10,6 @@ import os
 import posixpath
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -409,6 +408,8 @@ class CheckpointReader:
                     for i, a in zip(batch, self._read_batch(batch, verify)):
                         arrays[i] = a
         if len(big) > 1 and workers > 1 and not mmap:
+            from concurrent.futures import ThreadPoolExecutor  # big arrays only
+
             with ThreadPoolExecutor(workers, thread_name_prefix="unickpt-read") as ex:
                 for i, a in zip(big, ex.map(lambda j: self.read_array(j, verify=verify), big)):
                     arrays[i] = a

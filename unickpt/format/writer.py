@@ -17,7 +17,6 @@ import posixpath
 import re
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -367,6 +366,8 @@ def write_tree(directory: str, tree: Any, *, metadata: dict | None = None,
             for _, write in items:
                 write(fh)
         else:
+            from concurrent.futures import ThreadPoolExecutor  # big arrays only
+
             with ThreadPoolExecutor(nworkers, thread_name_prefix="unickpt-write") as ex:
                 for f in [ex.submit(write, fh) for _, write in items]:
                     f.result()

@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
-import socket
-import uuid
 from collections.abc import Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -149,6 +147,8 @@ class Storage(Protocol):
 
 def host_tag() -> str:
     """This host as it appears in temporary directory names."""
+    import socket  # only when a temporary name is made: not part of `import unickpt`
+
     return socket.gethostname().replace(".", "_")[:40]
 
 
@@ -156,13 +156,13 @@ def temp_name(final: str) -> str:
     """The temporary sibling name for ``final``: prefix, target name, host, pid, random."""
     parent, base = posixpath.split(final.rstrip("/"))
     return posixpath.join(parent, f"{TEMP_PREFIX}{base}.{host_tag()}.{os.getpid()}."
-                                  f"{uuid.uuid4().hex[:8]}")
+                                  f"{os.urandom(4).hex()}")
 
 
 def trash_name(path: str) -> str:
     """The sibling name ``path`` is moved to before it is deleted."""
     parent, base = posixpath.split(path.rstrip("/"))
-    return posixpath.join(parent, f"{TRASH_PREFIX}{base}.{uuid.uuid4().hex[:8]}")
+    return posixpath.join(parent, f"{TRASH_PREFIX}{base}.{os.urandom(4).hex()}")
 
 
 def parse_temp_name(name: str) -> tuple[str, str, int] | None:
