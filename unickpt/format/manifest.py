@@ -49,7 +49,8 @@ class ArrayEntry:
     scalar: bool = False  # a numpy scalar (np.generic) rather than a 0-d array
 
     def to_msg(self) -> dict:
-        d = {"file": self.file, "name": self.name, "dtype": self.dtype, "shape": list(self.shape),
+        # msgpack packs a tuple as the same array a list gives: no list per entry
+        d = {"file": self.file, "name": self.name, "dtype": self.dtype, "shape": self.shape,
              "offset": self.offset, "nbytes": self.nbytes, "xxh3": self.xxh3}
         if self.byteorder != "<":
             d["byteorder"] = self.byteorder

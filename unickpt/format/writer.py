@@ -53,14 +53,25 @@ BATCH_IOVECS = 1024
 
 
 
-@dataclass
 class _Job:
-    path: Path
-    array: Any  # np.ndarray, or a zero-arg callable returning one (lazy host copy)
-    dtype: np.dtype
-    shape: tuple[int, ...]
-    scalar: bool
-    entry: ArrayEntry | None = None
+    """One array to write: where it sits in the tree and (after layout) its manifest entry.
+
+    A plain class with slots, not a dataclass: one is made per array, so with 10,000 small
+    leaves its construction is part of every save.
+    """
+
+    __slots__ = ("path", "array", "dtype", "shape", "scalar", "entry", "info", "nbytes")
+
+    def __init__(self, path: Path, array: Any, dtype: np.dtype, shape: tuple[int, ...],
+                 scalar: bool, info: tuple | None = None, nbytes: int | None = None):
+        self.path = path
+        self.array = array  # np.ndarray, or a zero-arg callable returning one (lazy host copy)
+        self.dtype = dtype
+        self.shape = shape
+        self.scalar = scalar
+        self.entry: ArrayEntry | None = None
+        self.info = info if info is not None else _dtype_info(dtype)
+        self.nbytes = nbytes if nbytes is not None else math.prod(shape) * dtype.itemsize
 
 
 @dataclass
@@ -87,13 +98,17 @@ def _flatten(tree: Any) -> tuple[Any, list[_Job], list]:
     seen: set[int] = set()
 
     def add_array(arr: Any, path: Path, scalar: bool = False) -> int:
-        a = arr
-        dt = a.dtype
-        try:
-            _dtype_info(dt)
-        except UnsupportedDtype as e:
-            raise UnsupportedLeafError(f"cannot save {format_path(path)}: {e}") from None
-        jobs.append(_Job(path, a, dt, tuple(map(int, a.shape)), scalar))
+        dt = arr.dtype
+        info = _INFO.get(dt)  # per-dtype facts, cached: a dict lookup per array
+        if info is None:
+            try:
+                info = _dtype_info(dt)
+            except UnsupportedDtype as e:
+                raise UnsupportedLeafError(f"cannot save {format_path(path)}: {e}") from None
+        if type(arr) is np.ndarray:  # shape already a tuple of ints; nbytes = size * itemsize
+            jobs.append(_Job(path, arr, dt, arr.shape, scalar, info, arr.nbytes))
+        else:
+            jobs.append(_Job(path, arr, dt, tuple(map(int, arr.shape)), scalar, info))
         return len(jobs) - 1
 
     def enc(x: Any, path: Path) -> Any:
@@ -138,6 +153,10 @@ def _flatten(tree: Any) -> tuple[Any, list[_Job], list]:
                 if isinstance(x, dict):
                     flat: list = []
                     for k, v in x.items():
+                        if type(k) is str and k.isascii():  # the common key: valid UTF-8
+                            flat.append(k)
+                            flat.append(enc(v, (*path, k)))
+                            continue
                         if isinstance(k, bool) or not isinstance(k, (str, int)) or (
                                 isinstance(k, int) and not check_int_range(k)):
                             raise UnsupportedLeafError(
@@ -177,9 +196,16 @@ def _check_utf8(s: str, path: Path) -> None:
 
 
 def _tensor_names(jobs: list[_Job]) -> list[str]:
+    """Each array's safetensors name: its tree path joined with "/", made unique with "#n"."""
+    # "/".join(map(str, ...)) of a path of str keys is the join itself: skip the map then
+    bases = ["/".join(p) if all(type(k) is str for k in p) else "/".join(map(str, p))
+             for p in (j.path for j in jobs)]
+    bases = [b or "<root>" for b in bases]
+    distinct = set(bases)
+    if len(distinct) == len(bases) and "__metadata__" not in distinct:
+        return bases  # no clash: the loop below would keep every base name as it is
     names, used = [], {"__metadata__"}  # reserved by safetensors for the header metadata
-    for j in jobs:
-        base = "/".join(map(str, j.path)) or "<root>"
+    for base in bases:
         name, n = base, 1
         while name in used:
             n += 1
@@ -193,12 +219,20 @@ def _tensor_names(jobs: list[_Job]) -> list[str]:
 _NEEDS_ESCAPE = re.compile(r'[\x00-\x1f"\\]').search
 
 
-@functools.lru_cache(maxsize=1024)
-def _dtype_info(dt: np.dtype) -> tuple[str, str, bool, str]:
-    """(manifest name, safetensors code, header keeps the shape, byte order) of a dtype."""
-    name = dtype_name(dt)
-    code = safetensors_code(name)
-    return name, code, code != "U8" or name == "uint8", ">" if dt.byteorder == ">" else "<"
+_INFO: dict[np.dtype, tuple[str, str, bool, str, int]] = {}
+
+
+def _dtype_info(dt: np.dtype) -> tuple[str, str, bool, str, int]:
+    """(manifest name, safetensors code, header keeps the shape, byte order, alignment)."""
+    info = _INFO.get(dt)
+    if info is None:
+        name = dtype_name(dt)  # raises UnsupportedDtype: nothing is cached then
+        code = safetensors_code(name)
+        info = (name, code, code != "U8" or name == "uint8", ">" if dt.byteorder == ">" else "<",
+                _align(dt.itemsize))
+        if len(_INFO) < 1024:  # bounded: structured/void dtypes can be many
+            _INFO[dt] = info
+    return info
 
 
 def _align(itemsize: int) -> int:
@@ -212,29 +246,40 @@ def layout(jobs: list[_Job], file: str = DATA_FILE) -> tuple[bytes, int]:
     alignment (natural alignment for zero-copy memory maps) without gaps, which safetensors
     forbids; the header is padded with spaces so the data section starts 64-byte aligned.
     """
-    # One pass per array with per-dtype facts cached: this loop runs once per leaf, so with
-    # 10,000 small leaves it is a visible part of a save.
-    infos = [_dtype_info(j.dtype) for j in jobs]
-    sizes = [math.prod(j.shape) * j.dtype.itemsize for j in jobs]  # stored itemsize is the same
+    # One pass per array with per-dtype facts cached on each job: this loop runs once per leaf,
+    # so with 10,000 small leaves it is a visible part of a save.
+    n = len(jobs)
+    sizes = [j.nbytes for j in jobs]  # the stored item size equals the in-memory one
     # By decreasing power-of-two alignment (the lowest set bit of the item size, at most 64):
     # every array's size is a multiple of its own alignment and of all that follow, so each
     # array starts naturally aligned even with odd item sizes such as U3 (12) or V3.
-    order = sorted(range(len(jobs)), key=lambda i: -_align(jobs[i].dtype.itemsize))  # stable
+    aligns = [-j.info[4] for j in jobs]
+    order: Any = range(n)
+    if n and min(aligns) != max(aligns):  # one alignment (the common case): already in order
+        order = sorted(order, key=aligns.__getitem__)  # stable
     names = _tensor_names(jobs)
+    escape = _NEEDS_ESCAPE("".join(names)) is not None  # one scan instead of one per name
     # The header is the JSON that json.dumps(..., ensure_ascii=False, separators=(",", ":"))
     # gives for {"__metadata__": ..., name: {"dtype", "shape", "data_offsets"}, ...}, built
     # with one f-string per array (a dict per array plus json.dumps costs 3x as much).
     parts = [json.dumps({"__metadata__": {"format": "unickpt", "unickpt_format":
                                           str(FORMAT_VERSION)}}, separators=(",", ":"))[:-1]]
+    shape_text: dict[tuple[int, ...], str] = {}  # states repeat a few shapes many times
     rel = 0
-    rel_offsets = [0] * len(jobs)
+    rel_offsets = [0] * n
     for i in order:
-        _name, code, keep_shape, _bo = infos[i]
+        j = jobs[i]
+        _name, code, keep_shape, _bo, _al = j.info
         nbytes = sizes[i]
         name = names[i]
-        key = (json.dumps(name, ensure_ascii=False) if _NEEDS_ESCAPE(name)
+        key = (json.dumps(name, ensure_ascii=False) if escape and _NEEDS_ESCAPE(name)
                else f'"{name}"')
-        shape = ",".join(map(str, jobs[i].shape)) if keep_shape else str(nbytes)
+        if keep_shape:
+            shape = shape_text.get(j.shape)
+            if shape is None:
+                shape = shape_text[j.shape] = ",".join(map(str, j.shape))
+        else:
+            shape = str(nbytes)
         parts.append(f'{key}:{{"dtype":"{code}","shape":[{shape}],'
                      f'"data_offsets":[{rel},{rel + nbytes}]}}')
         rel_offsets[i] = rel
@@ -244,9 +289,9 @@ def layout(jobs: list[_Job], file: str = DATA_FILE) -> tuple[bytes, int]:
     raw += b" " * pad
     data_start = 8 + len(raw)
     for i, j in enumerate(jobs):
-        name, _code, _keep, byteorder = infos[i]
-        j.entry = ArrayEntry(file, names[i], name, j.shape, data_start + rel_offsets[i],
-                             sizes[i], 0, byteorder, j.scalar)
+        info = j.info
+        j.entry = ArrayEntry(file, names[i], info[0], j.shape, data_start + rel_offsets[i],
+                             sizes[i], 0, info[3], j.scalar)
     return len(raw).to_bytes(8, "little") + raw, data_start + rel
 
 
@@ -296,12 +341,16 @@ def _small_bytes(j: _Job) -> bytes:
 def _write_batch(fh: WriteHandle, batch: list[_Job]) -> None:
     """Write file-adjacent small arrays with one pwritev, hashing each array's bytes."""
     bufs = []
+    digest = checksum.digest_function()  # the C function itself: one Python call per array
     for j in batch:
-        b = _small_bytes(j)
-        if len(b) != j.entry.nbytes:
+        a = j.array
+        # the common leaf (a native-order ndarray) inline; anything else through _small_bytes
+        b = a.tobytes() if type(a) is np.ndarray and a.dtype.byteorder != ">" else _small_bytes(j)
+        e = j.entry
+        if len(b) != e.nbytes:
             raise RuntimeError(f"{format_path(j.path)}: has {len(b)} bytes, expected "
-                               f"{j.entry.nbytes}")
-        j.entry.xxh3 = checksum.digest(b)
+                               f"{e.nbytes}")
+        e.xxh3 = digest(b)
         bufs.append(b)
     start = batch[0].entry.offset
     end = batch[-1].entry.offset + batch[-1].entry.nbytes
