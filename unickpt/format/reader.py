@@ -357,11 +357,15 @@ class CheckpointReader:
                 raise self._corrupt(batch[0], "unexpected end of file")
             pos += n
         out = []
+        digest = checksum.digest_function() if verify else None
+        dtypes: dict[str, np.dtype] = {}  # one lookup per distinct dtype name in the batch
         for i, e in zip(batch, ents):
             raw = buf[e.offset - start:e.offset - start + e.nbytes]
-            if verify and checksum.digest(raw) != e.xxh3:
+            if verify and digest(raw) != e.xxh3:
                 raise self._corrupt(i, "checksum mismatch")
-            dt = dtype_from_name(e.dtype)
+            dt = dtypes.get(e.dtype)
+            if dt is None:
+                dt = dtypes[e.dtype] = dtype_from_name(e.dtype)
             a = raw.view(dt).reshape(e.shape) if e.nbytes else np.empty(e.shape, dt)
             if not a.flags.aligned:  # after an odd-itemsize array (e.g. S3): own, aligned copy
                 a = a.copy()
