@@ -333,8 +333,11 @@ class CheckpointReader:
                 return sharded(x.i, path)
             return x
 
-        with gc_paused():
-            return walk(self._skeleton, ())
+        try:
+            with gc_paused():
+                return walk(self._skeleton, ())
+        finally:
+            walk = None  # noqa: F841  (a recursive closure is a reference cycle: break it)
 
 
     def tree(self, *, mmap: bool = False, verify: bool | None = None,
@@ -449,5 +452,10 @@ class CheckpointReader:
                 return shard(x.i, ())
             return x  # immutable scalars (None, bool, int, float, str, bytes)
 
-        with gc_paused():
-            return fill(self._skeleton)
+        try:
+            with gc_paused():
+                return fill(self._skeleton)
+        finally:
+            # fill refers to itself through its closure cell: clear it, so that this reader
+            # and its entries are freed by reference counting, not by a later gc walk
+            fill = shard = None  # noqa: F841

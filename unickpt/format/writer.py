@@ -182,7 +182,12 @@ def _flatten(tree: Any) -> tuple[Any, list[_Job], list]:
             "Use numpy arrays / Python scalars, give the object state_dict()/load_state_dict(), "
             "or install the adapter for its framework")
 
-    return enc(tree, ()), jobs, sharded
+    try:
+        return enc(tree, ()), jobs, sharded
+    finally:
+        # enc refers to itself through its closure cell: clear it, so that the jobs are freed
+        # by reference counting when the save ends, not by a later gc walk
+        enc = add_array = None  # noqa: F841
 
 
 def _check_utf8(s: str, path: Path) -> None:
