@@ -45,13 +45,18 @@ SMALL_READ = 64 << 10
 BATCH_READ = 4 << 20
 
 
-class _Ref:
-    """Placeholder for array ``i`` in the decoded tree skeleton."""
+class _Ref(int):
+    """Placeholder for array ``int(ref)`` in the decoded tree skeleton.
 
-    __slots__ = ("i",)
+    An int subclass: made by C code, without a Python ``__init__`` call, which shows with
+    10^4 arrays per checkpoint.
+    """
 
-    def __init__(self, i: int):
-        self.i = i
+    __slots__ = ()
+
+    @property
+    def i(self) -> int:
+        return int(self)
 
 
 class _ShardedRef(_Ref):
@@ -328,9 +333,9 @@ class CheckpointReader:
                 out = [walk(v, (*path, i)) for i, v in enumerate(x)]
                 return out if t is list else tuple(out)
             if t is _Ref:
-                return array(x.i, path)
+                return array(int(x), path)
             if t is _ShardedRef:
-                return sharded(x.i, path)
+                return sharded(int(x), path)
             return x
 
         try:
@@ -363,13 +368,19 @@ class CheckpointReader:
         digest = checksum.digest_function() if verify else None
         dtypes: dict[str, np.dtype] = {}  # one lookup per distinct dtype name in the batch
         for i, e in zip(batch, ents):
-            raw = buf[e.offset - start:e.offset - start + e.nbytes]
-            if verify and digest(raw) != e.xxh3:
+            lo = e.offset - start
+            hi = lo + e.nbytes
+            if verify and digest(mv[lo:hi]) != e.xxh3:  # a memoryview slice: the cheapest
                 raise self._corrupt(i, "checksum mismatch")
             dt = dtypes.get(e.dtype)
             if dt is None:
                 dt = dtypes[e.dtype] = dtype_from_name(e.dtype)
-            a = raw.view(dt).reshape(e.shape) if e.nbytes else np.empty(e.shape, dt)
+            if not e.nbytes:
+                a = np.empty(e.shape, dt)
+            elif len(e.shape) == 1:  # the view is already of that shape: no reshape call
+                a = buf[lo:hi].view(dt)
+            else:
+                a = buf[lo:hi].view(dt).reshape(e.shape)
             if not a.flags.aligned:  # after an odd-itemsize array (e.g. S3): own, aligned copy
                 a = a.copy()
             if e.byteorder == ">":
@@ -383,7 +394,9 @@ class CheckpointReader:
         batches: list[list[int]] = []
         cur: list[int] = []
         size = 0
-        for i in sorted(small, key=lambda i: (arrs[i].file, arrs[i].offset)):
+        keys = [(arrs[i].file, arrs[i].offset) for i in small]
+        for k in sorted(range(len(small)), key=keys.__getitem__):
+            i = small[k]
             e = arrs[i]
             if cur:
                 last = arrs[cur[-1]]
@@ -400,17 +413,20 @@ class CheckpointReader:
     def _tree(self, mmap: bool, verify: bool, assemble: bool, workers: int) -> Any:
         n = len(self.manifest.arrays)
         arrays: list[Any] = [None] * n
-        big = [i for i in range(n) if self.manifest.arrays[i].nbytes >= (1 << 20)]
-        small = [i for i in range(n) if self.manifest.arrays[i].nbytes < (1 << 20)]
+        big: list[int] = []
+        small: list[int] = []  # up to 1 MiB, one at a time (mmap) or above SMALL_READ
+        tiny: list[int] = []  # up to SMALL_READ: batched reads
+        for i, e in enumerate(self.manifest.arrays):  # one pass: 10^4 entries are common
+            nb = e.nbytes
+            (big if nb >= (1 << 20) else tiny if nb <= SMALL_READ and not mmap else small
+             ).append(i)
         with gc_paused():  # many small objects; the big reads below run with gc on
             if mmap:
                 for i in small:
                     arrays[i] = self.read_array(i, mmap=mmap, verify=verify)
             else:
-                tiny = [i for i in small if self.manifest.arrays[i].nbytes <= SMALL_READ]
                 for i in small:
-                    if self.manifest.arrays[i].nbytes > SMALL_READ:
-                        arrays[i] = self.read_array(i, verify=verify)
+                    arrays[i] = self.read_array(i, verify=verify)
                 for batch in self._small_batches(tiny):
                     for i, a in zip(batch, self._read_batch(batch, verify)):
                         arrays[i] = a
@@ -440,16 +456,16 @@ class CheckpointReader:
 
         def fill(x: Any) -> Any:
             t = type(x)
-            if t is dict:
-                return {k: fill(v) for k, v in x.items()}
+            if t is dict:  # array children inline: one call less per array
+                return {k: arrays[v] if type(v) is _Ref else fill(v) for k, v in x.items()}
             if t is list:
                 return [fill(v) for v in x]
             if t is tuple:
                 return tuple([fill(v) for v in x])
             if t is _Ref:
-                return arrays[x.i]
+                return arrays[x]
             if t is _ShardedRef:
-                return shard(x.i, ())
+                return shard(int(x), ())
             return x  # immutable scalars (None, bool, int, float, str, bytes)
 
         try:
