@@ -258,3 +258,22 @@ def test_save_and_load_leave_nothing_for_the_cyclic_collector(tmp_path):
         gc.enable()
     assert left == []
     assert back["g4"]["p29"].tolist() == [29.0] * 4
+
+
+@pytest.mark.parametrize("moved,offsets", [((1, 2), "same"), ((0, 2, 4), "same"),
+                                           ((0, 1), "apart"), ((2,), "same")])
+def test_overlaps_across_several_files_give_the_reference_outcome(moved, offsets):
+    body = _small_body()
+    f0 = body["files"][0]
+    body["files"].append({**f0, "name": "b.safetensors"})
+    for n, k in enumerate(moved):
+        e = body["arrays"][k]
+        e["file"] = "b.safetensors"
+        e["offset"] = f0["data_start"] + (0 if offsets == "same" else 16 * n)
+    raw = _repack(body)
+    assert _decode(manifest_mod, raw) == _decode(ref_manifest, raw)
+    # array numbers are the manifest's, not positions among the file's arrays
+    overlap = "('ok'" if offsets == "apart" or len(moved) < 2 else \
+        "arrays 4 and 0 overlap" if moved == (0, 2, 4) else \
+        f"arrays {moved[0]} and {moved[1]} overlap in file 'b.safetensors'"
+    assert overlap in _decode(manifest_mod, raw)

@@ -315,8 +315,14 @@ def _validate_arrays(m: dict, fail: Callable[[str], NoReturn],
     arrays = []
     # Per-dtype facts, looked up once per distinct name (a manifest can hold 10^5 arrays of a
     # handful of dtypes): (dtype, item size, may be big-endian) or the refusal message.
-    dtypes: dict[str, tuple[np.dtype, int, bool] | str] = {}
-    spans: dict[str, tuple[list[int], list[int]]] = {}  # file -> (offsets, ends), array order
+    dtypes: dict[str, tuple[np.dtype, int, bool, int] | str] = {}
+    # file -> (offsets, ends, array numbers), in array order
+    spans: dict[str, tuple[list[int], list[int], list[int]]] = {}
+    last_file: str | None = None
+    starts: list[int] = []
+    ends: list[int] = []
+    numbers: list[int] = []
+    uint64_max = _UINT64_MAX
     for i, a in enumerate(_need(fail, m, "arrays", list, "manifest")):
         if not isinstance(a, dict):
             fail(f"array entry {i} is not a map")
@@ -329,18 +335,20 @@ def _validate_arrays(m: dict, fail: Callable[[str], NoReturn],
                 and type(tname) is str):
             for key, typ in _ARRAY_FIELDS:
                 _need(fail, a, key, typ, f"array {i}")
-        if fname not in file_by_name:
+        fe = file_by_name.get(fname)
+        if fe is None:
             fail(f"array {i} refers to unlisted file {fname!r}")
         facts = dtypes.get(dname)
         if facts is None:
             try:
                 dt = dtype_from_name(dname)
-                facts = dtypes[dname] = (dt, dt.itemsize, has_byteorder(dt))
+                facts = dtypes[dname] = (dt, dt.itemsize, has_byteorder(dt),
+                                         max(dt.itemsize, 1))
             except UnsupportedDtype as e:
                 facts = dtypes[dname] = str(e)
         if type(facts) is str:
             fail(f"array {i}: {facts}")
-        dt, itemsize, swappable = facts
+        dt, itemsize, swappable, itemsize1 = facts
         # _shape inlined (same checks, same order): one call less per array
         if len(shape_raw) > MAX_NDIM:
             fail(f"array {i}: {len(shape_raw)} dimensions (limit {MAX_NDIM})")
@@ -351,17 +359,16 @@ def _validate_arrays(m: dict, fail: Callable[[str], NoReturn],
             count *= x
             if x:
                 nonzero *= x
-        if nonzero * max(itemsize, 1) >= (1 << 62):
+        if nonzero * itemsize1 >= (1 << 62):
             fail(f"array {i}: shape {shape_raw!r} is absurdly large (non-zero dimensions times "
                  f"the item size reach 2**62 bytes)")
         shape = tuple(shape_raw)
         if count * itemsize != nbytes:
             fail(f"array {i}: nbytes {nbytes} does not match shape {shape} of {dt.name}")
-        fe = file_by_name[fname]
         end = offset + nbytes
         if offset < fe.data_start or end > fe.size:
             fail(f"array {i}: bytes [{offset}, {end}) lie outside file {fname!r}")
-        if not 0 <= xxh <= _UINT64_MAX:
+        if not 0 <= xxh <= uint64_max:
             fail(f"array {i}: checksum out of range")
         bo = a.get("byteorder", "<")
         if bo != "<" and (bo != ">" or not swappable):
@@ -369,21 +376,25 @@ def _validate_arrays(m: dict, fail: Callable[[str], NoReturn],
         scalar = a.get("scalar", False)
         if scalar is not False and (scalar is not True or shape != ()):
             fail(f"array {i}: 'scalar' must be a bool, true only for shape []")
-        sp = spans.get(fname)
-        if sp is None:
-            sp = spans[fname] = ([], [])
-        sp[0].append(offset)
-        sp[1].append(end)
+        if fname != last_file:  # arrays of one file come in runs: one lookup per run
+            last_file = fname
+            starts, ends, numbers = spans.get(fname) or spans.setdefault(fname, ([], [], []))
+        starts.append(offset)
+        ends.append(end)
+        numbers.append(i)
         arrays.append(ArrayEntry(fname, tname, dname, shape, offset, nbytes, xxh, bo, scalar))
-    for fname, (starts, ends) in spans.items():
-        pair = _first_overlap(starts, ends)
+    for fname, (file_starts, file_ends, file_numbers) in spans.items():
+        pair = _first_overlap(file_starts, file_ends)
         if pair is not None:
-            fail(f"arrays {pair[0]} and {pair[1]} overlap in file {fname!r}")
+            fail(f"arrays {file_numbers[pair[0]]} and {file_numbers[pair[1]]} overlap in file "
+                 f"{fname!r}")
     return arrays
 
 
 def _first_overlap(starts: list[int], ends: list[int]) -> tuple[int, int] | None:
-    """The first overlapping pair of byte ranges in (start, end, index) order, or None.
+    """The first overlapping pair (positions in the lists) in (start, end, position) order.
+
+    None if no two ranges overlap.
 
     Writers lay arrays out in increasing offsets mostly, and the ranges lie inside a file
     (so below 2**63): one vectorised sort and comparison instead of a tuple per array.
