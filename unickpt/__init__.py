@@ -29,7 +29,6 @@ from .errors import (
     UnickptError,
     UnsupportedLeafError,
 )
-from .rng import RNG
 from .tree import LazyArray, Piece, ShardedArray, format_path
 
 # unickpt.migration (the converter, optimizer specs, schedules) and unickpt.manager (the run
@@ -40,6 +39,7 @@ _LAZY = {
                      "HyperparameterMismatchError", "UnsupportedOptimizerError"), "migration"),
     **dict.fromkeys(("CheckpointManager", "ManagerProtocol", "create_manager", "CheckpointInfo",
                      "Restored", "StartDecision", "ManagerConfig"), "manager"),
+    "RNG": "rng",
 }
 _MIGRATION_NAMES = frozenset(n for n, m in _LAZY.items() if m == "migration")
 

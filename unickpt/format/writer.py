@@ -10,7 +10,6 @@ needs is bounded by ``CHUNK_BYTES`` per worker thread, not by the state size.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import posixpath
@@ -220,6 +219,18 @@ def _tensor_names(jobs: list[_Job]) -> list[str]:
     return names
 
 
+# json.dumps({"__metadata__": {"format": "unickpt", "unickpt_format": "2"}},
+# separators=(",", ":")) without its closing brace (a literal: json is imported lazily)
+_HEADER_START = f'{{"__metadata__":{{"format":"unickpt","unickpt_format":"{FORMAT_VERSION}"}}'
+
+
+def _json_string(s: str) -> str:
+    """``s`` as a JSON string, as json.dumps(s, ensure_ascii=False) writes it."""
+    import json  # rare (names with quotes, backslashes or control characters): lazily
+
+    return json.dumps(s, ensure_ascii=False)
+
+
 # Characters json.dumps(ensure_ascii=False) escapes in a string.
 _NEEDS_ESCAPE = re.compile(r'[\x00-\x1f"\\]').search
 
@@ -267,8 +278,7 @@ def layout(jobs: list[_Job], file: str = DATA_FILE) -> tuple[bytes, int]:
     # The header is the JSON that json.dumps(..., ensure_ascii=False, separators=(",", ":"))
     # gives for {"__metadata__": ..., name: {"dtype", "shape", "data_offsets"}, ...}, built
     # with one f-string per array (a dict per array plus json.dumps costs 3x as much).
-    parts = [json.dumps({"__metadata__": {"format": "unickpt", "unickpt_format":
-                                          str(FORMAT_VERSION)}}, separators=(",", ":"))[:-1]]
+    parts = [_HEADER_START]
     shape_text: dict[tuple[int, ...], str] = {}  # states repeat a few shapes many times
     rel = 0
     rel_offsets = [0] * n
@@ -277,8 +287,7 @@ def layout(jobs: list[_Job], file: str = DATA_FILE) -> tuple[bytes, int]:
         _name, code, keep_shape, _bo, _al = j.info
         nbytes = sizes[i]
         name = names[i]
-        key = (json.dumps(name, ensure_ascii=False) if escape and _NEEDS_ESCAPE(name)
-               else f'"{name}"')
+        key = _json_string(name) if escape and _NEEDS_ESCAPE(name) else f'"{name}"'
         if keep_shape:
             shape = shape_text.get(j.shape)
             if shape is None:
