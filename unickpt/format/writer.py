@@ -154,7 +154,13 @@ def _flatten(tree: Any) -> tuple[Any, list[_Job], list]:
                     for k, v in x.items():
                         if type(k) is str and k.isascii():  # the common key: valid UTF-8
                             flat.append(k)
-                            flat.append(enc(v, (*path, k)))
+                            # the common leaf, as enc and add_array would take it, inline
+                            if type(v) is np.ndarray and (info := _INFO.get(v.dtype)):
+                                jobs.append(_Job((*path, k), v, v.dtype, v.shape, False, info,
+                                                 v.nbytes))
+                                flat.append(["a", len(jobs) - 1])
+                            else:
+                                flat.append(enc(v, (*path, k)))
                             continue
                         if isinstance(k, bool) or not isinstance(k, (str, int)) or (
                                 isinstance(k, int) and not check_int_range(k)):
@@ -201,10 +207,7 @@ def _check_utf8(s: str, path: Path) -> None:
 
 def _tensor_names(jobs: list[_Job]) -> list[str]:
     """Each array's safetensors name: its tree path joined with "/", made unique with "#n"."""
-    # "/".join(map(str, ...)) of a path of str keys is the join itself: skip the map then
-    bases = ["/".join(p) if all(type(k) is str for k in p) else "/".join(map(str, p))
-             for p in (j.path for j in jobs)]
-    bases = [b or "<root>" for b in bases]
+    bases = ["/".join(map(str, j.path)) or "<root>" for j in jobs]
     distinct = set(bases)
     if len(distinct) == len(bases) and "__metadata__" not in distinct:
         return bases  # no clash: the loop below would keep every base name as it is
