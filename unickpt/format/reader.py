@@ -391,21 +391,25 @@ class CheckpointReader:
     def _small_batches(self, small: list[int]) -> list[list[int]]:
         """Group small arrays that lie back to back in one file (no gap) into batches."""
         arrs = self.manifest.arrays
+        ents = [arrs[i] for i in small]
+        # by (file, offset), stably; with one file (the common case) by offset alone
+        if len({e.file for e in ents}) <= 1:
+            keys: list[Any] = [e.offset for e in ents]
+        else:
+            keys = [(e.file, e.offset) for e in ents]
         batches: list[list[int]] = []
         cur: list[int] = []
         size = 0
-        keys = [(arrs[i].file, arrs[i].offset) for i in small]
+        last: ArrayEntry | None = None
         for k in sorted(range(len(small)), key=keys.__getitem__):
-            i = small[k]
-            e = arrs[i]
-            if cur:
-                last = arrs[cur[-1]]
-                if (last.file != e.file or last.offset + last.nbytes != e.offset
-                        or size + e.nbytes > BATCH_READ):
-                    batches.append(cur)
-                    cur, size = [], 0
-            cur.append(i)
+            e = ents[k]
+            if last is not None and (last.file != e.file or last.offset + last.nbytes != e.offset
+                                     or size + e.nbytes > BATCH_READ):
+                batches.append(cur)
+                cur, size = [], 0
+            cur.append(small[k])
             size += e.nbytes
+            last = e
         if cur:
             batches.append(cur)
         return batches
