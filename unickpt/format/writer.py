@@ -97,17 +97,7 @@ def _flatten(tree: Any) -> tuple[Any, list[_Job], list]:
     seen: set[int] = set()
 
     def add_array(arr: Any, path: Path, scalar: bool = False) -> int:
-        dt = arr.dtype
-        info = _INFO.get(dt)  # per-dtype facts, cached: a dict lookup per array
-        if info is None:
-            try:
-                info = _dtype_info(dt)
-            except UnsupportedDtype as e:
-                raise UnsupportedLeafError(f"cannot save {format_path(path)}: {e}") from None
-        if type(arr) is np.ndarray:  # shape already a tuple of ints; nbytes = size * itemsize
-            jobs.append(_Job(path, arr, dt, arr.shape, scalar, info, arr.nbytes))
-        else:
-            jobs.append(_Job(path, arr, dt, tuple(map(int, arr.shape)), scalar, info))
+        jobs.append(_job(arr, path, scalar))
         return len(jobs) - 1
 
     def enc(x: Any, path: Path) -> Any:
@@ -162,37 +152,61 @@ def _flatten(tree: Any) -> tuple[Any, list[_Job], list]:
                             else:
                                 flat.append(enc(v, (*path, k)))
                             continue
-                        if isinstance(k, bool) or not isinstance(k, (str, int)) or (
-                                isinstance(k, int) and not check_int_range(k)):
-                            raise UnsupportedLeafError(
-                                f"cannot save {format_path(path)}: dict key {k!r} of type "
-                                f"{type(k).__name__} (keys must be str or 64-bit int)")
-                        if isinstance(k, str):
-                            _check_utf8(k, path)
+                        _check_key(k, path)
                         flat.append(k)
                         flat.append(enc(v, (*path, k)))
                     return ["d", flat]
                 if type(x) not in (list, tuple):
-                    raise UnsupportedLeafError(
-                        f"cannot save {format_path(path)}: {type(x).__name__} is a "
-                        f"{'tuple' if isinstance(x, tuple) else 'list'} subclass; no adapter "
-                        "claims it (convert it to a plain tuple/dict, or register an adapter)")
+                    raise _not_a_leaf(x, path)
                 return ["l" if isinstance(x, list) else "t",
                         [enc(v, (*path, i)) for i, v in enumerate(x)]]
             finally:
                 seen.discard(id(x))
-        raise UnsupportedLeafError(
-            f"cannot save {format_path(path)}: value of type {type(x).__module__}."
-            f"{type(x).__qualname__} is not a state-tree leaf and no adapter claims it. "
-            "Use numpy arrays / Python scalars, give the object state_dict()/load_state_dict(), "
-            "or install the adapter for its framework")
+        raise _not_a_leaf(x, path)
 
     try:
         return enc(tree, ()), jobs, sharded
-    finally:
-        # enc refers to itself through its closure cell: clear it, so that the jobs are freed
-        # by reference counting when the save ends, not by a later gc walk
+    finally:  # enc's closure cell refers to enc: clear it, so refcounting frees the jobs
         enc = add_array = None  # noqa: F841
+
+
+def _job(arr: Any, path: Path, scalar: bool) -> _Job:
+    """The job of one array leaf (ndarray or LazyArray); refuses an unsupported dtype."""
+    dt = arr.dtype
+    info = _INFO.get(dt)  # per-dtype facts, cached: a dict lookup per array
+    if info is None:
+        try:
+            info = _dtype_info(dt)
+        except UnsupportedDtype as e:
+            raise UnsupportedLeafError(f"cannot save {format_path(path)}: {e}") from None
+    if type(arr) is np.ndarray:  # shape already a tuple of ints; nbytes = size * itemsize
+        return _Job(path, arr, dt, arr.shape, scalar, info, arr.nbytes)
+    return _Job(path, arr, dt, tuple(map(int, arr.shape)), scalar, info)
+
+
+def _not_a_leaf(x: Any, path: Path) -> UnsupportedLeafError:
+    """The error for a value nothing can save (a list/tuple subclass, an unknown object)."""
+    if isinstance(x, (list, tuple)):
+        return UnsupportedLeafError(
+            f"cannot save {format_path(path)}: {type(x).__name__} is a "
+            f"{'tuple' if isinstance(x, tuple) else 'list'} subclass; no adapter "
+            "claims it (convert it to a plain tuple/dict, or register an adapter)")
+    return UnsupportedLeafError(
+        f"cannot save {format_path(path)}: value of type {type(x).__module__}."
+        f"{type(x).__qualname__} is not a state-tree leaf and no adapter claims it. Use "
+        "numpy arrays / Python scalars, give the object state_dict()/load_state_dict(), or "
+        "install the adapter for its framework")
+
+
+def _check_key(k: Any, path: Path) -> None:
+    """Dict keys are str (valid Unicode) or 64-bit ints."""
+    if isinstance(k, bool) or not isinstance(k, (str, int)) or (
+            isinstance(k, int) and not check_int_range(k)):
+        raise UnsupportedLeafError(
+            f"cannot save {format_path(path)}: dict key {k!r} of type "
+            f"{type(k).__name__} (keys must be str or 64-bit int)")
+    if isinstance(k, str):
+        _check_utf8(k, path)
 
 
 def _check_utf8(s: str, path: Path) -> None:
