@@ -162,7 +162,7 @@ def test_big_array_streamed_in_chunks_with_writeback_round_trips(tmp_path, monke
 def test_writeback_hint_is_started_over_the_big_array_data(tmp_path, monkeypatch):
     """The writeback hint is called (and succeeds) on byte ranges that tile the big arrays:
     a no-op or a wrong range would silently lose the write/disk overlap."""
-    real = local_mod._start_writeback
+    real = local_mod._writeback()
     if sys.platform.startswith("linux"):
         assert real is not None
     if real is None:

@@ -29,30 +29,33 @@ from .errors import (
     UnickptError,
     UnsupportedLeafError,
 )
-from .manager import CheckpointManager, ManagerProtocol, create_manager
-from .manager.records import CheckpointInfo, Restored, StartDecision
-from .policy.options import ManagerConfig
-from .rng import RNG
 from .tree import LazyArray, Piece, ShardedArray, format_path
 
-# unickpt.migration (the converter, optimizer specs, schedules) is imported on first use of
-# one of these names, so ``import unickpt`` does not pay for it.
-_MIGRATION_NAMES = frozenset({"migrate", "MigrationReport", "Rule", "MigrationError",
-                              "HyperparameterMismatchError", "UnsupportedOptimizerError"})
+# unickpt.migration (the converter, optimizer specs, schedules) and unickpt.manager (the run
+# manager and the policy layer) are imported on first use of one of these names, so
+# ``import unickpt`` followed by save/load does not pay for them (issue 20: start-up time).
+_LAZY = {
+    **dict.fromkeys(("migrate", "MigrationReport", "Rule", "MigrationError",
+                     "HyperparameterMismatchError", "UnsupportedOptimizerError"), "migration"),
+    **dict.fromkeys(("CheckpointManager", "ManagerProtocol", "create_manager", "CheckpointInfo",
+                     "Restored", "StartDecision", "ManagerConfig"), "manager"),
+    "RNG": "rng",
+}
+_MIGRATION_NAMES = frozenset(n for n, m in _LAZY.items() if m == "migration")
 
 
 def __getattr__(name: str) -> object:
-    if name in _MIGRATION_NAMES:
-        from . import migration
+    if name in _LAZY:
+        import importlib
 
-        value = getattr(migration, name)
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
         globals()[name] = value  # later lookups skip this function
         return value
     raise AttributeError(f"module 'unickpt' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _MIGRATION_NAMES)
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = [

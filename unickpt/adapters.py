@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import sys
 import threading
-from importlib import metadata
 from typing import Any
 
 import numpy as np
@@ -50,6 +49,9 @@ def _discover() -> list[Plugin]:
     global _plugins
     with _lock:
         if _plugins is None:
+            # importlib.metadata costs ~25 ms to import: only when an adapter is first needed
+            from importlib import metadata
+
             found: list[Plugin] = []
             for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
                 try:

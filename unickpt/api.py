@@ -23,6 +23,7 @@ from typing import Any
 from .errors import CheckpointExistsError, CorruptCheckpointError, UnsupportedLeafError
 from .format import checksum
 from .format.commit import commit_checkpoint, prepare
+from .format.gcpause import WHOLE_CALL_BYTES, GcPause
 from .format.reader import CheckpointReader, is_committed
 from .state import to_tree
 from .storage import LocalStorage, Storage
@@ -80,15 +81,19 @@ def save_recorded(path: str | os.PathLike, tree: Any, *, info: dict | None = Non
         if not is_committed(final, storage):
             raise CheckpointExistsError(
                 f"{final} exists and is not a unickpt checkpoint; refusing to replace it")
-    try:
-        neutral, kinds = to_tree(tree)
-    except RecursionError:
-        raise UnsupportedLeafError(
-            f"cannot save {final}: the state contains a reference cycle or is nested far "
-            "too deeply to be a state tree") from None
-    prepared = prepare(neutral, kinds)  # validates every leaf before anything touches storage
-    stats = commit_checkpoint(storage, final, prepared, metadata=metadata, info=info,
-                              replace=overwrite)
+    with GcPause() as pause:  # see gcpause.WHOLE_CALL_BYTES
+        try:
+            neutral, kinds = to_tree(tree)
+        except RecursionError:
+            raise UnsupportedLeafError(
+                f"cannot save {final}: the state contains a reference cycle or is nested far "
+                "too deeply to be a state tree") from None
+        prepared = prepare(neutral, kinds)  # validates every leaf before anything is written
+        if sum(j.nbytes for j in prepared[0][1]) > WHOLE_CALL_BYTES:
+            pause.end()
+        stats = commit_checkpoint(storage, final, prepared, metadata=metadata, info=info,
+                                  replace=overwrite)
+        del neutral, prepared  # freed while paused: nothing left for a deferred collection
     return SaveInfo(final, stats.nbytes, stats.narrays, time.perf_counter() - t0)
 
 
@@ -106,8 +111,15 @@ def load(path: str | os.PathLike, *, mmap: bool = False, verify: bool | None = N
     silently.  Pass ``verify=True`` (or run :func:`verify` once) when the data must be
     trusted.  The manifest and the files' headers are checked either way.
     """
-    with CheckpointReader(path, storage) as r:
-        return r.tree(mmap=mmap, verify=verify)
+    with GcPause() as pause:  # see gcpause.WHOLE_CALL_BYTES
+        r = CheckpointReader(path, storage)
+        try:
+            if sum(a.nbytes for a in r.manifest.arrays) > WHOLE_CALL_BYTES:
+                pause.end()
+            return r.tree(mmap=mmap, verify=verify)
+        finally:
+            r.close()
+            del r  # the reader's entries and skeleton are freed before collection resumes
 
 
 @dataclass(frozen=True)

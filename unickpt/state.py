@@ -113,7 +113,12 @@ class SaveContext:
         """Convert ``obj`` (found at ``path``) into a neutral tree."""
         t = type(obj)
         if t is dict or (t in _STDLIB_MAPPINGS or isinstance(obj, _STDLIB_MAPPING_BASES)):
-            return {k: self.to_tree(v, (*path, k)) for k, v in obj.items()}
+            if self.snapshot:
+                return {k: self.to_tree(v, (*path, k)) for k, v in obj.items()}
+            # A plain ndarray child is kept as it is (what the call below would return),
+            # without a call and a path per array: states hold thousands of them.
+            return {k: v if type(v) is np.ndarray else self.to_tree(v, (*path, k))
+                    for k, v in obj.items()}
         if t is list:
             return [self.to_tree(v, (*path, i)) for i, v in enumerate(obj)]
         if t is tuple:

@@ -18,7 +18,6 @@ Paths are tuples of keys; :func:`format_path` renders them for messages.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -48,6 +47,8 @@ def format_path(path: Sequence[Key]) -> str:
         elif _PLAIN_KEY.match(k) and k not in (".", ".."):
             parts.append(k)
         else:
+            import json  # only for awkward keys: json is not part of `import unickpt`
+
             parts.append(json.dumps(k, ensure_ascii=False))
     return "/".join(parts)
 

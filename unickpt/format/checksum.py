@@ -8,6 +8,7 @@ reader skips the checks and says so with a warning.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import MissingDependencyError
@@ -36,6 +37,12 @@ def digest(data: Any) -> int:
     """xxh3-64 (seed 0) of a bytes-like object, as an unsigned int."""
     require("computing a checksum")
     return _xxhash.xxh3_64_intdigest(data)
+
+
+def digest_function() -> Callable[[Any], int]:
+    """:func:`digest` without the wrapper, for loops that hash many small buffers."""
+    require("computing a checksum")
+    return _xxhash.xxh3_64_intdigest
 
 
 def hasher() -> Any:

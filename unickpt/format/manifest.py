@@ -34,7 +34,7 @@ _INT64_MIN, _UINT64_MAX = -(1 << 63), (1 << 64) - 1
 _BIG_INT = re.compile(r"-?(0|[1-9][0-9]*)\Z")  # int() alone would accept "1_0", " 7", "+7"
 
 
-@dataclass
+@dataclass(slots=True)  # slots: one is made per array (10^4 per checkpoint is common)
 class ArrayEntry:
     """Where one array's bytes live and what they must hash to."""
 
@@ -52,7 +52,8 @@ class ArrayEntry:
     head_xxh3: int | None = None
 
     def to_msg(self) -> dict:
-        d = {"file": self.file, "name": self.name, "dtype": self.dtype, "shape": list(self.shape),
+        # msgpack packs a tuple as the same array a list gives: no list per entry
+        d = {"file": self.file, "name": self.name, "dtype": self.dtype, "shape": self.shape,
              "offset": self.offset, "nbytes": self.nbytes, "xxh3": self.xxh3}
         if self.byteorder != "<":
             d["byteorder"] = self.byteorder
@@ -138,6 +139,9 @@ class Manifest:
 #   ["s", i]                       sharded entry i
 #   ["i", "<decimal>"]             int outside the 64-bit range
 
+_PLAIN = frozenset({type(None), bool, int, float, str, bytes})  # msgpack's scalar types
+
+
 def decode_node(node: Any, ctx: DecodeContext, path: Path = (), depth: int = 0) -> Any:
     """Turn an encoded node back into a tree of values, calling ``ctx`` for arrays."""
     if depth > MAX_DEPTH:
@@ -153,13 +157,26 @@ def decode_node(node: Any, ctx: DecodeContext, path: Path = (), depth: int = 0) 
         if not isinstance(payload, list) or len(payload) % 2:
             ctx.fail(f"malformed dict node at {format_path(path)}")
         out: dict = {}
+        # The common children (scalars and array references) are decoded inline, with the
+        # same checks decode_node would make: with 10^4 leaves the call per leaf shows.
+        inline = depth < MAX_DEPTH
+        narrays = len(ctx.manifest.arrays)
+        array = ctx.array
         for i in range(0, len(payload), 2):
             k = payload[i]
             if isinstance(k, bool) or not isinstance(k, (str, int)):
                 ctx.fail(f"dict key of type {type(k).__name__} at {format_path(path)}")
             if k in out:
                 ctx.fail(f"duplicate key {k!r} at {format_path(path)}")
-            out[k] = decode_node(payload[i + 1], ctx, (*path, k), depth + 1)
+            v = payload[i + 1]
+            t = type(v)
+            if inline and t is list and len(v) == 2 and v[0] == "a" and type(v[1]) is int \
+                    and 0 <= v[1] < narrays:
+                out[k] = array(v[1], (*path, k))
+            elif inline and t in _PLAIN:
+                out[k] = v
+            else:
+                out[k] = decode_node(v, ctx, (*path, k), depth + 1)
         return out
     if tag in ("l", "t"):
         if not isinstance(payload, list):
@@ -301,13 +318,21 @@ def _validate_files(m: dict, fail: Callable[[str], NoReturn]) -> list[FileEntry]
 def _validate_arrays(m: dict, fail: Callable[[str], NoReturn],
                      file_by_name: dict[str, FileEntry]) -> list[ArrayEntry]:
     arrays = []
-    spans: dict[str, list[tuple[int, int, int]]] = {}
+    # Per-dtype facts, looked up once per distinct name (a manifest can hold 10^5 arrays of a
+    # handful of dtypes): (dtype, item size, may be big-endian) or the refusal message.
+    dtypes: dict[str, tuple[np.dtype, int, bool, int] | str] = {}
+    # file -> (offsets, ends, array numbers), in array order
+    spans: dict[str, tuple[list[int], list[int], list[int]]] = {}
+    last_file: str | None = None
+    starts: list[int] = []
+    ends: list[int] = []
+    numbers: list[int] = []
+    uint64_max = _UINT64_MAX
     for i, a in enumerate(_need(fail, m, "arrays", list, "manifest")):
         if not isinstance(a, dict):
             fail(f"array entry {i} is not a map")
-        # Fast path for the common case (a manifest can hold 10^5 arrays): check every field's
-        # type at once and build error labels only when something is wrong.  `type(x) is int`
-        # also rules out bools.
+        # Fast path for the common case: check every field's type at once and build error
+        # labels only when something is wrong.  `type(x) is int` also rules out bools.
         fname, dname, shape_raw = a.get("file"), a.get("dtype"), a.get("shape")
         nbytes, offset, xxh, tname = a.get("nbytes"), a.get("offset"), a.get("xxh3"), a.get("name")
         if not (type(fname) is str and type(dname) is str and type(shape_raw) is list
@@ -315,22 +340,43 @@ def _validate_arrays(m: dict, fail: Callable[[str], NoReturn],
                 and type(tname) is str):
             for key, typ in _ARRAY_FIELDS:
                 _need(fail, a, key, typ, f"array {i}")
-        if fname not in file_by_name:
+        fe = file_by_name.get(fname)
+        if fe is None:
             fail(f"array {i} refers to unlisted file {fname!r}")
-        try:
-            dt = dtype_from_name(dname)
-        except UnsupportedDtype as e:
-            fail(f"array {i}: {e}")
-        shape = _shape(shape_raw, fail, i, dt.itemsize)
-        if math.prod(shape) * dt.itemsize != nbytes:
+        facts = dtypes.get(dname)
+        if facts is None:
+            try:
+                dt = dtype_from_name(dname)
+                facts = dtypes[dname] = (dt, dt.itemsize, has_byteorder(dt),
+                                         max(dt.itemsize, 1))
+            except UnsupportedDtype as e:
+                facts = dtypes[dname] = str(e)
+        if type(facts) is str:
+            fail(f"array {i}: {facts}")
+        dt, itemsize, swappable, itemsize1 = facts
+        # _shape inlined (same checks, same order): one call less per array
+        if len(shape_raw) > MAX_NDIM:
+            fail(f"array {i}: {len(shape_raw)} dimensions (limit {MAX_NDIM})")
+        count, nonzero = 1, 1
+        for x in shape_raw:
+            if type(x) is not int or not 0 <= x < (1 << 62):  # type() check also rules out bool
+                fail(f"array {i}: shape {shape_raw!r} is not a list of non-negative integers")
+            count *= x
+            if x:
+                nonzero *= x
+        if nonzero * itemsize1 >= (1 << 62):
+            fail(f"array {i}: shape {shape_raw!r} is absurdly large (non-zero dimensions times "
+                 f"the item size reach 2**62 bytes)")
+        shape = tuple(shape_raw)
+        if count * itemsize != nbytes:
             fail(f"array {i}: nbytes {nbytes} does not match shape {shape} of {dt.name}")
-        fe = file_by_name[fname]
-        if offset < fe.data_start or offset + nbytes > fe.size:
-            fail(f"array {i}: bytes [{offset}, {offset + nbytes}) lie outside file {fname!r}")
-        if not 0 <= xxh <= _UINT64_MAX:
+        end = offset + nbytes
+        if offset < fe.data_start or end > fe.size:
+            fail(f"array {i}: bytes [{offset}, {end}) lie outside file {fname!r}")
+        if not 0 <= xxh <= uint64_max:
             fail(f"array {i}: checksum out of range")
         bo = a.get("byteorder", "<")
-        if bo != "<" and (bo != ">" or not has_byteorder(dt)):
+        if bo != "<" and (bo != ">" or not swappable):
             fail(f"array {i}: byteorder {bo!r} for dtype {a['dtype']}")
         scalar = a.get("scalar", False)
         if scalar is not False and (scalar is not True or shape != ()):
@@ -338,15 +384,48 @@ def _validate_arrays(m: dict, fail: Callable[[str], NoReturn],
         head = a.get("head_xxh3")
         if head is not None and (type(head) is not int or not 0 <= head <= _UINT64_MAX):
             fail(f"array {i}: head_xxh3 is not a uint64")
-        spans.setdefault(fname, []).append((offset, offset + nbytes, i))
+        if fname != last_file:  # arrays of one file come in runs: one lookup per run
+            last_file = fname
+            starts, ends, numbers = spans.get(fname) or spans.setdefault(fname, ([], [], []))
+        starts.append(offset)
+        ends.append(end)
+        numbers.append(i)
         arrays.append(ArrayEntry(fname, tname, dname, shape, offset, nbytes, xxh, bo, scalar,
                                  head))
-    for fname, sp in spans.items():
-        sp.sort()
+    for fname, (file_starts, file_ends, file_numbers) in spans.items():
+        pair = _first_overlap(file_starts, file_ends)
+        if pair is not None:
+            fail(f"arrays {file_numbers[pair[0]]} and {file_numbers[pair[1]]} overlap in file "
+                 f"{fname!r}")
+    return arrays
+
+
+def _first_overlap(starts: list[int], ends: list[int]) -> tuple[int, int] | None:
+    """The first overlapping pair (positions in the lists) in (start, end, position) order.
+
+    None if no two ranges overlap.
+
+    Writers lay arrays out in increasing offsets mostly, and the ranges lie inside a file
+    (so below 2**63): one vectorised sort and comparison instead of a tuple per array.
+    """
+    n = len(starts)
+    if n < 2:
+        return None
+    if max(ends) >= (1 << 63):  # a hostile file size: the simple way, with Python ints
+        sp = sorted(zip(starts, ends, range(n)))
         for (_s0, e0, i0), (s1, _e1, i1) in zip(sp, sp[1:]):
             if s1 < e0:
-                fail(f"arrays {i0} and {i1} overlap in file {fname!r}")
-    return arrays
+                return i0, i1
+        return None
+    s = np.array(starts, np.int64)
+    e = np.array(ends, np.int64)
+    order = np.lexsort((np.arange(n), e, s))  # by start, then end, then index
+    s, e = s[order], e[order]
+    bad = np.flatnonzero(s[1:] < e[:-1])
+    if not len(bad):
+        return None
+    k = int(bad[0])
+    return int(order[k]), int(order[k + 1])
 
 
 def _validate_sharded(m: dict, fail: Callable[[str], NoReturn],

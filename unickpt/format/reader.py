@@ -10,7 +10,6 @@ import os
 import posixpath
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -46,13 +45,18 @@ SMALL_READ = 64 << 10
 BATCH_READ = 4 << 20
 
 
-class _Ref:
-    """Placeholder for array ``i`` in the decoded tree skeleton."""
+class _Ref(int):
+    """Placeholder for array ``int(ref)`` in the decoded tree skeleton.
 
-    __slots__ = ("i",)
+    An int subclass: made by C code, without a Python ``__init__`` call, which shows with
+    10^4 arrays per checkpoint.
+    """
 
-    def __init__(self, i: int):
-        self.i = i
+    __slots__ = ()
+
+    @property
+    def i(self) -> int:
+        return int(self)
 
 
 class _ShardedRef(_Ref):
@@ -335,13 +339,16 @@ class CheckpointReader:
                 out = [walk(v, (*path, i)) for i, v in enumerate(x)]
                 return out if t is list else tuple(out)
             if t is _Ref:
-                return array(x.i, path)
+                return array(int(x), path)
             if t is _ShardedRef:
-                return sharded(x.i, path)
+                return sharded(int(x), path)
             return x
 
-        with gc_paused():
-            return walk(self._skeleton, ())
+        try:
+            with gc_paused():
+                return walk(self._skeleton, ())
+        finally:
+            walk = None  # noqa: F841  (a recursive closure is a reference cycle: break it)
 
 
     def tree(self, *, mmap: bool = False, verify: bool | None = None,
@@ -364,12 +371,22 @@ class CheckpointReader:
                 raise self._corrupt(batch[0], "unexpected end of file")
             pos += n
         out = []
+        digest = checksum.digest_function() if verify else None
+        dtypes: dict[str, np.dtype] = {}  # one lookup per distinct dtype name in the batch
         for i, e in zip(batch, ents):
-            raw = buf[e.offset - start:e.offset - start + e.nbytes]
-            if verify and checksum.digest(raw) != e.xxh3:
+            lo = e.offset - start
+            hi = lo + e.nbytes
+            if verify and digest(mv[lo:hi]) != e.xxh3:  # a memoryview slice: the cheapest
                 raise self._corrupt(i, "checksum mismatch")
-            dt = dtype_from_name(e.dtype)
-            a = raw.view(dt).reshape(e.shape) if e.nbytes else np.empty(e.shape, dt)
+            dt = dtypes.get(e.dtype)
+            if dt is None:
+                dt = dtypes[e.dtype] = dtype_from_name(e.dtype)
+            if not e.nbytes:
+                a = np.empty(e.shape, dt)
+            elif len(e.shape) == 1:  # the view is already of that shape: no reshape call
+                a = buf[lo:hi].view(dt)
+            else:
+                a = buf[lo:hi].view(dt).reshape(e.shape)
             if not a.flags.aligned:  # after an odd-itemsize array (e.g. S3): own, aligned copy
                 a = a.copy()
             if e.byteorder == ">":
@@ -380,19 +397,25 @@ class CheckpointReader:
     def _small_batches(self, small: list[int]) -> list[list[int]]:
         """Group small arrays that lie back to back in one file (no gap) into batches."""
         arrs = self.manifest.arrays
+        ents = [arrs[i] for i in small]
+        # by (file, offset), stably; with one file (the common case) by offset alone
+        if len({e.file for e in ents}) <= 1:
+            keys: list[Any] = [e.offset for e in ents]
+        else:
+            keys = [(e.file, e.offset) for e in ents]
         batches: list[list[int]] = []
         cur: list[int] = []
         size = 0
-        for i in sorted(small, key=lambda i: (arrs[i].file, arrs[i].offset)):
-            e = arrs[i]
-            if cur:
-                last = arrs[cur[-1]]
-                if (last.file != e.file or last.offset + last.nbytes != e.offset
-                        or size + e.nbytes > BATCH_READ):
-                    batches.append(cur)
-                    cur, size = [], 0
-            cur.append(i)
+        last: ArrayEntry | None = None
+        for k in sorted(range(len(small)), key=keys.__getitem__):
+            e = ents[k]
+            if last is not None and (last.file != e.file or last.offset + last.nbytes != e.offset
+                                     or size + e.nbytes > BATCH_READ):
+                batches.append(cur)
+                cur, size = [], 0
+            cur.append(small[k])
             size += e.nbytes
+            last = e
         if cur:
             batches.append(cur)
         return batches
@@ -400,21 +423,26 @@ class CheckpointReader:
     def _tree(self, mmap: bool, verify: bool, assemble: bool, workers: int) -> Any:
         n = len(self.manifest.arrays)
         arrays: list[Any] = [None] * n
-        big = [i for i in range(n) if self.manifest.arrays[i].nbytes >= (1 << 20)]
-        small = [i for i in range(n) if self.manifest.arrays[i].nbytes < (1 << 20)]
+        big: list[int] = []
+        small: list[int] = []  # up to 1 MiB, one at a time (mmap) or above SMALL_READ
+        tiny: list[int] = []  # up to SMALL_READ: batched reads
+        for i, e in enumerate(self.manifest.arrays):  # one pass: 10^4 entries are common
+            nb = e.nbytes
+            (big if nb >= (1 << 20) else tiny if nb <= SMALL_READ and not mmap else small
+             ).append(i)
         with gc_paused():  # many small objects; the big reads below run with gc on
             if mmap:
                 for i in small:
                     arrays[i] = self.read_array(i, mmap=mmap, verify=verify)
             else:
-                tiny = [i for i in small if self.manifest.arrays[i].nbytes <= SMALL_READ]
                 for i in small:
-                    if self.manifest.arrays[i].nbytes > SMALL_READ:
-                        arrays[i] = self.read_array(i, verify=verify)
+                    arrays[i] = self.read_array(i, verify=verify)
                 for batch in self._small_batches(tiny):
                     for i, a in zip(batch, self._read_batch(batch, verify)):
                         arrays[i] = a
         if len(big) > 1 and workers > 1 and not mmap:
+            from concurrent.futures import ThreadPoolExecutor  # big arrays only
+
             with ThreadPoolExecutor(workers, thread_name_prefix="unickpt-read") as ex:
                 for i, a in zip(big, ex.map(lambda j: self.read_array(j, verify=verify), big)):
                     arrays[i] = a
@@ -438,17 +466,22 @@ class CheckpointReader:
 
         def fill(x: Any) -> Any:
             t = type(x)
-            if t is dict:
-                return {k: fill(v) for k, v in x.items()}
+            if t is dict:  # array children inline: one call less per array
+                return {k: arrays[v] if type(v) is _Ref else fill(v) for k, v in x.items()}
             if t is list:
                 return [fill(v) for v in x]
             if t is tuple:
                 return tuple([fill(v) for v in x])
             if t is _Ref:
-                return arrays[x.i]
+                return arrays[x]
             if t is _ShardedRef:
-                return shard(x.i, ())
+                return shard(int(x), ())
             return x  # immutable scalars (None, bool, int, float, str, bytes)
 
-        with gc_paused():
-            return fill(self._skeleton)
+        try:
+            with gc_paused():
+                return fill(self._skeleton)
+        finally:
+            # fill refers to itself through its closure cell: clear it, so that this reader
+            # and its entries are freed by reference counting, not by a later gc walk
+            fill = shard = None  # noqa: F841

@@ -10,14 +10,12 @@ needs is bounded by ``CHUNK_BYTES`` per worker thread, not by the state size.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import posixpath
 import re
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,15 +54,27 @@ BATCH_IOVECS = 1024
 
 
 
-@dataclass
 class _Job:
-    path: Path
-    array: Any  # np.ndarray, or a zero-arg callable returning one (lazy host copy)
-    dtype: np.dtype
-    shape: tuple[int, ...]
-    scalar: bool
-    entry: ArrayEntry | None = None
-    prehash: int | None = None  # full xxh3, when a sharing check already computed it
+    """One array to write: where it sits in the tree and (after layout) its manifest entry.
+
+    A plain class with slots, not a dataclass: one is made per array, so with 10,000 small
+    leaves its construction is part of every save.
+    """
+
+    __slots__ = ("path", "array", "dtype", "shape", "scalar", "entry", "info", "nbytes",
+                 "prehash")
+
+    def __init__(self, path: Path, array: Any, dtype: np.dtype, shape: tuple[int, ...],
+                 scalar: bool, info: tuple | None = None, nbytes: int | None = None):
+        self.path = path
+        self.array = array  # np.ndarray, or a zero-arg callable returning one (lazy host copy)
+        self.dtype = dtype
+        self.shape = shape
+        self.scalar = scalar
+        self.entry: ArrayEntry | None = None
+        self.info = info if info is not None else _dtype_info(dtype)
+        self.nbytes = nbytes if nbytes is not None else math.prod(shape) * dtype.itemsize
+        self.prehash: int | None = None  # full xxh3, when a sharing check already computed it
 
 
 @dataclass
@@ -103,13 +113,7 @@ def _flatten(tree: Any) -> tuple[Any, list[_Job], list]:
     seen: set[int] = set()
 
     def add_array(arr: Any, path: Path, scalar: bool = False) -> int:
-        a = arr
-        dt = a.dtype
-        try:
-            _dtype_info(dt)
-        except UnsupportedDtype as e:
-            raise UnsupportedLeafError(f"cannot save {format_path(path)}: {e}") from None
-        jobs.append(_Job(path, a, dt, tuple(map(int, a.shape)), scalar))
+        jobs.append(_job(arr, path, scalar))
         return len(jobs) - 1
 
     def enc(x: Any, path: Path) -> Any:
@@ -154,32 +158,71 @@ def _flatten(tree: Any) -> tuple[Any, list[_Job], list]:
                 if isinstance(x, dict):
                     flat: list = []
                     for k, v in x.items():
-                        if isinstance(k, bool) or not isinstance(k, (str, int)) or (
-                                isinstance(k, int) and not check_int_range(k)):
-                            raise UnsupportedLeafError(
-                                f"cannot save {format_path(path)}: dict key {k!r} of type "
-                                f"{type(k).__name__} (keys must be str or 64-bit int)")
-                        if isinstance(k, str):
-                            _check_utf8(k, path)
+                        if type(k) is str and k.isascii():  # the common key: valid UTF-8
+                            flat.append(k)
+                            # the common leaf, as enc and add_array would take it, inline
+                            if type(v) is np.ndarray and (info := _INFO.get(v.dtype)):
+                                jobs.append(_Job((*path, k), v, v.dtype, v.shape, False, info,
+                                                 v.nbytes))
+                                flat.append(["a", len(jobs) - 1])
+                            else:
+                                flat.append(enc(v, (*path, k)))
+                            continue
+                        _check_key(k, path)
                         flat.append(k)
                         flat.append(enc(v, (*path, k)))
                     return ["d", flat]
                 if type(x) not in (list, tuple):
-                    raise UnsupportedLeafError(
-                        f"cannot save {format_path(path)}: {type(x).__name__} is a "
-                        f"{'tuple' if isinstance(x, tuple) else 'list'} subclass; no adapter "
-                        "claims it (convert it to a plain tuple/dict, or register an adapter)")
+                    raise _not_a_leaf(x, path)
                 return ["l" if isinstance(x, list) else "t",
                         [enc(v, (*path, i)) for i, v in enumerate(x)]]
             finally:
                 seen.discard(id(x))
-        raise UnsupportedLeafError(
-            f"cannot save {format_path(path)}: value of type {type(x).__module__}."
-            f"{type(x).__qualname__} is not a state-tree leaf and no adapter claims it. "
-            "Use numpy arrays / Python scalars, give the object state_dict()/load_state_dict(), "
-            "or install the adapter for its framework")
+        raise _not_a_leaf(x, path)
 
-    return enc(tree, ()), jobs, sharded
+    try:
+        return enc(tree, ()), jobs, sharded
+    finally:  # enc's closure cell refers to enc: clear it, so refcounting frees the jobs
+        enc = add_array = None  # noqa: F841
+
+
+def _job(arr: Any, path: Path, scalar: bool) -> _Job:
+    """The job of one array leaf (ndarray or LazyArray); refuses an unsupported dtype."""
+    dt = arr.dtype
+    info = _INFO.get(dt)  # per-dtype facts, cached: a dict lookup per array
+    if info is None:
+        try:
+            info = _dtype_info(dt)
+        except UnsupportedDtype as e:
+            raise UnsupportedLeafError(f"cannot save {format_path(path)}: {e}") from None
+    if type(arr) is np.ndarray:  # shape already a tuple of ints; nbytes = size * itemsize
+        return _Job(path, arr, dt, arr.shape, scalar, info, arr.nbytes)
+    return _Job(path, arr, dt, tuple(map(int, arr.shape)), scalar, info)
+
+
+def _not_a_leaf(x: Any, path: Path) -> UnsupportedLeafError:
+    """The error for a value nothing can save (a list/tuple subclass, an unknown object)."""
+    if isinstance(x, (list, tuple)):
+        return UnsupportedLeafError(
+            f"cannot save {format_path(path)}: {type(x).__name__} is a "
+            f"{'tuple' if isinstance(x, tuple) else 'list'} subclass; no adapter "
+            "claims it (convert it to a plain tuple/dict, or register an adapter)")
+    return UnsupportedLeafError(
+        f"cannot save {format_path(path)}: value of type {type(x).__module__}."
+        f"{type(x).__qualname__} is not a state-tree leaf and no adapter claims it. Use "
+        "numpy arrays / Python scalars, give the object state_dict()/load_state_dict(), or "
+        "install the adapter for its framework")
+
+
+def _check_key(k: Any, path: Path) -> None:
+    """Dict keys are str (valid Unicode) or 64-bit ints."""
+    if isinstance(k, bool) or not isinstance(k, (str, int)) or (
+            isinstance(k, int) and not check_int_range(k)):
+        raise UnsupportedLeafError(
+            f"cannot save {format_path(path)}: dict key {k!r} of type "
+            f"{type(k).__name__} (keys must be str or 64-bit int)")
+    if isinstance(k, str):
+        _check_utf8(k, path)
 
 
 def _check_utf8(s: str, path: Path) -> None:
@@ -193,9 +236,13 @@ def _check_utf8(s: str, path: Path) -> None:
 
 
 def _tensor_names(jobs: list[_Job]) -> list[str]:
+    """Each array's safetensors name: its tree path joined with "/", made unique with "#n"."""
+    bases = ["/".join(map(str, j.path)) or "<root>" for j in jobs]
+    distinct = set(bases)
+    if len(distinct) == len(bases) and "__metadata__" not in distinct:
+        return bases  # no clash: the loop below would keep every base name as it is
     names, used = [], {"__metadata__"}  # reserved by safetensors for the header metadata
-    for j in jobs:
-        base = "/".join(map(str, j.path)) or "<root>"
+    for base in bases:
         name, n = base, 1
         while name in used:
             n += 1
@@ -205,16 +252,36 @@ def _tensor_names(jobs: list[_Job]) -> list[str]:
     return names
 
 
+# json.dumps({"__metadata__": {"format": "unickpt", "unickpt_format": "2"}},
+# separators=(",", ":")) without its closing brace (a literal: json is imported lazily)
+_HEADER_START = f'{{"__metadata__":{{"format":"unickpt","unickpt_format":"{FORMAT_VERSION}"}}'
+
+
+def _json_string(s: str) -> str:
+    """``s`` as a JSON string, as json.dumps(s, ensure_ascii=False) writes it."""
+    import json  # rare (names with quotes, backslashes or control characters): lazily
+
+    return json.dumps(s, ensure_ascii=False)
+
+
 # Characters json.dumps(ensure_ascii=False) escapes in a string.
 _NEEDS_ESCAPE = re.compile(r'[\x00-\x1f"\\]').search
 
 
-@functools.lru_cache(maxsize=1024)
-def _dtype_info(dt: np.dtype) -> tuple[str, str, bool, str]:
-    """(manifest name, safetensors code, header keeps the shape, byte order) of a dtype."""
-    name = dtype_name(dt)
-    code = safetensors_code(name)
-    return name, code, code != "U8" or name == "uint8", ">" if dt.byteorder == ">" else "<"
+_INFO: dict[np.dtype, tuple[str, str, bool, str, int]] = {}
+
+
+def _dtype_info(dt: np.dtype) -> tuple[str, str, bool, str, int]:
+    """(manifest name, safetensors code, header keeps the shape, byte order, alignment)."""
+    info = _INFO.get(dt)
+    if info is None:
+        name = dtype_name(dt)  # raises UnsupportedDtype: nothing is cached then
+        code = safetensors_code(name)
+        info = (name, code, code != "U8" or name == "uint8", ">" if dt.byteorder == ">" else "<",
+                _align(dt.itemsize))
+        if len(_INFO) < 1024:  # bounded: structured/void dtypes can be many
+            _INFO[dt] = info
+    return info
 
 
 def _align(itemsize: int) -> int:
@@ -228,29 +295,38 @@ def layout(jobs: list[_Job], file: str = DATA_FILE) -> tuple[bytes, int]:
     alignment (natural alignment for zero-copy memory maps) without gaps, which safetensors
     forbids; the header is padded with spaces so the data section starts 64-byte aligned.
     """
-    # One pass per array with per-dtype facts cached: this loop runs once per leaf, so with
-    # 10,000 small leaves it is a visible part of a save.
-    infos = [_dtype_info(j.dtype) for j in jobs]
-    sizes = [math.prod(j.shape) * j.dtype.itemsize for j in jobs]  # stored itemsize is the same
+    # One pass per array with per-dtype facts cached on each job: this loop runs once per leaf,
+    # so with 10,000 small leaves it is a visible part of a save.
+    n = len(jobs)
+    sizes = [j.nbytes for j in jobs]  # the stored item size equals the in-memory one
     # By decreasing power-of-two alignment (the lowest set bit of the item size, at most 64):
     # every array's size is a multiple of its own alignment and of all that follow, so each
     # array starts naturally aligned even with odd item sizes such as U3 (12) or V3.
-    order = sorted(range(len(jobs)), key=lambda i: -_align(jobs[i].dtype.itemsize))  # stable
+    aligns = [-j.info[4] for j in jobs]
+    order: Any = range(n)
+    if n and min(aligns) != max(aligns):  # one alignment (the common case): already in order
+        order = sorted(order, key=aligns.__getitem__)  # stable
     names = _tensor_names(jobs)
+    escape = _NEEDS_ESCAPE("".join(names)) is not None  # one scan instead of one per name
     # The header is the JSON that json.dumps(..., ensure_ascii=False, separators=(",", ":"))
     # gives for {"__metadata__": ..., name: {"dtype", "shape", "data_offsets"}, ...}, built
     # with one f-string per array (a dict per array plus json.dumps costs 3x as much).
-    parts = [json.dumps({"__metadata__": {"format": "unickpt", "unickpt_format":
-                                          str(FORMAT_VERSION)}}, separators=(",", ":"))[:-1]]
+    parts = [_HEADER_START]
+    shape_text: dict[tuple[int, ...], str] = {}  # states repeat a few shapes many times
     rel = 0
-    rel_offsets = [0] * len(jobs)
+    rel_offsets = [0] * n
     for i in order:
-        _name, code, keep_shape, _bo = infos[i]
+        j = jobs[i]
+        _name, code, keep_shape, _bo, _al = j.info
         nbytes = sizes[i]
         name = names[i]
-        key = (json.dumps(name, ensure_ascii=False) if _NEEDS_ESCAPE(name)
-               else f'"{name}"')
-        shape = ",".join(map(str, jobs[i].shape)) if keep_shape else str(nbytes)
+        key = _json_string(name) if escape and _NEEDS_ESCAPE(name) else f'"{name}"'
+        if keep_shape:
+            shape = shape_text.get(j.shape)
+            if shape is None:
+                shape = shape_text[j.shape] = ",".join(map(str, j.shape))
+        else:
+            shape = str(nbytes)
         parts.append(f'{key}:{{"dtype":"{code}","shape":[{shape}],'
                      f'"data_offsets":[{rel},{rel + nbytes}]}}')
         rel_offsets[i] = rel
@@ -260,9 +336,9 @@ def layout(jobs: list[_Job], file: str = DATA_FILE) -> tuple[bytes, int]:
     raw += b" " * pad
     data_start = 8 + len(raw)
     for i, j in enumerate(jobs):
-        name, _code, _keep, byteorder = infos[i]
-        j.entry = ArrayEntry(file, names[i], name, j.shape, data_start + rel_offsets[i],
-                             sizes[i], 0, byteorder, j.scalar)
+        info = j.info
+        j.entry = ArrayEntry(file, names[i], info[0], j.shape, data_start + rel_offsets[i],
+                             sizes[i], 0, info[3], j.scalar)
     return len(raw).to_bytes(8, "little") + raw, data_start + rel
 
 
@@ -321,12 +397,16 @@ def _small_bytes(j: _Job) -> bytes:
 def _write_batch(fh: WriteHandle, batch: list[_Job]) -> None:
     """Write file-adjacent small arrays with one pwritev, hashing each array's bytes."""
     bufs = []
+    digest = checksum.digest_function()  # the C function itself: one Python call per array
     for j in batch:
-        b = _small_bytes(j)
-        if len(b) != j.entry.nbytes:
+        a = j.array
+        # the common leaf (a native-order ndarray) inline; anything else through _small_bytes
+        b = a.tobytes() if type(a) is np.ndarray and a.dtype.byteorder != ">" else _small_bytes(j)
+        e = j.entry
+        if len(b) != e.nbytes:
             raise RuntimeError(f"{format_path(j.path)}: has {len(b)} bytes, expected "
-                               f"{j.entry.nbytes}")
-        j.entry.xxh3 = checksum.digest(b)
+                               f"{e.nbytes}")
+        e.xxh3 = digest(b)
         bufs.append(b)
     start = batch[0].entry.offset
     end = batch[-1].entry.offset + batch[-1].entry.nbytes
@@ -397,6 +477,8 @@ def write_tree(directory: str, tree: Any, *, metadata: dict | None = None,
         with gc_paused():  # only around the CPU-bound encoding, never the (long) I/O
             plan = plan_files(jobs, None, None, None)
     else:
+        from concurrent.futures import ThreadPoolExecutor  # only when sharing is possible
+
         with ThreadPoolExecutor(nworkers, thread_name_prefix="unickpt-hash") as ex:
             plan = plan_files(jobs, prev, lambda dt: _dtype_info(dt)[0], _hash_job, ex.map)
     # a file that cannot be shared after all is written instead: the count stays the same
@@ -490,6 +572,8 @@ def _write_files(storage: Storage, directory: str,
                 for fh in handles:
                     fh.sync()
             else:
+                from concurrent.futures import ThreadPoolExecutor  # big arrays only
+
                 with ThreadPoolExecutor(n, thread_name_prefix="unickpt-write") as ex:
                     for f in [ex.submit(run) for _, run in items]:
                         f.result()

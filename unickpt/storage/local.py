@@ -8,14 +8,10 @@ and the parent fsynced so the rename itself is durable.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import mmap
 import os
-import shutil
-import socket
 import stat
 import sys
 import time
@@ -32,6 +28,18 @@ _RENAME_EXCHANGE = 2
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 
+def _rmtree(path: str, ignore_errors: bool = False) -> None:
+    import shutil  # shutil (and the compression modules it imports) only when deleting
+
+    shutil.rmtree(path, ignore_errors=ignore_errors)
+
+
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
 def fsync_dir(path: str) -> None:
     """Make a directory's entries (created/renamed files) durable."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -43,6 +51,9 @@ def fsync_dir(path: str) -> None:
 
 def _exchange(a: str, b: str) -> bool:
     """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    import ctypes  # here, not at import time: ctypes costs ~20 ms of `import unickpt`
+    import ctypes.util
+
     libc_name = ctypes.util.find_library("c")
     if not libc_name:
         return False
@@ -71,6 +82,8 @@ def _writeback_starter() -> Callable[[int, int, int], Any] | None:
     """
     if sys.platform.startswith("linux"):
         try:
+            import ctypes
+
             fn = ctypes.CDLL(None, use_errno=True).sync_file_range
             fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
             fn.restype = ctypes.c_int
@@ -82,7 +95,15 @@ def _writeback_starter() -> Callable[[int, int, int], Any] | None:
     return None
 
 
-_start_writeback = _writeback_starter()
+_UNSET: Any = object()
+_start_writeback: Any = _UNSET  # resolved on the first hint: ctypes is not needed at import
+
+
+def _writeback() -> Callable[[int, int, int], Any] | None:
+    global _start_writeback
+    if _start_writeback is _UNSET:
+        _start_writeback = _writeback_starter()
+    return _start_writeback
 
 
 class LocalWriteHandle:
@@ -113,8 +134,9 @@ class LocalWriteHandle:
                 bufs[0] = memoryview(bufs[0])[n:]
 
     def hint_written(self, offset: int, nbytes: int) -> None:
-        if _start_writeback is not None:
-            _start_writeback(self.fd, offset, nbytes)
+        start = _writeback()
+        if start is not None:
+            start(self.fd, offset, nbytes)
 
     def sync(self) -> None:
         os.fsync(self.fd)
@@ -195,7 +217,7 @@ class RootLock:
                 f"({holder or 'holder unknown'}); two writers in one root would corrupt its "
                 "history. Stop the other job, or give this one another root") from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid={os.getpid()} host={socket.gethostname()} since="
+        os.pwrite(fd, f"pid={os.getpid()} host={_hostname()} since="
                       f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode(), 0)
         self._fd, self._owner = fd, os.getpid()
         _held.add(self)
@@ -291,7 +313,7 @@ class LocalStorage:
             # aside first (a crash in between leaves it recoverable under a .unickpt-trash name).
             if _exchange(temp, final):
                 fsync_dir(parent)
-                shutil.rmtree(temp, ignore_errors=True)
+                _rmtree(temp, ignore_errors=True)
                 return
             # The old copy goes aside under a "previous" trash name: a crash before the second
             # rename leaves it there, and the next manager start restores it (docs/manager.md).
@@ -304,7 +326,7 @@ class LocalStorage:
                     os.rename(previous, final)
                 raise
             fsync_dir(parent)
-            shutil.rmtree(previous, ignore_errors=True)
+            _rmtree(previous, ignore_errors=True)
             return
         # os.rename would silently replace an empty directory that appeared meanwhile; the
         # existence check above plus the run-root lock held by the manager rule that out.
@@ -371,7 +393,7 @@ class LocalStorage:
         fsync_dir(os.path.dirname(os.path.abspath(path)))
 
     def remove_tree(self, path: str) -> None:
-        shutil.rmtree(path)
+        _rmtree(path)
 
     def remove_file(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
-import socket
-import uuid
 from collections.abc import Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -169,6 +167,8 @@ def can_share(storage: object) -> bool:
 
 def host_tag() -> str:
     """This host as it appears in temporary directory names."""
+    import socket  # only when a temporary name is made: not part of `import unickpt`
+
     return socket.gethostname().replace(".", "_")[:40]
 
 
@@ -176,13 +176,13 @@ def temp_name(final: str) -> str:
     """The temporary sibling name for ``final``: prefix, target name, host, pid, random."""
     parent, base = posixpath.split(final.rstrip("/"))
     return posixpath.join(parent, f"{TEMP_PREFIX}{base}.{host_tag()}.{os.getpid()}."
-                                  f"{uuid.uuid4().hex[:8]}")
+                                  f"{os.urandom(4).hex()}")
 
 
 def trash_name(path: str) -> str:
     """The sibling name ``path`` is moved to before it is deleted."""
     parent, base = posixpath.split(path.rstrip("/"))
-    return posixpath.join(parent, f"{TRASH_PREFIX}{base}.{uuid.uuid4().hex[:8]}")
+    return posixpath.join(parent, f"{TRASH_PREFIX}{base}.{os.urandom(4).hex()}")
 
 
 # An overwrite on a filesystem without atomic exchange moves the old checkpoint aside under
@@ -198,7 +198,7 @@ def previous_name(path: str) -> str:
     """The sibling name an overwritten checkpoint is moved to while its replacement lands."""
     parent, base = posixpath.split(path.rstrip("/"))
     return posixpath.join(parent, f"{TRASH_PREFIX}{PREVIOUS_INFIX}{base}."
-                                  f"{uuid.uuid4().hex[:8]}")
+                                  f"{os.urandom(4).hex()}")
 
 
 def parse_previous_name(name: str) -> str | None:
