@@ -25,7 +25,7 @@ from .format import checksum
 from .format.commit import commit_checkpoint, prepare
 from .format.reader import CheckpointReader, is_committed
 from .state import to_tree
-from .storage import LocalStorage, Storage
+from .storage import Storage, storage_for
 from .tree import Path, format_path
 
 __all__ = ["save", "load", "inspect", "verify", "SaveInfo", "Inspection", "LeafInfo",
@@ -61,7 +61,7 @@ def save(path: str | os.PathLike, tree: Any, *, metadata: dict | None = None,
     a step; it will move to an internal entry point.)
     """
     t0 = time.perf_counter()
-    storage = storage or LocalStorage()
+    storage = storage or storage_for(path)
     final = storage.resolve(path)
     checksum.require(f"saving {final}")  # before any I/O: nothing is half-written without it
     if storage.exists(final):

@@ -40,11 +40,11 @@ from ..format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, read_manifest_b
 from ..policy.naming import LATEST_NAME, Listing, classify, format_run, format_step, parse_step
 from ..storage import (
     STALE_TEMP_SECONDS,
-    LocalStorage,
     Storage,
     WriterLock,
     host_tag,
     parse_temp_name,
+    storage_for,
     trash_name,
 )
 from .records import CheckpointInfo
@@ -131,7 +131,7 @@ class RunRoot:
     """
 
     def __init__(self, root: str | os.PathLike, storage: Storage | None = None):
-        self.storage: Storage = storage or LocalStorage()
+        self.storage: Storage = storage or storage_for(root)
         self.path = self.storage.resolve(root)
         self._lock: WriterLock = self.storage.lock(self.path)
 

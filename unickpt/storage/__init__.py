@@ -35,8 +35,9 @@ from .protocol import (
     temp_name,
     trash_name,
 )
+from .urls import is_url, storage_for
 
 __all__ = ["Storage", "WriteHandle", "ReadHandle", "WriterLock", "NotRegularFileError",
            "LocalStorage", "staged", "TEMP_PREFIX", "TRASH_PREFIX", "LOCK_NAME",
            "STALE_TEMP_SECONDS", "host_tag", "temp_name", "trash_name", "parse_temp_name",
-           "is_transient_name"]
+           "is_transient_name", "storage_for", "is_url"]
