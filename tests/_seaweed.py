@@ -3,6 +3,7 @@ localhost ports with a temp data directory, started once per session and always 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -54,9 +55,9 @@ class Seaweed:
     def start(self, timeout: float = 60.0) -> None:
         cfg = os.path.join(self.dir, "s3.json")
         with open(cfg, "w") as f:
-            f.write('{"identities": [{"name": "t", "credentials": [{"accessKey": "%s", '
-                    '"secretKey": "%s"}], "actions": ["Admin", "Read", "Write", "List", '
-                    '"Tagging"]}]}' % (KEY, SECRET))
+            json.dump({"identities": [{"name": "t", "credentials": [
+                {"accessKey": KEY, "secretKey": SECRET}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}, f)
         data = os.path.join(self.dir, "data")
         os.makedirs(data, exist_ok=True)
         self.log = open(os.path.join(self.dir, "weed.log"), "ab")

@@ -90,7 +90,7 @@ def test_archive_on_fresh_start_and_lock(root):
             unickpt.CheckpointManager(url, storage_options=opts).resolve_start()
     with unickpt.CheckpointManager(url, storage_options=opts, resume="never") as m:
         d = m.resolve_start()
-        assert d.archived_to.endswith("/run/run_1") and d.archived == ("step_1", "step_2")
+        assert d.archived_to == m.root + "/run_1" and d.archived == ("step_1", "step_2")
         assert m.checkpoints() == [] and m.latest() is None
         m.save(1, state(11))
     st = storage_for(url, opts)

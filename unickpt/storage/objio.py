@@ -12,6 +12,7 @@ into parallel pieces for big reads.
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import tempfile
 import threading
@@ -102,7 +103,8 @@ class PartUploader:
 
         async def up() -> dict:
             r = await self.fs._call_s3("upload_part", Bucket=self.bucket, Key=self.key,
-                                       UploadId=upload_id, PartNumber=k + 1, Body=buf)
+                                       UploadId=upload_id, PartNumber=k + 1,
+                                       Body=io.BytesIO(buf))
             return {"PartNumber": k + 1, "ETag": r["ETag"]}
 
         fut = asyncio.run_coroutine_threadsafe(up(), self.fs.loop)
@@ -149,7 +151,7 @@ class PartUploader:
     def _finish(self) -> None:
         if self.nparts == 1:
             body = self._bufs.pop(0, None) or bytearray(self.size)
-            self._call("put_object", Body=body, **self.extra)
+            self._call("put_object", Body=io.BytesIO(body), **self.extra)
             self._done = True
             return
         for k in range(self.nparts):

@@ -23,6 +23,7 @@ b'hi'
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import posixpath
@@ -91,7 +92,6 @@ class FsspecStorage:
         if protocol in ("s3", "s3a"):
             # listings must be the truth, never a cache; bounded waits for a vanished server
             opts.setdefault("use_listings_cache", False)
-            opts.setdefault("retries", 3)
             ck = dict(opts.pop("config_kwargs", {}) or {})
             ck.setdefault("connect_timeout", 5)
             ck.setdefault("read_timeout", 60)
@@ -146,15 +146,18 @@ class FsspecStorage:
             raise self._err("stat of", path, e) from e
 
     def is_dir(self, path: str) -> bool:
+        # A prefix exists while objects are under it; an empty directory entry that some
+        # stores keep (SeaweedFS) after its objects are deleted does not count.
         i = self._info(path)
-        return i is not None and i.get("type") == "directory"
+        return i is not None and i.get("type") == "directory" and bool(self._ls(path))
 
     def is_file(self, path: str) -> bool:
         i = self._info(path)
         return i is not None and i.get("type") == "file"
 
     def exists(self, path: str) -> bool:
-        return self._info(path) is not None
+        i = self._info(path)
+        return i is not None and (i.get("type") == "file" or bool(self._ls(path)))
 
     def make_dirs(self, path: str) -> None:
         try:
@@ -210,7 +213,7 @@ class FsspecStorage:
             bucket, key = self._bucket_key(path)
             try:
                 sync(self.fs.loop, self.fs._call_s3, "put_object", Bucket=bucket, Key=key,
-                     Body=data, IfNoneMatch="*")
+                     Body=io.BytesIO(data), IfNoneMatch="*")
                 return True
             except OSError as e:
                 code = getattr(getattr(e, "__cause__", None), "response", {}) \
@@ -317,6 +320,12 @@ class FsspecStorage:
             pass
         except OSError as e:
             raise self._err("deleting", path, e) from e
+        if self._s3:  # stores with real directories (SeaweedFS) keep an empty "key/" entry
+            from fsspec.asyn import sync
+            bucket, key = self._bucket_key(path)
+            with contextlib.suppress(OSError):
+                sync(self.fs.loop, self.fs._call_s3, "delete_object", Bucket=bucket,
+                     Key=key.rstrip("/") + "/")
 
     def remove_tree(self, path: str) -> None:
         """Delete ``path``; a staging or trash marker also takes the uncommitted data it
