@@ -115,10 +115,13 @@ class FsspecStorage:
         return b, k
 
     def _err(self, what: str, path: str, e: Exception) -> Exception:
+        """A typed error naming the URL (botocore raises some errors, e.g. a refused
+        connection, as non-OSError exceptions: they are wrapped too)."""
         if isinstance(e, (FileNotFoundError, FileExistsError, UnickptError)):
             return e
         return ObjectStoreError(getattr(e, "errno", None) or 5,
-                                f"object store: {what} {path} failed: {e}")
+                                f"object store: {what} {path} failed: {e}; check that the "
+                                "store is reachable")
 
     def resolve(self, path: str | os.PathLike) -> str:
         return self._url(self._key(os.fspath(path)))
@@ -129,7 +132,7 @@ class FsspecStorage:
             return self.fs.ls(self._key(path), detail=detail, refresh=True)
         except (FileNotFoundError, NotADirectoryError):
             return []
-        except OSError as e:
+        except Exception as e:
             raise self._err("listing", path, e) from e
 
     def list_dir(self, path: str) -> list[str]:
@@ -142,7 +145,7 @@ class FsspecStorage:
             return self.fs.info(self._key(path), refresh=True)
         except FileNotFoundError:
             return None
-        except OSError as e:
+        except Exception as e:
             raise self._err("stat of", path, e) from e
 
     def is_dir(self, path: str) -> bool:
@@ -164,7 +167,7 @@ class FsspecStorage:
             self.fs.makedirs(self._key(path), exist_ok=True)
         except FileExistsError:
             pass
-        except OSError as e:
+        except Exception as e:
             raise self._err("creating", path, e) from e
 
     def tree_size(self, path: str) -> int:
@@ -196,13 +199,13 @@ class FsspecStorage:
             return self.fs.cat_file(self._key(path))
         except FileNotFoundError:
             raise
-        except OSError as e:
+        except Exception as e:
             raise self._err("reading", path, e) from e
 
     def _put(self, path: str, data: bytes) -> None:
         try:
             self.fs.pipe_file(self._key(path), data)
-        except OSError as e:
+        except Exception as e:
             raise self._err("writing", path, e) from e
 
     def put_if_absent(self, path: str, data: bytes) -> bool:
@@ -215,7 +218,7 @@ class FsspecStorage:
                 sync(self.fs.loop, self.fs._call_s3, "put_object", Bucket=bucket, Key=key,
                      Body=io.BytesIO(data), IfNoneMatch="*")
                 return True
-            except OSError as e:
+            except Exception as e:
                 code = getattr(getattr(e, "__cause__", None), "response", {}) \
                     .get("Error", {}).get("Code")
                 if code in ("PreconditionFailed", "ConditionalRequestConflict") \
@@ -236,7 +239,7 @@ class FsspecStorage:
             self.fs.rm_file(self._key(path))
         except FileNotFoundError:
             pass
-        except OSError as e:
+        except Exception as e:
             raise self._err("deleting", path, e) from e
 
     # ------------------------------------------------------------ staging and commit
@@ -310,7 +313,7 @@ class FsspecStorage:
     def _copy(self, src: str, dst: str) -> None:
         try:
             self.fs.copy(self._key(src), self._key(dst))  # server-side on S3 and GCS
-        except OSError as e:
+        except Exception as e:
             raise self._err("copying", src, e) from e
 
     def _rm_prefix(self, path: str) -> None:
@@ -318,12 +321,12 @@ class FsspecStorage:
             self.fs.rm(self._key(path), recursive=True)
         except FileNotFoundError:
             pass
-        except OSError as e:
+        except Exception as e:
             raise self._err("deleting", path, e) from e
         if self._s3:  # stores with real directories (SeaweedFS) keep an empty "key/" entry
             from fsspec.asyn import sync
             bucket, key = self._bucket_key(path)
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(Exception):
                 sync(self.fs.loop, self.fs._call_s3, "delete_object", Bucket=bucket,
                      Key=key.rstrip("/") + "/")
 
@@ -403,7 +406,7 @@ class LeaseLock:
     def _holder(self) -> dict:
         try:
             return json.loads(self.storage.read_bytes(self.path))
-        except (OSError, ValueError):
+        except Exception:  # noqa: BLE001 - unreadable or gone: no holder we can name
             return {}
 
     def acquire(self) -> None:
@@ -440,7 +443,7 @@ class LeaseLock:
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 3):
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(Exception):
                 if self._holder().get("token") == self.token:
                     self.storage.write_atomic(self.path, self._body())
 
@@ -448,7 +451,7 @@ class LeaseLock:
         if self.token is None:
             return
         self._stop.set()
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(Exception):  # best effort (also from a finalizer at exit)
             if self._holder().get("token") == self.token:
                 self.storage.remove_file(self.path)
         self.token = None
