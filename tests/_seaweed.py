@@ -65,7 +65,8 @@ class Seaweed:
             [self.exe, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
              f"-master.port={self.master}", f"-volume.port={self.volume}",
              f"-filer.port={self.filer}", "-s3", f"-s3.port={self.s3}", f"-s3.config={cfg}",
-             "-volume.max=0", "-master.volumeSizeLimitMB=64"],
+             "-volume.max=0", "-master.volumeSizeLimitMB=64", "-s3.port.iceberg=0",
+             "-s3.port.lance=0", "-master.electionTimeout=1s"],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         import s3fs

@@ -98,6 +98,10 @@ class FsspecStorage:
             ck.setdefault("retries", {"max_attempts": 2, "mode": "standard"})
             opts["config_kwargs"] = ck
         self.fs = fs if fs is not None else fsspec.filesystem(protocol, **opts)
+        if protocol in ("s3", "s3a") and fs is None and hasattr(self.fs, "retries"):
+            # s3fs retries transient errors with backoff (about 1 s in all at 3 tries);
+            # botocore adds its own.  A dead endpoint fails in seconds, not minutes.
+            self.fs.retries = min(self.fs.retries, 3)
         self.protocol = protocol
         self._s3 = protocol in ("s3", "s3a") and hasattr(self.fs, "_call_s3")
         self._staging: dict[str, _Staging] = {}
