@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 import unickpt
+
+pytest.importorskip("fsspec")
 from unickpt.errors import CheckpointExistsError, LockedError
 from unickpt.manager import RunRoot
 from unickpt.storage import storage_for, temp_name
