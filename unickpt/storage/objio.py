@@ -12,7 +12,6 @@ into parallel pieces for big reads.
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import tempfile
 import threading
@@ -26,10 +25,12 @@ from ..errors import UnickptError
 
 __all__ = ["ObjectStoreError", "PartUploader", "SpoolUploader", "RangedReader", "PART_BYTES", "MIN_PART_BYTES"]
 
+# Bodies go to aiohttp as the part's own bytearray, as s3fs sends its own chunks: no copy.
+# (aiohttp emits a ResourceWarning for raw bodies over 1 MiB; only a hint about loop latency.)
 PART_BYTES = 16 << 20
 MIN_PART_BYTES = 5 << 20  # S3: every part but the last is at least 5 MiB
 MAX_PARTS = 10_000
-READ_PIECE = 8 << 20
+READ_PIECE = 4 << 20
 # Soft cap on parts held in memory (being filled or uploading).  A writer that needs a new
 # part waits for room, but never longer than BACKPRESSURE_WAIT: a part shared by two arrays
 # written by different threads completes only when both are written, so a hard cap could
@@ -104,7 +105,7 @@ class PartUploader:
         async def up() -> dict:
             r = await self.fs._call_s3("upload_part", Bucket=self.bucket, Key=self.key,
                                        UploadId=upload_id, PartNumber=k + 1,
-                                       Body=io.BytesIO(buf))
+                                       Body=buf)
             return {"PartNumber": k + 1, "ETag": r["ETag"]}
 
         fut = asyncio.run_coroutine_threadsafe(up(), self.fs.loop)
@@ -151,7 +152,7 @@ class PartUploader:
     def _finish(self) -> None:
         if self.nparts == 1:
             body = self._bufs.pop(0, None) or bytearray(self.size)
-            self._call("put_object", Body=io.BytesIO(body), **self.extra)
+            self._call("put_object", Body=body, **self.extra)
             self._done = True
             return
         for k in range(self.nparts):

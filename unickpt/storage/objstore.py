@@ -154,17 +154,19 @@ class FsspecStorage:
 
     def is_dir(self, path: str) -> bool:
         # A prefix exists while objects are under it; an empty directory entry that some
-        # stores keep (SeaweedFS) after its objects are deleted does not count.
-        i = self._info(path)
-        return i is not None and i.get("type") == "directory" and bool(self._ls(path))
+        # stores keep (SeaweedFS) after its objects are deleted does not count.  One LIST:
+        # listing an object's own key returns just that object.
+        key = self._key(path)
+        entries = self._ls(path, True)
+        return bool(entries) and not (len(entries) == 1 and entries[0].get("type") == "file"
+                                      and str(entries[0].get("name")).rstrip("/") == key)
 
     def is_file(self, path: str) -> bool:
         i = self._info(path)
         return i is not None and i.get("type") == "file"
 
     def exists(self, path: str) -> bool:
-        i = self._info(path)
-        return i is not None and (i.get("type") == "file" or bool(self._ls(path)))
+        return bool(self._ls(path))  # the object itself, or a prefix with objects
 
     def make_dirs(self, path: str) -> None:
         try:
