@@ -30,7 +30,7 @@ __all__ = ["ObjectStoreError", "PartUploader", "SpoolUploader", "RangedReader", 
 PART_BYTES = 16 << 20
 MIN_PART_BYTES = 5 << 20  # S3: every part but the last is at least 5 MiB
 MAX_PARTS = 10_000
-READ_PIECE = 4 << 20
+READ_PIECE = 16 << 20  # measured: bigger pieces beat more concurrency on small hosts
 # Soft cap on parts held in memory (being filled or uploading).  A writer that needs a new
 # part waits for room, but never longer than BACKPRESSURE_WAIT: a part shared by two arrays
 # written by different threads completes only when both are written, so a hard cap could
