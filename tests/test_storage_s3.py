@@ -31,11 +31,13 @@ def same(a: dict, b: dict) -> bool:
             and a["b"].dtype == b["b"].dtype and a["b"].tobytes() == b["b"].tobytes())
 
 
-@pytest.fixture(params=["memory", "s3"])
-def root(request):
+@pytest.fixture(params=["memory", "file", "s3"])
+def root(request, tmp_path):
     """``(root URL, storage_options)`` on each backend."""
     if request.param == "memory":
         return f"memory://unickpt-{uuid.uuid4().hex[:10]}/run", None
+    if request.param == "file":  # the generic fsspec path (no rename used), on local disk
+        return f"file://{tmp_path}/run", None
     return request.getfixturevalue("s3_root")
 
 

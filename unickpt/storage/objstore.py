@@ -208,8 +208,15 @@ class FsspecStorage:
         except Exception as e:
             raise self._err("reading", path, e) from e
 
+    def _parents(self, key: str) -> None:
+        """Filesystems with real directories (``file://``) need the parent made first."""
+        if not self._s3:
+            with contextlib.suppress(FileExistsError):
+                self.fs.makedirs(posixpath.dirname(key), exist_ok=True)
+
     def _put(self, path: str, data: bytes) -> None:
         try:
+            self._parents(self._key(path))
             self.fs.pipe_file(self._key(path), data)
         except Exception as e:
             raise self._err("writing", path, e) from e
@@ -286,6 +293,7 @@ class FsspecStorage:
         if self._s3:
             bucket, key = self._bucket_key(path)
             return PartUploader(self.fs, bucket, key, size, url=path)
+        self._parents(self._key(path))
         return SpoolUploader(self.fs, self._key(path), size)
 
     def commit(self, temp: str, final: str, *, replace: bool = False) -> None:
@@ -318,6 +326,7 @@ class FsspecStorage:
 
     def _copy(self, src: str, dst: str) -> None:
         try:
+            self._parents(self._key(dst))
             self.fs.copy(self._key(src), self._key(dst))  # server-side on S3 and GCS
         except Exception as e:
             raise self._err("copying", src, e) from e
