@@ -196,3 +196,23 @@ def test_upload_memory_is_bounded_and_parallel(s3_root, monkeypatch):
     assert 2 <= peak[0] <= 6  # of 20 parts
     got = unickpt.load(url + "/ck", storage=st)
     assert all(got[k].tobytes() == v.tobytes() for k, v in big.items())
+
+
+def test_delete_uncommits_first_and_a_crash_mid_delete_is_cleaned(root):
+    """Retention's delete puts a trash marker, then deletes the manifest: a delete that
+    stops there leaves no checkpoint (never resumed) and the next start removes the rest."""
+    from unickpt.storage import trash_name
+
+    url, opts = root
+    st = storage_for(url, opts)
+    with unickpt.CheckpointManager(url, storage=st) as m:
+        m.save(1, state(1))
+        m.save(2, state(2))
+    rr = RunRoot(url, st)
+    st.move_many([(rr.step_path(2), trash_name(rr.step_path(2)))])  # the first half of delete
+    assert st.exists(rr.step_path(2) + "/arrays.safetensors")
+    assert rr.scan().steps == (1,) and len(rr.scan().trash) == 1
+    with unickpt.CheckpointManager(url, storage=st) as m:
+        r = m.restore(state(0))
+        assert r.step == 1 and same(r.state, state(1))
+    assert sorted(st.list_dir(rr.path)) == ["latest", "step_1"]
