@@ -85,10 +85,16 @@ class PartUploader:
     def _buf(self, k: int) -> bytearray:
         with self._cond:
             if k not in self._bufs:
-                self._cond.wait_for(lambda: len(self._bufs) < MAX_PARTS_IN_MEMORY,
-                                    BACKPRESSURE_WAIT)
-                self._bufs[k] = bytearray(self._len(k))
-                self._filled[k] = 0
+                # wait_for releases the lock: another writer of the same (shared) part may
+                # create it meanwhile, so look again before creating it.
+                self._cond.wait_for(lambda: k in self._bufs or
+                                    len(self._bufs) < MAX_PARTS_IN_MEMORY, BACKPRESSURE_WAIT)
+                if k not in self._bufs:
+                    if k in self._futs:
+                        raise RuntimeError(f"part {k + 1} of {self.url} written after upload")
+                    self._bufs[k] = bytearray(self._len(k))
+                    self._filled[k] = 0
+                    self._cond.notify_all()
             return self._bufs[k]
 
     def _wrote(self, k: int, n: int) -> None:
