@@ -132,12 +132,18 @@ class FsspecStorage:
 
     # ------------------------------------------------------------ looking
     def _ls(self, path: str, detail: bool = False) -> list:
+        key = self._key(path)
         try:
-            return self.fs.ls(self._key(path), detail=detail, refresh=True)
+            entries = self.fs.ls(key, detail=True, refresh=True)
         except (FileNotFoundError, NotADirectoryError):
             return []
         except Exception as e:
             raise self._err("listing", path, e) from e
+        # A "key/" object of the listed prefix itself is a directory marker (stores with real
+        # directories show one after the prefix's objects are deleted), not content.
+        entries = [e for e in entries if not (str(e.get("name", "")).endswith("/") and
+                                              str(e["name"]).rstrip("/") == key)]
+        return entries if detail else [e["name"] for e in entries]
 
     def list_dir(self, path: str) -> list[str]:
         base = self._key(path)
