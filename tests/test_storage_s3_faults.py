@@ -21,7 +21,7 @@ from unickpt.manager import RunRoot
 from unickpt.storage import storage_for
 
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-TRIALS = int(os.environ.get("UNICKPT_S3_KILL_TRIALS", "8" if IN_CI else "50"))
+TRIALS = int(os.environ.get("UNICKPT_S3_KILL_TRIALS", "6" if IN_CI else "50"))
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
