@@ -234,3 +234,24 @@ def test_parts_shared_by_writer_threads_under_memory_pressure(s3_root, monkeypat
     unickpt.save(url + "/ck", big, storage=st)
     got = unickpt.load(url + "/ck", storage=st)
     assert all(got[k].tobytes() == v.tobytes() for k, v in big.items())
+
+
+def test_half_removed_staging_entry_is_cleaned(s3_root):
+    """A writer killed while removing its staging prefix after the commit leaves an empty
+    directory entry on stores with real directories: the next start removes it."""
+    from fsspec.asyn import sync
+
+    url, opts = s3_root
+    st = storage_for(url, opts)
+    with unickpt.CheckpointManager(url, storage=st) as m:
+        m.save(1, state(1))
+    base = st.resolve(url)
+    tmp = temp_name(base + "/step_2").rsplit(".", 2)[0] + ".999999999.abcd1234"
+    st._put(tmp + "/pending", b"{}")
+    bucket, key = st._bucket_key(tmp + "/pending")
+    sync(st.fs.loop, st.fs._call_s3, "delete_object", Bucket=bucket, Key=key)
+    leftovers = [n for n in st.list_dir(base) if n.startswith(".unickpt-tmp.")]
+    assert st.mtime(tmp) == 0.0 or leftovers == []  # an empty entry, or none on plain S3
+    with unickpt.CheckpointManager(url, storage=st) as m:
+        assert m.restore(state(0)).step == 1
+        assert RunRoot(url, st).scan().temps == ()

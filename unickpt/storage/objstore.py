@@ -194,9 +194,9 @@ class FsspecStorage:
             return self._file_mtime(i, path)
         times = [self._file_mtime(e, path) for e in self._ls(path, True)
                  if e.get("type") == "file"]
-        if not times:
-            raise FileNotFoundError(2, "empty prefix", path)
-        return max(times)
+        # An empty directory entry (kept by stores with real directories after a delete
+        # that died half-way): as old as can be, so the stale rule lets a cleaner remove it.
+        return max(times, default=0.0)
 
     def _file_mtime(self, info: dict, path: str) -> float:
         for k in ("LastModified", "mtime", "created", "updated"):
