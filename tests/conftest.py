@@ -41,3 +41,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
         if not HARDWARE_SKIP.search(reason):
             rep.outcome = "failed"
             rep.longrepr = f"skipped in CI, where everything is installed: {reason}"
+
+
+from _seaweed import s3_root, seaweed  # noqa: E402,F401  (the S3 server fixtures)

@@ -26,7 +26,7 @@ from .format.commit import commit_checkpoint, prepare
 from .format.gcpause import WHOLE_CALL_BYTES, GcPause
 from .format.reader import CheckpointReader, is_committed
 from .state import to_tree
-from .storage import LocalStorage, Storage
+from .storage import Storage, storage_for
 from .tree import Path, format_path
 
 __all__ = ["save", "load", "inspect", "verify", "SaveInfo", "Inspection", "LeafInfo",
@@ -71,7 +71,7 @@ def save_recorded(path: str | os.PathLike, tree: Any, *, info: dict | None = Non
     checkpoint standing for a training step, such as the Orbax converter.
     """
     t0 = time.perf_counter()
-    storage = storage or LocalStorage()
+    storage = storage or storage_for(path)
     final = storage.resolve(path)
     checksum.require(f"saving {final}")  # before any I/O: nothing is half-written without it
     if storage.exists(final):

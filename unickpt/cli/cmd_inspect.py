@@ -49,7 +49,7 @@ def _skeleton(r: Any) -> Any:
     return r.map_tree(arr, sharded)
 
 
-def disk_files(path: str, manifest: Any) -> list[dict[str, Any]]:
+def disk_files(path: str, manifest: Any, storage: Any = None) -> list[dict[str, Any]]:
     """Each file of the checkpoint: its size on disk (None: missing) and the manifest's claim
     (None for the manifest itself, which carries no claim about its own size)."""
     from ..format.manifest import MANIFEST_NAME
@@ -58,8 +58,12 @@ def disk_files(path: str, manifest: Any) -> list[dict[str, Any]]:
     out = []
     for name, claim in rows:
         try:
-            st = os.stat(os.path.join(path, name))
-            disk: int | None = st.st_size
+            if storage is not None:  # a URL: the object's size (closed at once)
+                fh = storage.open(os.path.join(path, name))
+                disk: int | None = fh.size
+                fh.close()
+            else:
+                disk = os.stat(os.path.join(path, name)).st_size
         except OSError:
             disk = None
         out.append({"name": name, "disk_bytes": disk, "manifest_bytes": claim,
@@ -123,7 +127,7 @@ def run(args: argparse.Namespace) -> ExitCode:
         summary = _inspect(args.ckpt)
         with CheckpointReader(args.ckpt) as r:
             skeleton = _skeleton(r)
-            files = disk_files(r.path, r.manifest)
+            files = disk_files(r.path, r.manifest, r.storage)
     except (UnickptError, OSError) as e:
         return ExitCode(error(NAME, e, ExitCode.UNREADABLE))
     if args.as_json:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
 import sys
 from typing import Any
 
@@ -80,13 +79,15 @@ def render(data: dict[str, Any]) -> str:
 
 def ls(root: str, json_out: bool = False) -> ExitCode:
     """Print the contents of run root ``root`` (a table, or JSON); return the exit code."""
+    from ..storage import storage_for
     from .root_listing import collect
 
-    if not os.path.isdir(root):
+    storage = storage_for(root)
+    if not storage.is_dir(storage.resolve(root)):
         print(f"unickpt ls: error: {root} is not a directory (no run root there)",
               file=sys.stderr)
         return ExitCode.UNREADABLE
-    data = collect(root)
+    data = collect(root, storage)
     print(json.dumps(data) if json_out else render(data))
     return ExitCode.OK
 

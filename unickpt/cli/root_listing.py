@@ -34,9 +34,10 @@ __all__ = ["collect", "describe_checkpoint"]
 def _lock_holder(storage: Storage, root: str) -> str | None:
     """The holder line of the writer lock if it is held now, else None (never creates it).
 
-    Probed on local roots only (an ``flock``); other backends report None."""
+    Probed with an ``flock`` on local roots; on object stores, the lease object's holder
+    while it has not expired."""
     if not isinstance(storage, LocalStorage):
-        return None
+        return _lease_holder(storage, root)
     try:
         fd = os.open(os.path.join(root, LOCK_NAME), os.O_RDONLY)
     except OSError:
@@ -50,6 +51,19 @@ def _lock_holder(storage: Storage, root: str) -> str | None:
         return None
     finally:
         os.close(fd)
+
+
+def _lease_holder(storage: Storage, root: str) -> str | None:
+    import json
+    import time
+
+    try:
+        h = json.loads(storage.read_bytes(os.path.join(root, LOCK_NAME)))
+        if float(h["expires"]) < time.time():
+            return None
+        return f"pid={h['pid']} host={h['host']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _file_sizes(storage: Storage, path: str) -> dict[str, int]:

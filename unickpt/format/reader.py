@@ -16,11 +16,11 @@ import numpy as np
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError
 from ..storage import (
-    LocalStorage,
     NotRegularFileError,
     ReadHandle,
     Storage,
     is_transient_name,
+    storage_for,
 )
 from ..tree import Path, Piece, ShardedArray, format_path
 from . import checksum
@@ -69,7 +69,7 @@ def is_committed(path: str | os.PathLike, storage: Storage | None = None) -> boo
     """Whether ``path`` is a committed checkpoint directory (cheap: no manifest decoding)."""
     p = os.fspath(path).rstrip("/")
     return (not is_transient_name(posixpath.basename(p))
-            and (storage or LocalStorage()).is_file(posixpath.join(p, MANIFEST_NAME)))
+            and (storage or storage_for(p)).is_file(posixpath.join(p, MANIFEST_NAME)))
 
 
 class CheckpointReader:
@@ -84,7 +84,7 @@ class CheckpointReader:
 
     def __init__(self, path: str | os.PathLike, storage: Storage | None = None):
         self.path = os.fspath(path)
-        self.storage: Storage = storage or LocalStorage()
+        self.storage: Storage = storage or storage_for(self.path)
         if not self.storage.is_dir(self.path):
             raise CheckpointNotFoundError(f"no checkpoint at {self.path}: not a directory")
         if is_transient_name(posixpath.basename(self.path.rstrip("/"))):
@@ -176,10 +176,22 @@ class CheckpointReader:
                 raise CorruptCheckpointError(
                     f"{self.path}: array file {name!r} has a damaged safetensors header",
                     path=self.path, leaves=self._leaves_in(name))
-            mm = fd.buffer() if actual else None
             self._check_header(fe, fd)
-            self._files[name] = (fd, mm)
-            return fd, mm
+            # The whole-file buffer (an mmap locally; a full download on object stores) is
+            # taken only when asked for (mmap=True, verify): plain loads use ranged reads.
+            self._files[name] = (fd, None)
+            return fd, None
+
+    def _mapped(self, name: str) -> memoryview | None:
+        """The whole array file as a buffer (opened, checked and cached on first use)."""
+        fd, mm = self._file(name)
+        if mm is None and fd.size:
+            with self._lock:
+                fd, mm = self._files[name]
+                if mm is None:
+                    mm = fd.buffer()
+                    self._files[name] = (fd, mm)
+        return mm
 
     def _check_header(self, fe: FileEntry, fd: ReadHandle) -> None:
         """Format v2 on: the safetensors header must hash to the manifest's ``header_xxh3``.
@@ -239,8 +251,9 @@ class CheckpointReader:
         verify = self._can_verify(verify)
         e: ArrayEntry = self.manifest.arrays[i]
         dt = dtype_from_name(e.dtype)
-        fd, mm = self._file(e.file)
+        fd, _ = self._file(e.file)
         if mmap:
+            mm = self._mapped(e.file)
             if e.nbytes == 0:
                 a = np.empty(e.shape, dt)
             else:
@@ -285,7 +298,7 @@ class CheckpointReader:
                 data = damaged[e.file]
             else:
                 try:
-                    data = self._file(e.file)[1]
+                    data = self._mapped(e.file)
                 except CorruptCheckpointError as err:
                     if not err.leaves:
                         raise

@@ -55,7 +55,7 @@ from ..policy import (
     to_delete,
 )
 from ..state import load_adapters_for, restore_tree, to_tree
-from ..storage import Storage
+from ..storage import Storage, storage_for
 from .background import BackgroundSaver
 from .preemption import Preemption
 from .records import (
@@ -86,7 +86,9 @@ class CheckpointManager:
     Args:
         root: the run root; checkpoints are ``ROOT/step_<N>``.
         config: a :class:`unickpt.ManagerConfig` holding the options below.
-        storage: where bytes live (default: the local filesystem; see docs/storage.md).
+        storage: where bytes live (default: the local filesystem, or the object store a
+            URL root such as ``s3://bucket/run`` names; see docs/storage.md).
+        storage_options: options of the URL root's fsspec filesystem (``endpoint_url``...).
         **options: the short form of ``config`` (not both): see :class:`unickpt.policy.ManagerConfig` (``resume``, ``on_existing``,
             ``enabled``, ``save_every``, ``save_every_seconds``, ``keep_last``,
             ``keep_every``, ``keep_best``, ``best_metric``, ``best_mode``, ``async_save``,
@@ -102,11 +104,12 @@ class CheckpointManager:
     """
 
     def __init__(self, root: str | os.PathLike, *, config: ManagerConfig | None = None,
-                 storage: Storage | None = None, **options: Any):
+                 storage: Storage | None = None, storage_options: dict | None = None,
+                 **options: Any):
         self.config = _config(config, options)
         if not isinstance(root, (str, os.PathLike)) or not os.fspath(root):
             raise ConfigError(f"root={root!r} is not allowed; give a directory path")
-        self.run_root = RunRoot(root, storage)
+        self.run_root = RunRoot(root, storage or storage_for(root, storage_options))
         self.root = self.run_root.path
         self.storage: Storage = self.run_root.storage
         self._mutex = threading.RLock()  # root mutations: foreground vs background thread

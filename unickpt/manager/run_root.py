@@ -41,12 +41,12 @@ from ..policy.naming import LATEST_NAME, Listing, classify, format_run, format_s
 from ..storage import (
     ARCHIVE_PREFIX,
     STALE_TEMP_SECONDS,
-    LocalStorage,
     Storage,
     WriterLock,
     host_tag,
     parse_previous_name,
     parse_temp_name,
+    storage_for,
     trash_name,
 )
 from .records import CheckpointInfo
@@ -163,7 +163,7 @@ class RunRoot:
     """
 
     def __init__(self, root: str | os.PathLike, storage: Storage | None = None):
-        self.storage: Storage = storage or LocalStorage()
+        self.storage: Storage = storage or storage_for(root)
         self.path = self.storage.resolve(root)
         self._lock: WriterLock = self.storage.lock(self.path)
 

@@ -40,8 +40,10 @@ from .protocol import (
     temp_name,
     trash_name,
 )
+from .urls import is_url, storage_for
 
 __all__ = ["Storage", "Sharing", "can_share", "WriteHandle", "ReadHandle", "WriterLock", "NotRegularFileError",
            "LocalStorage", "staged", "TEMP_PREFIX", "TRASH_PREFIX", "LOCK_NAME",
            "STALE_TEMP_SECONDS", "host_tag", "temp_name", "trash_name", "parse_temp_name",
-           "is_transient_name", "ARCHIVE_PREFIX", "previous_name", "parse_previous_name"]
+           "is_transient_name", "ARCHIVE_PREFIX", "previous_name", "parse_previous_name",
+           "storage_for", "is_url"]
