@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import sys
 import time
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
+import unickpt_torch.data  # noqa: F401  (tracks loader positions; before any loader)
 
 import unickpt
-import unickpt_torch.data  # noqa: F401  (tracks loader positions; before any loader)
 
 
 def build(cfg: dict, rank: int, world: int) -> dict[str, Any]:
@@ -53,6 +55,8 @@ def build(cfg: dict, rank: int, world: int) -> dict[str, Any]:
         ds, num_replicas=world, rank=rank, shuffle=True, seed=3)
     loader = torch.utils.data.DataLoader(ds, batch_size=4, sampler=sampler,
                                          generator=torch.Generator().manual_seed(0))
+    random.seed(100 + rank)
+    np.random.seed(100 + rank)
     torch.manual_seed(100 + rank)  # per-rank RNG (dropout differs per rank); restore overrides
     return {"model": wrapped, "opt": opt, "sched": sched, "sampler": sampler,
             "loader": loader}

@@ -183,7 +183,8 @@ def copy_into(target: torch.Tensor, a: Any) -> None:
         if isinstance(a, ShardedArray):
             for p in a.pieces:
                 region = tuple(slice(lo, hi) for lo, hi in p.index)
-                target[region].copy_(from_numpy(p.data))
+                data = p.data.materialize() if isinstance(p.data, LazyArray) else p.data
+                target[region].copy_(from_numpy(data))
             return
         target.copy_(from_numpy(a))
 
