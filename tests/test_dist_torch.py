@@ -28,8 +28,6 @@ from _dist_launch import launch  # noqa: E402
 import unickpt  # noqa: E402
 from unickpt.format.reader import CheckpointReader  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore")
-
 STEPS = 7
 
 
