@@ -246,3 +246,21 @@ def test_structure_mismatch_between_ranks_is_refused(tmp_path):
     out = run_ranks(2, body)
     assert all(isinstance(e, CoordinationError) for e in out), out
     assert "rank(s) 1 hold a state whose replicated arrays" in str(out[1])
+
+
+def test_a_rank_with_an_unsavable_leaf_stops_every_rank_at_once(tmp_path):
+    root = str(tmp_path / "run")
+
+    def body(coord):
+        s = state(coord.rank, 2)
+        if coord.rank == 1:
+            s["bad"] = object()
+        coord.timeout = 30  # the failure must be reported, not waited out
+        with unickpt.CheckpointManager(root, coordinator=coord) as mgr:
+            mgr.save(1, s, force=True)
+
+    out = run_ranks(2, body)
+    assert type(out[1]).__name__ == "UnsupportedLeafError"
+    assert isinstance(out[0], CoordinationError)
+    assert "rank 1: UnsupportedLeafError: cannot save bad" in str(out[0])
+    assert not [n for n in os.listdir(root) if n.startswith((".unickpt-tmp", "step_"))]

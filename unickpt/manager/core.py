@@ -341,17 +341,25 @@ class CheckpointManager:
         if self._saver is not None:
             self._wait_background()  # at most one save in flight: its snapshot is freed first
             t0 = time.perf_counter()
-            tree, kinds = to_tree(state, snapshot=True)
-            prepared = prepare(tree, kinds)  # validates every leaf here, in the caller's thread
+            prepared = self._prepare(state, step, snapshot=True)  # in the caller's thread
             self._last_saved_step, self._last_save_time = step, now
             self._saver.submit(lambda: self._write(step, prepared, clean_metrics,
                                                    clean_metadata, t0), format_step(step))
             return True
-        tree, kinds = to_tree(state)
-        prepared = prepare(tree, kinds)
+        prepared = self._prepare(state, step)
         self._write(step, prepared, clean_metrics, clean_metadata, t0)
         self._last_saved_step, self._last_save_time = step, now
         return True
+
+    def _prepare(self, state: Any, step: int, *, snapshot: bool = False) -> Any:
+        """The state as a validated, flattened tree (every leaf checked before any I/O)."""
+        try:
+            tree, kinds = to_tree(state, snapshot=snapshot)
+            return prepare(tree, kinds)
+        except Exception as e:
+            if self.coordinator.world_size > 1:  # the other ranks must not wait for this one
+                multiprocess.abort_save(self, step, e)
+            raise
 
     def _info(self, step: int, metrics: dict, t0: float, stats: WriteStats) -> dict:
         return checkpoint_info(step, metrics, time.perf_counter() - t0, stats,

@@ -16,10 +16,11 @@ from collections.abc import Callable
 from typing import Any
 
 from ..dist.coordinator import CoordinationError
-from ..dist.save import commit_distributed
+from ..dist.save import commit_distributed, fail_plan
+from ..policy import format_step
 from .records import StartDecision
 
-__all__ = ["resolve_start", "write"]
+__all__ = ["resolve_start", "write", "abort_save"]
 
 
 def resolve_start(mgr: Any, local: Callable[[], StartDecision]) -> StartDecision:
@@ -74,3 +75,9 @@ def write(mgr: Any, step: int, final: str, prepared: Any, metrics: dict, metadat
             mgr._steps = set(steps or ()) | {step}
             mgr._metrics[step] = metrics
     return recorded
+
+
+def abort_save(mgr: Any, step: int, error: BaseException) -> None:
+    """This rank cannot save ``step`` (a bad leaf): tell the others in the plan step, so they
+    raise at once instead of waiting for this rank until the timeout."""
+    fail_plan(mgr.coordinator, format_step(step), error)
