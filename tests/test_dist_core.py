@@ -264,3 +264,20 @@ def test_a_rank_with_an_unsavable_leaf_stops_every_rank_at_once(tmp_path):
     assert isinstance(out[0], CoordinationError)
     assert "rank 1: UnsupportedLeafError: cannot save bad" in str(out[0])
     assert not [n for n in os.listdir(root) if n.startswith((".unickpt-tmp", "step_"))]
+
+
+def test_async_saves_run_the_protocol_in_the_background(tmp_path):
+    root = str(tmp_path / "run")
+
+    def body(coord):
+        with unickpt.CheckpointManager(root, coordinator=coord, async_save=True,
+                                       keep_last=2) as mgr:
+            mgr.restore(target(coord.rank))
+            for step in (1, 2, 3):
+                assert mgr.save(step, state(coord.rank, 2, step), force=True)
+        return [c.step for c in mgr.checkpoints()]
+
+    assert run_ranks(2, body) == [[2, 3], [2, 3]]
+    tree = unickpt.load(os.path.join(root, "step_3"))
+    assert [p["n"] for p in tree["pos"]] == [30, 31]
+    np.testing.assert_array_equal(tree["big"], np.full(1000, 3, np.float32))
