@@ -281,3 +281,29 @@ def test_async_saves_run_the_protocol_in_the_background(tmp_path):
     tree = unickpt.load(os.path.join(root, "step_3"))
     assert [p["n"] for p in tree["pos"]] == [30, 31]
     np.testing.assert_array_equal(tree["big"], np.full(1000, 3, np.float32))
+
+
+def test_a_restore_reads_only_the_pieces_its_region_overlaps(tmp_path):
+    from unickpt.dist.restore import read_tree
+
+    root = str(tmp_path / "run")
+    save_job(root, 4, 1)  # GLOBAL's rows split 3/3/2/2 over four ranks
+    with CheckpointReader(os.path.join(root, "step_1")) as r:
+        reads: list[int] = []
+        real = r.read_array
+
+        def counting(i, **kw):
+            reads.append(i)
+            return real(i, **kw)
+
+        r.read_array = counting
+        tree = read_tree(r, verify=True)
+        piece_arrays = {a for _, a in r.manifest.sharded[0].pieces}
+        reads.clear()
+        region = tree["sharded"].read((slice(3, 5), slice(0, 6)))  # rows of the 2nd piece only
+        np.testing.assert_array_equal(region, GLOBAL[3:5])
+        assert len(reads) == 1 and set(reads) <= piece_arrays
+        reads.clear()
+        np.testing.assert_array_equal(tree["sharded"].read((slice(2, 7), slice(0, 6))),
+                                      GLOBAL[2:7])
+        assert len(reads) == 3  # three of the four pieces overlap rows 2..6
