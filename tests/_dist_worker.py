@@ -150,17 +150,15 @@ def run(cfg: dict, rank: int) -> None:
 
 def restore_only(cfg: dict, mgr: Any, objs: dict, out: str) -> None:
     """Restore the latest checkpoint at this world size and write the gathered state."""
-    st = {k: v for k, v in state(objs, 0).items()}
+    st = state(objs, 0)
+    refused = ""
     try:
         mgr.restore(st)
-        refused = None
     except unickpt.IncompatibleCheckpointError as e:  # per-rank state at another world size
         refused = str(e)
-    r = mgr.restore(st, per_rank="keep") if refused else None
-    del r
-    # one optimizer step with lr 0 would change nothing; the state is read as restored
+        mgr.restore(st, per_rank="keep")
     tree = final_tree(objs)
-    tree["refused"] = refused or ""
+    tree["refused"] = refused
     tree["step"] = int(mgr.resolve_start().step)
     unickpt.save(out, tree, overwrite=True)
 
