@@ -307,3 +307,53 @@ def test_a_restore_reads_only_the_pieces_its_region_overlaps(tmp_path):
         np.testing.assert_array_equal(tree["sharded"].read((slice(2, 7), slice(0, 6))),
                                       GLOBAL[2:7])
         assert len(reads) == 3  # three of the four pieces overlap rows 2..6
+
+
+class _Dead(BaseException):
+    """A rank vanishing (as if SIGKILLed): it stops taking part in anything."""
+
+
+@settings(max_examples=10, deadline=None)
+@given(phase=st.sampled_from(["plan", "report", "commit"]),
+       dead=st.sets(st.integers(0, 2), min_size=1, max_size=2))
+def test_ranks_dying_at_any_phase_leave_a_complete_checkpoint_or_none(tmp_path_factory, phase,
+                                                                       dead):
+    root = str(tmp_path_factory.mktemp("kill") / "run")
+    save_job(root, 3, 1)
+
+    def body(coord):
+        mgr = unickpt.CheckpointManager(root, coordinator=coord)
+        mgr.restore(target(coord.rank))
+        coord.timeout = 0.5
+        if coord.rank in dead:
+            real = coord.all_gather if phase != "commit" else coord.broadcast
+
+            def dying(ph, *a, **k):
+                if ph == f"save step_2: {phase}":
+                    mgr.run_root.release()  # a dead process holds no lock
+                    raise _Dead()
+                return real(ph, *a, **k)
+
+            setattr(coord, "all_gather" if phase != "commit" else "broadcast", dying)
+        try:
+            mgr.save(2, state(coord.rank, 3, 2), force=True)
+        except _Dead:
+            return "dead"
+        except CoordinationError as e:
+            mgr.close()
+            return e
+        mgr.close()
+        return "saved"
+
+    out = run_ranks(3, body)
+    committed = os.path.exists(os.path.join(root, "step_2", "manifest.msgpack"))
+    assert all(out[r] == "dead" for r in dead)
+    # every survivor raises: a rank died.  Whether step 2 exists depends only on whether rank
+    # 0 had published it (the commit step follows the publish), and then it is complete.
+    assert all(isinstance(out[r], CoordinationError) for r in set(range(3)) - dead), out
+    assert committed == (phase == "commit")
+    if committed:
+        tree = unickpt.load(os.path.join(root, "step_2"))
+        assert [p["n"] for p in tree["pos"]] == [20, 21, 22]
+        np.testing.assert_array_equal(tree["sharded"], GLOBAL)
+    assert save_job(root, 3, 3) == [2 if committed else 1] * 3  # the relaunch resumes it
