@@ -69,7 +69,7 @@ class _Local:
     """What this rank holds, classified: per-rank jobs, sharded pieces, replicated arrays."""
 
     def __init__(self, flat: tuple, per_rank: list[Path]):
-        node, jobs, sharded = self.node, self.jobs, self.sharded = flat
+        _node, jobs, sharded = self.node, self.jobs, self.sharded = flat
         self.own: list[int] = []
         self.pieces: dict[str, int] = {}  # piece key -> job index
         self.piece_info: dict[int, tuple[str, list]] = {}  # job index -> (sharded key, index)
@@ -91,7 +91,6 @@ class _Local:
                 self.own.append(ji)
             else:
                 self.rep.setdefault(format_path(j.path), ji)
-        del node
 
     def signature(self) -> str:
         """A digest of the replicated structure (keys, dtypes, shapes) every rank must share."""
@@ -103,8 +102,7 @@ class _Local:
 
     def plan(self) -> dict:
         return {"sig": self.signature(),
-                "own": sum(_nbytes(self.jobs[j])
-                       for j in self.own),
+                "own": sum(_nbytes(self.jobs[j]) for j in self.own),
                 "pieces": [[k, _nbytes(self.jobs[j])] for k, j in self.pieces.items()]}
 
 
