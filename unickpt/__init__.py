@@ -13,6 +13,7 @@ dtype('float32')
 __version__ = "0.1.0"
 
 from .api import Inspection, LeafInfo, SaveInfo, VerifyReport, inspect, load, save, verify
+from .dist import CoordinationError
 from .errors import (
     AdapterError,
     BackgroundSaveError,
@@ -85,6 +86,7 @@ __all__ = [
     "AdapterError",
     "BackgroundSaveError",
     "MissingDependencyError",
+    "CoordinationError",
     "migrate",
     "MigrationReport",
     "Rule",

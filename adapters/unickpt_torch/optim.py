@@ -33,8 +33,9 @@ import torch
 from unickpt.errors import UnsupportedLeafError
 from unickpt.tree import Path, ShardedArray, format_path
 
+from .dtensor import is_dtensor, new_like
 from .module import named_tensors
-from .tensors import array_spec, host_arrays, new_tensor
+from .tensors import array_spec, from_numpy, host_arrays, new_tensor
 
 __all__ = ["optimizer_to_tree", "prepare_optimizer_restore", "param_names"]
 
@@ -125,6 +126,14 @@ def optimizer_to_tree(opt: torch.optim.Optimizer, ctx: Any, path: Path) -> dict[
             "param_groups": groups}
 
 
+def _dtensor_state(param: torch.Tensor, v: Any) -> bool:
+    """A parameter-shaped state value of a DTensor parameter (FSDP2): restored as a DTensor
+    placed like the parameter, reading only this rank's region."""
+    spec = array_spec(v)
+    return is_dtensor(param) and spec is not None and spec[0] == tuple(param.shape) and bool(
+        spec[0])
+
+
 def _to_torch(v: Any, device: torch.device) -> Any:
     """Checkpoint arrays inside an optimizer value back to tensors (containers kept)."""
     if isinstance(v, (np.ndarray, np.generic, ShardedArray)):
@@ -197,6 +206,7 @@ def prepare_optimizer_restore(opt: torch.optim.Optimizer, tree: Any, ctx: Any,
             # "step" stays on the CPU as torch keeps it (load_state_dict moves it when the
             # optimizer is capturable/fused); everything else lands on the parameter's device.
             sd_state[i] = {k: _to_torch(v, torch.device("cpu") if k == "step" else param.device)
+                           if not _dtensor_state(param, v) else new_like(param, v, from_numpy)
                            for k, v in entry.items()}
         sd_groups = []
         pos = 0

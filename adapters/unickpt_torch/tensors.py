@@ -40,6 +40,8 @@ import torch
 from unickpt.errors import UnsupportedLeafError
 from unickpt.tree import LazyArray, Path, ShardedArray, format_path
 
+from .dtensor import copy_into_dtensor, is_dtensor, to_sharded
+
 __all__ = ["numpy_dtype", "to_numpy", "from_numpy", "new_tensor", "copy_into", "host_arrays",
            "host_array", "array_spec", "check_array"]
 
@@ -174,11 +176,15 @@ def copy_into(target: torch.Tensor, a: Any) -> None:
     Sharded arrays are copied piece by piece into the matching region, so no full-size host
     array is assembled.
     """
+    if is_dtensor(target):  # FSDP2 / TP: only this rank's region is read
+        copy_into_dtensor(target, a, from_numpy)
+        return
     with torch.no_grad():
         if isinstance(a, ShardedArray):
             for p in a.pieces:
                 region = tuple(slice(lo, hi) for lo, hi in p.index)
-                target[region].copy_(from_numpy(p.data))
+                data = p.data.materialize() if isinstance(p.data, LazyArray) else p.data
+                target[region].copy_(from_numpy(data))
             return
         target.copy_(from_numpy(a))
 
@@ -219,6 +225,10 @@ def host_arrays(tensors: Iterable[tuple[Path, torch.Tensor]], *, snapshot: bool)
     pending = _Pending()
     out: list[Any] = []
     for path, t in tensors:
+        if is_dtensor(t):  # FSDP2 / TP: this rank's shard with its global region
+            out.append(to_sharded(t, path, lambda local, p=path: host_arrays(
+                [(p, local)], snapshot=snapshot)[0]))
+            continue
         _check_storable(t, path)
         if snapshot:
             out.append(_snapshot(t, pending))

@@ -632,3 +632,13 @@ def plain_data(x: Any, what: str, path: Path = ()) -> Any:
     raise UnsupportedLeafError(
         f"{what} at {format_path(path)}: {type(x).__name__} is not plain data "
         "(use str, numbers, bool, None, bytes, lists and dicts)")
+
+
+def write_jobs(fh: WriteHandle, jobs: list[_Job]) -> None:
+    """Write ``jobs`` (laid out by :func:`layout`) through ``fh``, checksumming each array.
+
+    The array-data part of :func:`write_tree`, for a writer that lays out its own file (each
+    rank of a multi-process save writes one; see :mod:`unickpt.dist.save`).
+    """
+    for _, write in _work_items(jobs):
+        write(fh)

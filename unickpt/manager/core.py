@@ -19,6 +19,7 @@ adapters.  See docs/manager.md for every rule.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -30,6 +31,8 @@ import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from ..dist import detect as _detect_coordinator  # multi-process: docs/distributed.md
+from ..dist.restore import narrow_per_rank, read_tree
 from ..errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -56,6 +59,7 @@ from ..policy import (
 )
 from ..state import load_adapters_for, restore_tree, to_tree
 from ..storage import Storage, storage_for
+from . import multiprocess
 from .background import BackgroundSaver
 from .preemption import Preemption
 from .records import (
@@ -101,10 +105,18 @@ class CheckpointManager:
     it, takes its writer lock (a second manager on the same root gets
     :class:`~unickpt.LockedError`), removes provably stale leftovers and applies the start
     decision.  ``checkpoints()`` and ``latest()`` only look.
+
+    Several processes (``torchrun``): every rank creates the manager and calls ``restore``,
+    ``save`` and ``resolve_start`` (collectives).  The coordinator is detected from an
+    initialized ``torch.distributed`` (more than one process), or given as
+    ``coordinator=`` (a :class:`unickpt.dist.Coordinator`) or ``process_group=``;
+    ``dist_timeout`` (seconds, default 600) bounds every wait.  See docs/distributed.md.
     """
 
     def __init__(self, root: str | os.PathLike, *, config: ManagerConfig | None = None,
                  storage: Storage | None = None, storage_options: dict | None = None,
+                 coordinator: Any = None, process_group: Any = None,
+                 dist_timeout: float | None = None,
                  **options: Any):
         self.config = _config(config, options)
         if not isinstance(root, (str, os.PathLike)) or not os.fspath(root):
@@ -112,6 +124,8 @@ class CheckpointManager:
         self.run_root = RunRoot(root, storage or storage_for(root, storage_options))
         self.root = self.run_root.path
         self.storage: Storage = self.run_root.storage
+        # --- multi-process: who this process is among the job's ranks (1 when alone)
+        self.coordinator = _detect_coordinator(coordinator, process_group, dist_timeout)
         self._mutex = threading.RLock()  # root mutations: foreground vs background thread
         self._decision: StartDecision | None = None
         self._steps: set[int] = set()
@@ -122,7 +136,7 @@ class CheckpointManager:
         self._closed = False
         self._saver = BackgroundSaver(self.root) if self.config.async_save else None
         # --- preemption hook (unickpt/manager/preemption.py): handlers installed here
-        self._preemption = _preemption(self.config, self.root)
+        self._preemption = _preemption(self.config, self.root, self.coordinator)
         # A manager dropped without close() must not keep its root locked for the rest of
         # the process (notebooks re-create managers); the finalizer holds only the lock.
         weakref.finalize(self, self.run_root.release)
@@ -178,26 +192,33 @@ class CheckpointManager:
             if self._decision is not None:
                 return self._decision
             self._check_open()
-            cfg = self.config
-            if not cfg.enabled:
-                self._decision = StartDecision(False, 0, None, "checkpointing disabled")
+            if self.coordinator.world_size > 1:  # multi-process: rank 0 decides, broadcasts
+                self._decision = multiprocess.resolve_start(self, self._resolve_local)
                 return self._decision
-            resume = cfg.resume
-            external = None
-            if not isinstance(resume, int) and os.fspath(resume) not in RESUME_MODES:
-                path, inside_step, recorded = self._resolve_path(os.fspath(resume))
-                if inside_step is not None:
-                    resume = inside_step
-                else:
-                    external = (path, recorded)
-            self._decision = self._start(resume, external)
-            log.info("unickpt: %s: %s", self.root, self._decision.reason)
+            self._decision = self._resolve_local()
             if self._preemption is not None and self._steps:  # --- preemption hook
                 seconds = (self.run_root.read_info(max(self._steps)) or {}).get("save_seconds")
                 if isinstance(seconds, (int, float)):
                     self._preemption.record_save(float(seconds))
                     self._preemption.check_budget("at start")
             return self._decision
+
+    def _resolve_local(self) -> StartDecision:
+        """The start decision of this process alone (rank 0's, with several processes)."""
+        cfg = self.config
+        if not cfg.enabled:
+            return StartDecision(False, 0, None, "checkpointing disabled")
+        resume = cfg.resume
+        external = None
+        if not isinstance(resume, int) and os.fspath(resume) not in RESUME_MODES:
+            path, inside_step, recorded = self._resolve_path(os.fspath(resume))
+            if inside_step is not None:
+                resume = inside_step
+            else:
+                external = (path, recorded)
+        decision = self._start(resume, external)
+        log.info("unickpt: %s: %s", self.root, decision.reason)
+        return decision
 
     def _start(self, resume: Any, external: tuple[str, int] | None) -> StartDecision:
         """Lock the root, clean it, plan the start and apply it (archive)."""
@@ -245,7 +266,7 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ restore
     def restore(self, state: Any, *, strict: bool = True,
-                select: Iterable[Any] | None = None) -> Restored:
+                select: Iterable[Any] | None = None, per_rank: str = "error") -> Restored:
         """Load the start checkpoint into ``state`` (resolving the start first if needed).
 
         Structure, shapes and dtypes are checked for the whole state before anything is
@@ -254,6 +275,9 @@ class CheckpointManager:
         checkpoint without optimizer state, say); ``select=["params", ("opt", "mu")]``
         restores only those subtrees (``"a/b"`` strings split on ``/``; use tuples for keys
         containing ``/`` or int list indices) and leaves the rest of ``state`` as given.
+        A checkpoint written by several processes restores per-rank state (RNG, data
+        position, Stateful objects) only at the same world size; ``per_rank="keep"`` keeps
+        the target's own per-rank objects at another world size (docs/distributed.md).
         """
         d = self.resolve_start()
         if not d.resume or d.path is None:
@@ -264,8 +288,18 @@ class CheckpointManager:
                 # mmap + verify: every array is checksummed in place, then copied into its
                 # target.  Sharded arrays stay pieces (assemble=False): an adapter reads only
                 # the regions its target sharding needs; np.asarray(piece) assembles.
-                tree = r.tree(mmap=True, verify=self.config.verify, assemble=False)
                 m = r.manifest
+                coord = self.coordinator
+                if coord.world_size > 1 or (isinstance(m.info, dict)
+                                            and "distributed" in m.info):
+                    # multi-process: sharded pieces read lazily (only those this rank's
+                    # shards overlap), per-rank subtrees narrowed to this rank's entry
+                    tree = narrow_per_rank(read_tree(r, self.config.verify), m.info, state,
+                                           rank=coord.rank, world_size=coord.world_size,
+                                           mode=per_rank, checkpoint=d.path,
+                                           select=_as_select(select))
+                else:
+                    tree = r.tree(mmap=True, verify=self.config.verify, assemble=False)
                 new = restore_tree(state, tree, strict=strict, select=_as_select(select),
                                    checkpoint=d.path, kinds=m.kinds,
                                    warn=lambda msg: warnings.warn(msg, UserWarning,
@@ -323,6 +357,13 @@ class CheckpointManager:
                                    save_every_seconds=cfg.save_every_seconds, force=force,
                                    now=now, last_save_time=self._last_save_time,
                                    last_saved_step=self._last_saved_step, existing=self._steps)
+        if self.coordinator.world_size > 1 and cfg.save_every_seconds is not None:
+            # a time-based schedule: clocks differ per rank, so rank 0's answer counts
+            if self._saver is not None:
+                self._wait_background()  # its collectives must not interleave with this one
+            go = self.coordinator.broadcast(f"save {format_step(step)}: schedule",
+                                            bool(decision.save))
+            decision = dataclasses.replace(decision, save=go)
         if not decision.save:
             if pre is not None and preempt:  # already saved (or in flight): wait for it
                 pre.finish(self.wait, step)
@@ -352,19 +393,27 @@ class CheckpointManager:
         if self._saver is not None:
             self._wait_background()  # at most one save in flight: its snapshot is freed first
             t0 = time.perf_counter()
-            tree, kinds = to_tree(state, snapshot=True)
-            prepared = prepare(tree, kinds)  # validates every leaf here, in the caller's thread
+            prepared = self._prepare(state, step, snapshot=True)  # in the caller's thread
             self._last_saved_step, self._last_save_time = step, now
             self._saver.submit(lambda: self._write(step, prepared, clean_metrics,
                                                    clean_metadata, t0), format_step(step))
         else:
-            tree, kinds = to_tree(state)
-            prepared = prepare(tree, kinds)
+            prepared = self._prepare(state, step)
             self._write(step, prepared, clean_metrics, clean_metadata, t0)
             self._last_saved_step, self._last_save_time = step, now
         if pre is not None and preempt:  # --- preemption hook: committed (async flushed)
             pre.finish(self.wait, step)  # before preempted=True
         return True
+
+    def _prepare(self, state: Any, step: int, *, snapshot: bool = False) -> Any:
+        """The state as a validated, flattened tree (every leaf checked before any I/O)."""
+        try:
+            tree, kinds = to_tree(state, snapshot=snapshot)
+            return prepare(tree, kinds)
+        except Exception as e:
+            if self.coordinator.world_size > 1:  # the other ranks must not wait for this one
+                multiprocess.abort_save(self, step, e)
+            raise
 
     def _info(self, step: int, metrics: dict, t0: float, stats: WriteStats) -> dict:
         return checkpoint_info(step, metrics, time.perf_counter() - t0, stats,
@@ -382,6 +431,13 @@ class CheckpointManager:
             recorded.update(self._info(step, metrics, t0, stats))
             return recorded
 
+        if self.coordinator.world_size > 1:  # every rank writes its part; rank 0 commits
+            recorded = multiprocess.write(self, step, final, prepared, metrics, metadata,
+                                          lambda stats: self._info(step, metrics, t0, stats),
+                                          lambda: self._record_commit(step, name, final,
+                                                                      metrics))
+            self._log_saved(final, t0, recorded, metrics)
+            return
         try:
             commit_checkpoint(self.storage, final, prepared, metadata=metadata, info=info,
                               publish_guard=lambda: self._mutex,
@@ -399,19 +455,26 @@ class CheckpointManager:
             raise _after_commit(e, final, "making the commit durable (fsync of the run "
                                 "root)", "it may not survive a power loss") from e
         with self._mutex:
-            self._steps.add(step)
-            self._metrics[step] = metrics
-            if step == max(self._steps):
-                try:
-                    self.run_root.write_pointer(name)
-                except OSError as e:  # the pointer is informational: readers scan
-                    log.warning("unickpt: %s is committed but the latest pointer could not "
-                                "be updated: %s", final, e)
+            self._record_commit(step, name, final, metrics)
+        self._log_saved(final, t0, recorded, metrics)
+
+    def _record_commit(self, step: int, name: str, final: str, metrics: dict) -> None:
+        """Record the new step, point ``latest`` at it, apply retention (mutex held)."""
+        self._steps.add(step)
+        self._metrics[step] = metrics
+        if step == max(self._steps):
             try:
-                self._apply_retention()
-            except OSError as e:
-                raise _after_commit(e, final, "retention (deleting older checkpoints)",
-                                    "older checkpoints may be kept until the next save") from e
+                self.run_root.write_pointer(name)
+            except OSError as e:  # the pointer is informational: readers scan
+                log.warning("unickpt: %s is committed but the latest pointer could not "
+                            "be updated: %s", final, e)
+        try:
+            self._apply_retention()
+        except OSError as e:
+            raise _after_commit(e, final, "retention (deleting older checkpoints)",
+                                "older checkpoints may be kept until the next save") from e
+
+    def _log_saved(self, final: str, t0: float, recorded: dict, metrics: dict) -> None:
         total = time.perf_counter() - t0
         if self._preemption is not None:  # --- preemption hook: the grace budget's figures
             self._preemption.record_save(total)
@@ -520,13 +583,27 @@ class CheckpointManager:
         return self.run_root.latest()
 
 
-def _preemption(cfg: ManagerConfig, root: str) -> Preemption | None:
-    """The preemption watcher of ``preemption=True`` (handlers installed), else None."""
+class _PreemptionGather:
+    """The job's coordinator seen as the one collective the preemption agreement needs."""
+
+    def __init__(self, coordinator: Any):
+        self.coordinator = coordinator
+        self.world_size = coordinator.world_size
+
+    def all_gather(self, obj: Any, timeout: float) -> list[Any]:
+        return self.coordinator.all_gather("preemption: agree on the stop flag", obj,
+                                           timeout=timeout)
+
+
+def _preemption(cfg: ManagerConfig, root: str, coordinator: Any) -> Preemption | None:
+    """The preemption watcher of ``preemption=True`` (handlers installed), else None.
+
+    With several processes the ranks agree on the flag through the job's coordinator."""
     if not (cfg.preemption and cfg.enabled):
         return None
-    # Multi-process: pass the job's coordinator here (it needs only all_gather(obj, timeout)).
+    gather = _PreemptionGather(coordinator) if coordinator.world_size > 1 else None
     return Preemption(cfg.preemption_signals or (), cfg.preemption_grace_seconds, root,
-                      coordinator=None, every_steps=cfg.preemption_check_every_steps,
+                      coordinator=gather, every_steps=cfg.preemption_check_every_steps,
                       every_seconds=cfg.preemption_check_every_seconds)
 
 

@@ -1,0 +1,62 @@
+"""Launch the ranks of a test job as one process group, with a hard timeout (test helper)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+WORKER = os.path.join(os.path.dirname(__file__), "_dist_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(cfg: dict, *, timeout: float = 90.0) -> list[int]:
+    """Run ``cfg["world"]`` ranks of the worker; return their exit codes (-9: SIGKILLed).
+
+    All ranks share one new process group; on timeout the whole group is SIGKILLed and the
+    test fails, so a hang can never stall the suite.
+    """
+    cfg = {"port": free_port(), **cfg}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    procs: list[subprocess.Popen] = []
+    pgid = 0
+    try:
+        for rank in range(cfg["world"]):
+            p = subprocess.Popen([sys.executable, WORKER, json.dumps(cfg), str(rank)], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 process_group=pgid)
+            pgid = pgid or p.pid
+            procs.append(p)
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            left = deadline - time.monotonic()
+            try:
+                p.wait(max(left, 0.01))
+            except subprocess.TimeoutExpired:
+                os.killpg(pgid, signal.SIGKILL)
+                outs = [p.communicate()[0].decode(errors="replace")[-2000:] for p in procs]
+                raise AssertionError(f"job did not finish in {timeout}s; output:\n"
+                                     + "\n---\n".join(outs)) from None
+        codes = [p.returncode for p in procs]
+        if any(c not in (0, 3, -9) for c in codes):
+            outs = [p.communicate()[0].decode(errors="replace")[-3000:] for p in procs]
+            raise AssertionError(f"ranks exited with {codes}:\n" + "\n---\n".join(outs))
+        return codes
+    finally:
+        if pgid:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            if p.stdout:
+                p.stdout.close()
