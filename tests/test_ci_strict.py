@@ -30,7 +30,8 @@ def test_skips_for_cuda():
 
 
 def _run(tmp_path, body: str, ci: str | None) -> subprocess.CompletedProcess:
-    shutil.copy(os.path.join(HERE, "conftest.py"), tmp_path / "conftest.py")
+    for name in ("conftest.py", "_seaweed.py"):  # the conftest imports the S3 fixtures
+        shutil.copy(os.path.join(HERE, name), tmp_path / name)
     (tmp_path / "test_x.py").write_text(body)
     env = {k: v for k, v in os.environ.items() if k != "CI"}
     if ci is not None:
