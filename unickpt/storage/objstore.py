@@ -330,6 +330,21 @@ class FsspecStorage:
         with contextlib.suppress(OSError):
             self._rm_prefix(temp)
 
+    def share(self, src: str, dst: str) -> bool:
+        """Incremental saves (:class:`~unickpt.storage.protocol.Sharing`): ``dst`` becomes a
+        server-side copy of the committed file ``src``; no byte passes through this host.
+
+        A copy, not a reference: deleting ``src`` (retention) never touches ``dst``."""
+        parent, name = posixpath.split(dst)
+        with self._mu:
+            st = self._staging.get(parent)
+        if st is not None and st.direct:
+            dst = posixpath.join(st.final, name)
+        if self.exists(dst):
+            raise FileExistsError(17, "object exists", dst)
+        self._copy(src, dst)
+        return True
+
     def _copy(self, src: str, dst: str) -> None:
         try:
             self._parents(self._key(dst))
