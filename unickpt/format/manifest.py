@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import msgpack
 import numpy as np
@@ -328,6 +328,14 @@ def _validate_arrays(m: dict, fail: Callable[[str], NoReturn],
     ends: list[int] = []
     numbers: list[int] = []
     uint64_max = _UINT64_MAX
+    # raw msgpack values: their types are checked field by field below
+    fname: Any
+    dname: Any
+    shape_raw: Any
+    nbytes: Any
+    offset: Any
+    xxh: Any
+    tname: Any
     for i, a in enumerate(_need(fail, m, "arrays", list, "manifest")):
         if not isinstance(a, dict):
             fail(f"array entry {i} is not a map")
@@ -351,7 +359,7 @@ def _validate_arrays(m: dict, fail: Callable[[str], NoReturn],
                                          max(dt.itemsize, 1))
             except UnsupportedDtype as e:
                 facts = dtypes[dname] = str(e)
-        if type(facts) is str:
+        if isinstance(facts, str):  # the refusal message (a plain str)
             fail(f"array {i}: {facts}")
         dt, itemsize, swappable, itemsize1 = facts
         # _shape inlined (same checks, same order): one call less per array
@@ -496,7 +504,7 @@ def check_no_overlap(boxes: list[tuple[tuple[int, int], ...]], gshape: tuple[int
     keep = (arr[:, :, 0] < arr[:, :, 1]).all(axis=1)  # empty pieces cover nothing
     if not keep.all():
         arr = arr[keep]
-        boxes = [b for b, k in zip(boxes, keep.tolist()) if k]
+        boxes = [b for b, k in zip(boxes, cast("list[bool]", keep.tolist())) if k]
     if len(boxes) < 2:
         return
     cuts = [_distinct(arr[:, d, :]) for d in range(len(gshape))]
