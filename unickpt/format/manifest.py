@@ -328,23 +328,15 @@ def _validate_arrays(m: dict, fail: Callable[[str], NoReturn],
     ends: list[int] = []
     numbers: list[int] = []
     uint64_max = _UINT64_MAX
-    # raw msgpack values: their types are checked field by field below
-    fname: Any
-    dname: Any
-    shape_raw: Any
-    nbytes: Any
-    offset: Any
-    xxh: Any
-    tname: Any
     for i, a in enumerate(_need(fail, m, "arrays", list, "manifest")):
         if not isinstance(a, dict):
             fail(f"array entry {i} is not a map")
-        # Fast path for the common case: check every field's type at once and build error
-        # labels only when something is wrong.  `type(x) is int` also rules out bools.
-        fname, dname, shape_raw = a.get("file"), a.get("dtype"), a.get("shape")
-        nbytes, offset, xxh, tname = a.get("nbytes"), a.get("offset"), a.get("xxh3"), a.get("name")
+        # Fast path: check every field's type at once, build error labels only if one is wrong
+        get: Any = a.get  # raw msgpack values (Any, not Optional): their types are checked here
+        fname, dname, shape_raw = get("file"), get("dtype"), get("shape")
+        nbytes, offset, xxh, tname = get("nbytes"), get("offset"), get("xxh3"), get("name")
         if not (type(fname) is str and type(dname) is str and type(shape_raw) is list
-                and type(nbytes) is int and type(offset) is int and type(xxh) is int
+                and type(nbytes) is int and type(offset) is int and type(xxh) is int  # not bool
                 and type(tname) is str):
             for key, typ in _ARRAY_FIELDS:
                 _need(fail, a, key, typ, f"array {i}")
