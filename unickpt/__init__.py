@@ -12,6 +12,8 @@ dtype('float32')
 
 __version__ = "0.1.0"
 
+from typing import TYPE_CHECKING
+
 from .api import Inspection, LeafInfo, SaveInfo, VerifyReport, inspect, load, save, verify
 from .dist import CoordinationError
 from .errors import (
@@ -31,6 +33,26 @@ from .errors import (
     UnsupportedLeafError,
 )
 from .tree import LazyArray, Piece, ShardedArray, format_path
+
+if TYPE_CHECKING:  # the lazy names below, visible to type checkers (imported at run time on use)
+    from .manager import (
+        CheckpointInfo,
+        CheckpointManager,
+        ManagerConfig,
+        ManagerProtocol,
+        Restored,
+        StartDecision,
+        create_manager,
+    )
+    from .migration import (
+        HyperparameterMismatchError,
+        MigrationError,
+        MigrationReport,
+        Rule,
+        UnsupportedOptimizerError,
+        migrate,
+    )
+    from .rng import RNG
 
 # unickpt.migration (the converter, optimizer specs, schedules) and unickpt.manager (the run
 # manager and the policy layer) are imported on first use of one of these names, so

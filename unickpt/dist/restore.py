@@ -10,7 +10,8 @@ the one the checkpoint was written with; otherwise the restore is refused naming
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, cast
 
 from ..errors import ConfigError, IncompatibleCheckpointError
 from ..format.dtypes import dtype_from_name
@@ -41,7 +42,7 @@ def read_tree(r: CheckpointReader, verify: bool) -> Any:
             pdt = dtype_from_name(e.dtype)
             pieces.append(Piece(idx, LazyArray(
                 tuple(e.shape), pdt.newbyteorder(">") if e.byteorder == ">" else pdt,
-                lambda a=a: r.read_array(a, mmap=True, verify=verify))))
+                functools.partial(r.read_array, a, mmap=True, verify=verify))))
         return ShardedArray(tuple(s.shape), dt, pieces)
 
     return r.map_tree(array, sharded)
@@ -59,7 +60,7 @@ def _set(tree: Any, path: Path, value: Any) -> Any:
     parent = _get(tree, path[:-1])
     if isinstance(parent, tuple):  # rebuild the tuple up the chain
         items = list(parent)
-        items[path[-1]] = value
+        items[cast(int, path[-1])] = value  # a tuple's path key is its index
         return _set(tree, path[:-1], tuple(items))
     parent[path[-1]] = value
     return tree

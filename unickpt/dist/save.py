@@ -120,6 +120,11 @@ def _node_at(node: Any, path: Path) -> Any:
     return node
 
 
+def _offset_by(base: int) -> Callable[[int], int]:
+    """The renumbering that shifts a rank's local array numbers by ``base``."""
+    return lambda i: base + i
+
+
 def _renumber(node: Any, mapping: Callable[[int], int]) -> Any:
     if isinstance(node, list) and len(node) == 2 and isinstance(node[0], str):
         tag, payload = node
@@ -351,7 +356,7 @@ def _merged_manifest(local: _Local, per_rank: list[Path], reports: list[dict],
     def rebuild(x: Any, path: Path) -> Any:
         if path in pr:
             k = pr[path]
-            return ["l", [_renumber(m["per_rank"][k], lambda i, b=base[r]: b + i)
+            return ["l", [_renumber(m["per_rank"][k], _offset_by(base[r]))
                           for r, m in enumerate(reports)]]
         if not (isinstance(x, list) and len(x) == 2 and isinstance(x[0], str)):
             return x

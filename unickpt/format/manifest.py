@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import msgpack
 import numpy as np
@@ -331,12 +331,12 @@ def _validate_arrays(m: dict, fail: Callable[[str], NoReturn],
     for i, a in enumerate(_need(fail, m, "arrays", list, "manifest")):
         if not isinstance(a, dict):
             fail(f"array entry {i} is not a map")
-        # Fast path for the common case: check every field's type at once and build error
-        # labels only when something is wrong.  `type(x) is int` also rules out bools.
-        fname, dname, shape_raw = a.get("file"), a.get("dtype"), a.get("shape")
-        nbytes, offset, xxh, tname = a.get("nbytes"), a.get("offset"), a.get("xxh3"), a.get("name")
+        # Fast path: check every field's type at once, build error labels only if one is wrong
+        get: Any = a.get  # raw msgpack values (Any, not Optional): their types are checked here
+        fname, dname, shape_raw = get("file"), get("dtype"), get("shape")
+        nbytes, offset, xxh, tname = get("nbytes"), get("offset"), get("xxh3"), get("name")
         if not (type(fname) is str and type(dname) is str and type(shape_raw) is list
-                and type(nbytes) is int and type(offset) is int and type(xxh) is int
+                and type(nbytes) is int and type(offset) is int and type(xxh) is int  # not bool
                 and type(tname) is str):
             for key, typ in _ARRAY_FIELDS:
                 _need(fail, a, key, typ, f"array {i}")
@@ -351,7 +351,7 @@ def _validate_arrays(m: dict, fail: Callable[[str], NoReturn],
                                          max(dt.itemsize, 1))
             except UnsupportedDtype as e:
                 facts = dtypes[dname] = str(e)
-        if type(facts) is str:
+        if isinstance(facts, str):  # the refusal message (a plain str)
             fail(f"array {i}: {facts}")
         dt, itemsize, swappable, itemsize1 = facts
         # _shape inlined (same checks, same order): one call less per array
@@ -496,7 +496,7 @@ def check_no_overlap(boxes: list[tuple[tuple[int, int], ...]], gshape: tuple[int
     keep = (arr[:, :, 0] < arr[:, :, 1]).all(axis=1)  # empty pieces cover nothing
     if not keep.all():
         arr = arr[keep]
-        boxes = [b for b, k in zip(boxes, keep.tolist()) if k]
+        boxes = [b for b, k in zip(boxes, cast("list[bool]", keep.tolist())) if k]
     if len(boxes) < 2:
         return
     cuts = [_distinct(arr[:, d, :]) for d in range(len(gshape))]

@@ -10,7 +10,7 @@ import os
 import posixpath
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -253,7 +253,8 @@ class CheckpointReader:
         dt = dtype_from_name(e.dtype)
         fd, _ = self._file(e.file)
         if mmap:
-            mm = self._mapped(e.file)
+            # None only for an empty file, and then e.nbytes == 0 (the manifest was checked)
+            mm = cast(memoryview, self._mapped(e.file))
             if e.nbytes == 0:
                 a = np.empty(e.shape, dt)
             else:
@@ -264,17 +265,18 @@ class CheckpointReader:
                 raise self._corrupt(i, "checksum mismatch")
         else:
             a = np.empty(e.shape, dt)
-            buf = memoryview(a.reshape(-1).view(np.uint8)) if e.nbytes else memoryview(b"")
+            buf = (memoryview(a.reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # numpy stubs
+                   if e.nbytes else memoryview(b""))
             h = checksum.hasher() if verify else None
             pos = 0
             while pos < e.nbytes:
                 n = fd.pread_into(buf[pos:pos + READ_CHUNK], e.offset + pos)
                 if n <= 0:
                     raise self._corrupt(i, "unexpected end of file")
-                if verify:
+                if h is not None:  # h is not None exactly when verify
                     h.update(buf[pos:pos + n])
                 pos += n
-            if verify and h.intdigest() != e.xxh3:
+            if h is not None and h.intdigest() != e.xxh3:
                 raise self._corrupt(i, "checksum mismatch")
         if e.byteorder == ">":
             a = a.astype(dt.newbyteorder(">"))
@@ -361,7 +363,7 @@ class CheckpointReader:
             with gc_paused():
                 return walk(self._skeleton, ())
         finally:
-            walk = None  # noqa: F841  (a recursive closure is a reference cycle: break it)
+            walk = cast(Any, None)  # noqa: F841  (a recursive closure is a reference cycle: break it)
 
 
     def tree(self, *, mmap: bool = False, verify: bool | None = None,
@@ -376,7 +378,7 @@ class CheckpointReader:
         fd, _mm = self._file(ents[0].file)
         start = ents[0].offset
         buf = np.empty(ents[-1].offset + ents[-1].nbytes - start, np.uint8)
-        mv = memoryview(buf)
+        mv = memoryview(buf)  # type: ignore[arg-type]  # numpy stubs: ndarray is a Buffer
         pos = 0
         while pos < len(buf):
             n = fd.pread_into(mv[pos:], start + pos)
@@ -389,7 +391,7 @@ class CheckpointReader:
         for i, e in zip(batch, ents):
             lo = e.offset - start
             hi = lo + e.nbytes
-            if verify and digest(mv[lo:hi]) != e.xxh3:  # a memoryview slice: the cheapest
+            if digest is not None and digest(mv[lo:hi]) != e.xxh3:  # a memoryview slice: the cheapest
                 raise self._corrupt(i, "checksum mismatch")
             dt = dtypes.get(e.dtype)
             if dt is None:
@@ -497,4 +499,4 @@ class CheckpointReader:
         finally:
             # fill refers to itself through its closure cell: clear it, so that this reader
             # and its entries are freed by reference counting, not by a later gc walk
-            fill = shard = None  # noqa: F841
+            fill = shard = cast(Any, None)  # noqa: F841

@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -54,6 +54,9 @@ BATCH_IOVECS = 1024
 
 
 
+_UNSET_ENTRY = cast(ArrayEntry, None)  # _Job.entry before layout()
+
+
 class _Job:
     """One array to write: where it sits in the tree and (after layout) its manifest entry.
 
@@ -71,7 +74,9 @@ class _Job:
         self.dtype = dtype
         self.shape = shape
         self.scalar = scalar
-        self.entry: ArrayEntry | None = None
+        # set by layout() before anything writes or reads it; typed as set so the writing code
+        # needs no per-array narrowing (a module constant: no call per array)
+        self.entry: ArrayEntry = _UNSET_ENTRY
         self.info = info if info is not None else _dtype_info(dtype)
         self.nbytes = nbytes if nbytes is not None else math.prod(shape) * dtype.itemsize
         self.prehash: int | None = None  # full xxh3, when a sharing check already computed it
@@ -183,7 +188,7 @@ def _flatten(tree: Any) -> tuple[Any, list[_Job], list]:
     try:
         return enc(tree, ()), jobs, sharded
     finally:  # enc's closure cell refers to enc: clear it, so refcounting frees the jobs
-        enc = add_array = None  # noqa: F841
+        enc = add_array = cast(Any, None)  # noqa: F841
 
 
 def _job(arr: Any, path: Path, scalar: bool) -> _Job:
@@ -350,7 +355,7 @@ def _chunks(a: np.ndarray | LazyArray, path: Path) -> Iterable[memoryview]:
     if a.size == 0:
         return
     if a.flags.c_contiguous:
-        mv = memoryview(a.reshape(-1).view(np.uint8))
+        mv = memoryview(a.reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # numpy stubs
         for s in range(0, len(mv), CHUNK_BYTES):
             yield mv[s:s + CHUNK_BYTES]
         return
@@ -359,7 +364,8 @@ def _chunks(a: np.ndarray | LazyArray, path: Path) -> Iterable[memoryview]:
     row_bytes = max(1, math.prod(a.shape[1:]) * a.dtype.itemsize)
     step = max(1, CHUNK_BYTES // row_bytes)
     for s in range(0, a.shape[0], step):
-        yield memoryview(np.ascontiguousarray(a[s:s + step]).reshape(-1).view(np.uint8))
+        block = np.ascontiguousarray(a[s:s + step]).reshape(-1).view(np.uint8)
+        yield memoryview(block)  # type: ignore[arg-type]  # numpy stubs: ndarray is a Buffer
 
 
 def _write_job(fh: WriteHandle, j: _Job) -> None:
@@ -381,7 +387,8 @@ def _write_job(fh: WriteHandle, j: _Job) -> None:
     if pos != j.entry.offset + j.entry.nbytes:
         raise RuntimeError(f"{format_path(j.path)}: wrote {pos - j.entry.offset} bytes, "
                            f"expected {j.entry.nbytes}")
-    j.entry.xxh3 = h.intdigest() if h is not None else j.prehash
+    # no hasher means the sharing check already computed the full checksum
+    j.entry.xxh3 = h.intdigest() if h is not None else cast(int, j.prehash)
     if head is not None:
         j.entry.head_xxh3 = head.intdigest()
 
@@ -487,7 +494,8 @@ def write_tree(directory: str, tree: Any, *, metadata: dict | None = None,
     groups = list(plan.new)
     for fe, members in plan.shared:
         name = names[len(files)]
-        if _share_file(storage, directory, prev, fe, members, jobs, name):
+        # plan.shared is empty unless there is a previous checkpoint
+        if _share_file(storage, directory, cast(Previous, prev), fe, members, jobs, name):
             files.append(FileEntry(name, fe.size, fe.data_start, fe.header_xxh3))
         else:  # the checksums computed while planning are reused
             groups.append(sorted(i for i, _ in members))
