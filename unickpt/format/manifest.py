@@ -315,6 +315,21 @@ def _validate_files(m: dict, fail: Callable[[str], NoReturn]) -> list[FileEntry]
     return files
 
 
+def _optional_array_fields(a: dict, i: int, shape: tuple, swappable: bool,
+                           fail: Callable[[str], NoReturn]) -> tuple[str, bool, int | None]:
+    """``(byteorder, scalar, head_xxh3)`` of array entry ``i``, checked (defaults if absent)."""
+    bo = a.get("byteorder", "<")
+    if bo != "<" and (bo != ">" or not swappable):
+        fail(f"array {i}: byteorder {bo!r} for dtype {a['dtype']}")
+    scalar = a.get("scalar", False)
+    if scalar is not False and (scalar is not True or shape != ()):
+        fail(f"array {i}: 'scalar' must be a bool, true only for shape []")
+    head = a.get("head_xxh3")
+    if head is not None and (type(head) is not int or not 0 <= head <= _UINT64_MAX):
+        fail(f"array {i}: head_xxh3 is not a uint64")
+    return bo, scalar, head
+
+
 def _validate_arrays(m: dict, fail: Callable[[str], NoReturn],
                      file_by_name: dict[str, FileEntry]) -> list[ArrayEntry]:
     arrays = []
@@ -375,15 +390,7 @@ def _validate_arrays(m: dict, fail: Callable[[str], NoReturn],
             fail(f"array {i}: bytes [{offset}, {end}) lie outside file {fname!r}")
         if not 0 <= xxh <= uint64_max:
             fail(f"array {i}: checksum out of range")
-        bo = a.get("byteorder", "<")
-        if bo != "<" and (bo != ">" or not swappable):
-            fail(f"array {i}: byteorder {bo!r} for dtype {a['dtype']}")
-        scalar = a.get("scalar", False)
-        if scalar is not False and (scalar is not True or shape != ()):
-            fail(f"array {i}: 'scalar' must be a bool, true only for shape []")
-        head = a.get("head_xxh3")
-        if head is not None and (type(head) is not int or not 0 <= head <= _UINT64_MAX):
-            fail(f"array {i}: head_xxh3 is not a uint64")
+        bo, scalar, head = _optional_array_fields(a, i, shape, swappable, fail)
         if fname != last_file:  # arrays of one file come in runs: one lookup per run
             last_file = fname
             starts, ends, numbers = spans.get(fname) or spans.setdefault(fname, ([], [], []))
