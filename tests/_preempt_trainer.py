@@ -124,8 +124,9 @@ def main() -> None:
                            preemption=True, preemption_grace_seconds=cfg.get("grace", 30.0),
                            **every) as mgr:
         box.append(mgr)
-        if coord is not None:
-            mgr._preemption.agreement.coordinator = coord  # the wiring a coordinator gets
+        # With torch.distributed initialized the manager is multi-process by itself: its
+        # coordinator carries the preemption agreement (``coord`` only set up the group).
+        assert coord is None or mgr.coordinator.world_size == 2
         state = mgr.restore(initial_state()).state
         for step in range(state["step"] + 1, cfg["total"] + 1):
             train_step(state, step)

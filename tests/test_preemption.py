@@ -195,7 +195,7 @@ def test_two_gloo_ranks_save_the_same_step_when_only_rank_1_is_signalled() -> No
     with tempfile.TemporaryDirectory() as root:
         def ranks(**cfg: object) -> list[Child]:
             port = _free_port()
-            return [Child(os.path.join(root, f"rank{r}"), check_steps=3,
+            return [Child(root, check_steps=3,  # one run root: one checkpoint per step
                           dist={"rank": r, "world": 2, "port": port}, **cfg) for r in range(2)]
 
         children = ranks(lockstep=6)  # then free-running: the ranks meet in collectives
@@ -217,7 +217,7 @@ def test_two_gloo_ranks_save_the_same_step_when_only_rank_1_is_signalled() -> No
             assert [ln for ln in lines if ln.startswith("preempted")][0].startswith(
                 "preempted 7 "), lines
             assert final(lines)["step"] == 7
-        assert [max(steps_of(os.path.join(root, f"rank{r}"))) for r in range(2)] == [7, 7]
+        assert max(steps_of(root)) == 7
         children = ranks()
         try:
             outs = [c.finish() for c in children]
