@@ -394,11 +394,20 @@ class FsspecStorage:
                           json.dumps({"final": src, "direct": True}).encode())
                 self.remove_file(posixpath.join(src, MANIFEST))
                 continue
-            names = self.list_dir(src)
-            for name in sorted(names, key=lambda n: n == MANIFEST):
-                self._copy(posixpath.join(src, name), posixpath.join(dst, name))
-            self.remove_file(posixpath.join(src, MANIFEST))
-            self._rm_prefix(src)
+            self._move_tree(src, dst)
+
+    def _move_tree(self, src: str, dst: str) -> None:
+        """Copy ``src`` to ``dst`` (each checkpoint's manifest last), then delete the source
+        (its manifest first).  Recurses into checkpoints inside ``src`` (an archive's staging
+        directory holds whole checkpoints)."""
+        for name in sorted(self.list_dir(src), key=lambda n: n == MANIFEST):
+            s, d = posixpath.join(src, name), posixpath.join(dst, name)
+            if name != MANIFEST and self.is_dir(s):
+                self._move_tree(s, d)
+            else:
+                self._copy(s, d)
+        self.remove_file(posixpath.join(src, MANIFEST))
+        self._rm_prefix(src)
 
     # ------------------------------------------------------------ reading and locking
     def open(self, path: str) -> RangedReader:
