@@ -446,7 +446,11 @@ class CheckpointManager:
         except OSError as e:  # disk full, quota, I/O error: say which save and what is left
             # The step was free when the save started and the lock keeps others out: a
             # committed ``final`` now is ours (the publish happened, a later step failed).
-            if not is_committed(final, self.storage):
+            try:
+                committed = is_committed(final, self.storage)
+            except OSError:  # the store itself is unreachable: the same failure, before publish
+                committed = False
+            if not committed:
                 raise OSError(e.errno, f"{e.strerror or e} while saving {final}: nothing was "
                                        "committed and earlier checkpoints are intact") from e
             with self._mutex:
