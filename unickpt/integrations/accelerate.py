@@ -29,9 +29,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-import torch
 
+from ..errors import MissingDependencyError
 from . import _rng
+
+try:
+    import torch
+except ImportError as e:  # the optional extra is not installed
+    raise MissingDependencyError(
+        f"unickpt.integrations.accelerate needs torch: {e}; install it with "
+        "`pip install unickpt[accelerate]`") from e
 
 __all__ = ["DataPosition"]
 

@@ -23,15 +23,21 @@ import shutil
 import uuid
 from typing import Any
 
-import pytorch_lightning as pl
-import torch
-from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
-from pytorch_lightning.callbacks import Callback
-
 import unickpt as api  # the public API only
 
+from ..errors import MissingDependencyError
 from . import _rng
 from ._codec import SCHEMA_KEY, decode, encode
+
+try:
+    import pytorch_lightning as pl
+    import torch
+    from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
+    from pytorch_lightning.callbacks import Callback
+except ImportError as e:  # the optional extra is not installed
+    raise MissingDependencyError(
+        f"unickpt.integrations.lightning needs PyTorch Lightning: {e}; install it with "
+        "`pip install unickpt[lightning]`") from e
 
 __all__ = ["UnickptCheckpointIO", "UnickptResume", "ResumableDataLoader"]
 
