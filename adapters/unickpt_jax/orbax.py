@@ -15,7 +15,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import tempfile
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -24,13 +26,17 @@ import numpy as np
 import unickpt
 from unickpt.api import save_recorded
 from unickpt.errors import CheckpointNotFoundError, UnsupportedLeafError
+from unickpt.format.reader import CheckpointReader
 from unickpt.tree import Path, ShardedArray, format_path
 
 from .arrays import KEY_FIELDS
+from .orbax_stream import item_metadata, read_item
 
 __all__ = ["import_orbax", "export_orbax", "convert", "convert_total_bytes"]
 
 Progress = Callable[[int], None]
+#: Arrays over this size are exported in chunks of at most this size (see export_orbax).
+CHUNK_BYTES = 64 << 20
 _MARKERS = ("_METADATA", "manifest.ocdbt", "_sharding", "checkpoint")
 
 
@@ -48,69 +54,20 @@ def _items(src: str) -> dict[str, str] | None:
     return found or None
 
 
-def _read_item(path: str, progress: Progress | None) -> Any:
-    import jax
-    import orbax.checkpoint as ocp
-    from orbax.checkpoint import metadata as ocm
-
-    with ocp.PyTreeCheckpointer() as ck:
-        meta = ck.metadata(path)
-        tree_meta = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
-
-        def restore_args(m: Any) -> Any:
-            # numpy, never jax: no device memory, and no int64 -> int32 truncation when
-            # jax_enable_x64 is off.
-            if isinstance(m, ocm.ArrayMetadata):
-                return ocp.RestoreArgs(restore_type=np.ndarray)
-            return ocp.RestoreArgs()
-
-        args = jax.tree_util.tree_map(restore_args, tree_meta)
-        tree = ck.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
-    return _to_neutral(tree, tree_meta, (), progress, ocm.ScalarMetadata)
-
-
-def _to_neutral(x: Any, meta: Any, path: Path, progress: Progress | None,
-                scalar_meta: type) -> Any:
-    if isinstance(x, dict):
-        return {k: _to_neutral(v, _sub(meta, k), (*path, k), progress, scalar_meta)
-                for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_to_neutral(v, _sub(meta, i), (*path, i), progress, scalar_meta)
-                for i, v in enumerate(x)]
-    if isinstance(meta, scalar_meta) and isinstance(x, (np.ndarray, np.generic)) and \
-            np.ndim(x) == 0:
-        return np.asarray(x).item()  # saved as a Python scalar: give one back (exact bits)
-    if isinstance(x, (np.ndarray, np.generic)):
-        a = np.asarray(x)
-        if progress is not None:
-            progress(int(a.nbytes))
-        return a
-    if x is None or isinstance(x, (bool, int, float, str)):
-        return x
-    if hasattr(x, "__array__"):  # a jax.Array restored by an older Orbax: host copy
-        a = np.asarray(x)
-        if progress is not None:
-            progress(int(a.nbytes))
-        return a
-    raise UnsupportedLeafError(f"cannot import {format_path(path)}: Orbax returned a "
-                               f"{type(x).__name__}")
-
-
-def _sub(meta: Any, k: Any) -> Any:
-    try:
-        return meta[k]
-    except (KeyError, IndexError, TypeError):
-        return None
-
-
 def import_orbax(src_step_dir: str | os.PathLike, dst_checkpoint: str | os.PathLike, *,
                  progress: Progress | None = None, overwrite: bool = False) -> unickpt.SaveInfo:
     """Convert an Orbax checkpoint into a unickpt checkpoint at ``dst_checkpoint``.
 
     ``src_step_dir`` is a directory written by ``StandardCheckpointer``/``PyTreeCheckpointer``,
     or a ``CheckpointManager`` step directory: a single item becomes the whole tree, several
-    items become ``{item_name: tree}``.  Arrays are read as numpy arrays with their stored
-    dtype.  ``progress`` is called with each array's byte count.
+    items become ``{item_name: tree}``.  Arrays keep their stored dtype.  ``progress`` is
+    called with each array's (or piece's) byte count as it is written.
+
+    A checkpoint written by several processes (sharded ``jax.Array``s, one OCDBT tree per
+    process) is read here, in one process, with bounded memory: big arrays are read piece by
+    piece as they are written, and stay sharded along the shards Orbax saved (see
+    :mod:`unickpt_jax.orbax_stream`); ``unickpt.load`` assembles them, a sharded restore reads
+    only the pieces it needs.
     """
     src = os.path.abspath(os.fspath(src_step_dir))
     if not os.path.isdir(src):
@@ -122,11 +79,11 @@ def import_orbax(src_step_dir: str | os.PathLike, dst_checkpoint: str | os.PathL
                 f"{src} is not an Orbax checkpoint (no _METADATA/manifest.ocdbt and no item "
                 "directories); pass a StandardCheckpointer directory or a CheckpointManager "
                 "step directory")
-        tree = _read_item(src, progress)
+        tree = read_item(src, progress)
     elif len(items) == 1:
-        tree = _read_item(next(iter(items.values())), progress)
+        tree = read_item(next(iter(items.values())), progress)
     else:
-        tree = {name: _read_item(p, progress) for name, p in items.items()}
+        tree = {name: read_item(p, progress) for name, p in items.items()}
     info: dict[str, Any] = {"converted_from": "orbax", "source": src}
     base = os.path.basename(src)
     if base.isdigit():
@@ -135,6 +92,7 @@ def import_orbax(src_step_dir: str | os.PathLike, dst_checkpoint: str | os.PathL
 
 
 def _to_orbax(x: Any, path: Path, bad: list[str], progress: Progress | None) -> Any:
+    """The tree Orbax will store; sharded leaves stay sharded (assembled later, on disk)."""
     if isinstance(x, dict):
         if set(x) == set(KEY_FIELDS) and isinstance(x["impl"], str):
             # A typed PRNG key: Orbax stores keys as their raw data.
@@ -147,15 +105,14 @@ def _to_orbax(x: Any, path: Path, bad: list[str], progress: Progress | None) -> 
         return out
     if isinstance(x, (list, tuple)):
         return [_to_orbax(v, (*path, i), bad, progress) for i, v in enumerate(x)]
-    if isinstance(x, ShardedArray):
-        x = x.assemble()
-    if isinstance(x, (np.ndarray, np.generic)):
-        a = np.asarray(x)
-        if a.size == 0:
+    if isinstance(x, (np.ndarray, np.generic, ShardedArray)):
+        shape = tuple(x.shape)
+        nbytes = math.prod(shape) * np.dtype(x.dtype).itemsize
+        if 0 in shape:
             bad.append(f"{format_path(path)} (empty array)")
         if progress is not None:
-            progress(int(a.nbytes))
-        return a
+            progress(nbytes)
+        return x if isinstance(x, ShardedArray) else np.asarray(x)
     if isinstance(x, bool) or isinstance(x, float):
         return x
     if isinstance(x, int):
@@ -169,41 +126,78 @@ def _to_orbax(x: Any, path: Path, bad: list[str], progress: Progress | None) -> 
     return None
 
 
+def _on_disk(x: Any, scratch: str, count: list[int]) -> Any:
+    """Assemble each sharded leaf piece by piece into a memory-mapped scratch file.
+
+    Orbax takes whole numpy arrays; a file-backed one keeps the export's own memory bounded
+    (the kernel pages it in and out) instead of holding every sharded leaf assembled.
+    """
+    if isinstance(x, dict):
+        return {k: _on_disk(v, scratch, count) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_on_disk(v, scratch, count) for v in x]
+    if not isinstance(x, ShardedArray):
+        return x
+    count[0] += 1
+    mm = np.memmap(os.path.join(scratch, f"{count[0]}.bin"), dtype=x.dtype, mode="w+",
+                   shape=tuple(x.shape))
+    for p in x.pieces:
+        mm[tuple(slice(a, b) for a, b in p.index)] = np.asarray(p.data)
+    mm.flush()
+    return np.asarray(mm)  # a plain ndarray view of the map (Orbax dispatches on the type)
+
+
 def export_orbax(src_unickpt: str | os.PathLike, dst_dir: str | os.PathLike, *,
-                 progress: Progress | None = None, overwrite: bool = False) -> None:
+                 progress: Progress | None = None, overwrite: bool = False,
+                 chunk_bytes: int = CHUNK_BYTES) -> None:
     """Write the unickpt checkpoint ``src_unickpt`` as an Orbax ``StandardCheckpointer`` dir.
 
-    Arrays become numpy arrays (sharded leaves are assembled), Python scalars stay scalars,
-    typed PRNG keys become their ``key_data``, int dict keys become strings.  Leaves Orbax
-    cannot store (str, bytes, ints beyond 64 bits, empty arrays) are refused, all named in one
+    Arrays become numpy arrays, Python scalars stay scalars, typed PRNG keys become their
+    ``key_data``, int dict keys become strings.  Leaves Orbax cannot store (str, bytes, ints
+    beyond 64 bits, empty arrays) are refused, all named in one
     :class:`~unickpt.UnsupportedLeafError`, before anything is written.
+
+    Arrays are memory-mapped from the checkpoint (every checksum verified first) and sharded
+    leaves assembled into a memory-mapped scratch file next to ``dst_dir``, so the export
+    holds no copy of the state in memory.  Arrays over ``chunk_bytes`` are stored in chunks
+    of at most that size, so that a sharded restore in a multi-process Orbax job reads about
+    the regions its devices need, not whole arrays.
     """
+    import jax
     import orbax.checkpoint as ocp
 
-    tree = unickpt.load(src_unickpt)
-    bad: list[str] = []
-    out = _to_orbax(tree, (), bad, progress)
-    if bad:
-        raise UnsupportedLeafError(
-            f"cannot export {os.fspath(src_unickpt)} to Orbax: {len(bad)} leaves Orbax's "
-            f"StandardCheckpointer cannot store: {', '.join(bad[:20])}"
-            f"{' ...' if len(bad) > 20 else ''}; drop or convert them first")
     dst = os.path.abspath(os.fspath(dst_dir))
-    with ocp.StandardCheckpointer() as ck:
-        ck.save(dst, out, force=overwrite)
-        ck.wait_until_finished()
+    with CheckpointReader(src_unickpt) as r:
+        tree = r.tree(mmap=True, verify=True, assemble=False)
+        bad: list[str] = []
+        out = _to_orbax(tree, (), bad, progress)
+        if bad:
+            raise UnsupportedLeafError(
+                f"cannot export {os.fspath(src_unickpt)} to Orbax: {len(bad)} leaves Orbax's "
+                f"StandardCheckpointer cannot store: {', '.join(bad[:20])}"
+                f"{' ...' if len(bad) > 20 else ''}; drop or convert them first")
+        parent = os.path.dirname(dst)
+        os.makedirs(parent, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".unickpt-export-", dir=parent) as scratch:
+            out = _on_disk(out, scratch, [0])
+
+            def save_args(a: Any) -> Any:
+                big = isinstance(a, np.ndarray) and a.nbytes > chunk_bytes
+                return ocp.SaveArgs(chunk_byte_size=chunk_bytes if big else None)
+
+            with ocp.StandardCheckpointer() as ck:
+                ck.save(dst, out, save_args=jax.tree_util.tree_map(save_args, out),
+                        force=overwrite)
+                ck.wait_until_finished()
+            del out  # the maps, before the scratch directory goes
 
 
 def _orbax_item_bytes(path: str) -> int:
     import jax
-    import orbax.checkpoint as ocp
     from orbax.checkpoint import metadata as ocm
 
-    with ocp.PyTreeCheckpointer() as ck:
-        meta = ck.metadata(path)
-    tree_meta = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
-    return sum(int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize
-               for m in jax.tree_util.tree_leaves(tree_meta)
+    return sum(math.prod(m.shape) * np.dtype(m.dtype).itemsize
+               for m in jax.tree_util.tree_leaves(item_metadata(path))
                if isinstance(m, ocm.ArrayMetadata) and not isinstance(m, ocm.ScalarMetadata))
 
 
