@@ -149,7 +149,7 @@ def _on_disk(x: Any, scratch: str, count: list[int]) -> Any:
 
 def export_orbax(src_unickpt: str | os.PathLike, dst_dir: str | os.PathLike, *,
                  progress: Progress | None = None, overwrite: bool = False,
-                 chunk_bytes: int = CHUNK_BYTES) -> None:
+                 chunk_bytes: int | None = None) -> None:
     """Write the unickpt checkpoint ``src_unickpt`` as an Orbax ``StandardCheckpointer`` dir.
 
     Arrays become numpy arrays, Python scalars stay scalars, typed PRNG keys become their
@@ -159,7 +159,8 @@ def export_orbax(src_unickpt: str | os.PathLike, dst_dir: str | os.PathLike, *,
 
     Arrays are memory-mapped from the checkpoint (every checksum verified first) and sharded
     leaves assembled into a memory-mapped scratch file next to ``dst_dir``, so the export
-    holds no copy of the state in memory.  Arrays over ``chunk_bytes`` are stored in chunks
+    holds no copy of the state in memory.  Arrays over ``chunk_bytes`` (default
+    :data:`CHUNK_BYTES`) are stored in chunks
     of at most that size, so that a sharded restore in a multi-process Orbax job reads about
     the regions its devices need, not whole arrays.
     """
@@ -167,6 +168,7 @@ def export_orbax(src_unickpt: str | os.PathLike, dst_dir: str | os.PathLike, *,
     import orbax.checkpoint as ocp
 
     dst = os.path.abspath(os.fspath(dst_dir))
+    limit = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     with CheckpointReader(src_unickpt) as r:
         tree = r.tree(mmap=True, verify=True, assemble=False)
         bad: list[str] = []
@@ -182,8 +184,8 @@ def export_orbax(src_unickpt: str | os.PathLike, dst_dir: str | os.PathLike, *,
             out = _on_disk(out, scratch, [0])
 
             def save_args(a: Any) -> Any:
-                big = isinstance(a, np.ndarray) and a.nbytes > chunk_bytes
-                return ocp.SaveArgs(chunk_byte_size=chunk_bytes if big else None)
+                big = isinstance(a, np.ndarray) and a.nbytes > limit
+                return ocp.SaveArgs(chunk_byte_size=limit if big else None)
 
             with ocp.StandardCheckpointer() as ck:
                 ck.save(dst, out, save_args=jax.tree_util.tree_map(save_args, out),

@@ -4,7 +4,7 @@ An Orbax checkpoint written by several processes (each process's shards in its o
 ``ocdbt.process_<i>`` tree, merged by the top-level OCDBT manifest) is read by one process
 with bounded memory: small arrays and scalars come back from one Orbax restore (as numpy:
 no device memory); every other array becomes a :class:`~unickpt.tree.ShardedArray` whose
-pieces follow the shards Orbax wrote (its ``write_shape``), each a
+pieces follow the chunks Orbax wrote (a saved shard is a whole number of them), each a
 :class:`~unickpt.tree.LazyArray` that reads its region through TensorStore when the writer
 asks for its bytes.  A conversion therefore holds about one piece per writer thread, not the
 checkpoint, and the converted checkpoint keeps the saved layout, so a sharded restore reads
@@ -162,10 +162,10 @@ class _LazyStore:
         return a
 
 
-def _piece_shape(shape: tuple[int, ...], write: tuple[int, ...], itemsize: int,
+def _piece_shape(shape: tuple[int, ...], chunk: tuple[int, ...], itemsize: int,
                  piece_bytes: int) -> tuple[int, ...]:
-    """The saved shard shape, grown along the saved grid (last axes first) to ~piece_bytes."""
-    p = [max(1, min(w, s)) for w, s in zip(write, shape)]
+    """The stored chunk shape, grown along the chunk grid (last axes first) to ~piece_bytes."""
+    p = [max(1, min(c, s)) for c, s in zip(chunk, shape)]
     for d in reversed(range(len(p))):
         while p[d] < shape[d] and math.prod(p) * itemsize * 2 <= piece_bytes:
             p[d] = min(p[d] * 2, shape[d])
@@ -179,8 +179,9 @@ def _lazy_array(m: Any, path: Path, progress: Progress | None, opener: _Opener,
     shape = tuple(int(s) for s in m.shape)
     dtype = np.dtype(m.dtype)
     storage = getattr(m, "storage", None)
-    write = getattr(storage, "write_shape", None) or getattr(storage, "chunk_shape", None)
-    piece = _piece_shape(shape, tuple(write) if write and len(write) == len(shape) else shape,
+    # the stored chunk (the unit TensorStore reads; a saved shard is a whole number of them)
+    chunk = getattr(storage, "chunk_shape", None) or getattr(storage, "write_shape", None)
+    piece = _piece_shape(shape, tuple(chunk) if chunk and len(chunk) == len(shape) else shape,
                          dtype.itemsize, piece_bytes)
     grid = [range(0, s, p) for s, p in zip(shape, piece)]
     starts = np.stack(np.meshgrid(*grid, indexing="ij"), -1).reshape(-1, len(shape)) \

@@ -1,0 +1,95 @@
+"""Launch the processes of a multi-process JAX job on CPU as one process group (test helper).
+
+Each process gets ``XLA_FLAGS=--xla_force_host_platform_device_count=D`` (D CPU devices) and
+its id; the worker calls :func:`init` to join the job through ``jax.distributed`` with gloo
+collectives.  The whole group has a hard timeout and is SIGKILLed on the way out, so a hang
+can never stall the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+from _dist_launch import free_port
+
+
+@dataclass(frozen=True)
+class JobResult:
+    codes: list[int]  # -9: SIGKILLed
+    outputs: list[str]
+    killed: bool  # the launcher killed the group (kill_after reached)
+
+
+def launch_jax(script: str, cfg: dict, *, processes: int = 2, devices: int = 2,
+               timeout: float = 120.0, kill_after: float | None = None,
+               check: bool = True) -> JobResult:
+    """Run ``processes`` copies of ``script CONFIG_JSON PROCESS_ID``; return how they ended.
+
+    ``kill_after`` SIGKILLs the whole group that many seconds after the start (a crash of the
+    whole job at an arbitrary moment).  With ``check`` a process that exits with anything
+    but 0 (or -9 after a kill) fails the test, its output in the message.
+    """
+    cfg = {"port": free_port(), "processes": processes, **cfg}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    procs: list[subprocess.Popen] = []
+    logs = [tempfile.TemporaryFile() for _ in range(processes)]  # a pipe could fill and block
+    pgid = 0
+    killed = False
+
+    def outputs() -> list[str]:
+        out = []
+        for f in logs:
+            f.seek(0)
+            out.append(f.read().decode(errors="replace"))
+        return out
+
+    try:
+        for pid in range(processes):
+            p = subprocess.Popen([sys.executable, script, json.dumps(cfg), str(pid)], env=env,
+                                 stdout=logs[pid], stderr=subprocess.STDOUT,
+                                 process_group=pgid)
+            pgid = pgid or p.pid
+            procs.append(p)
+        start = time.monotonic()
+        deadline = start + timeout
+        for p in procs:
+            while p.poll() is None:
+                now = time.monotonic()
+                if kill_after is not None and now - start >= kill_after:
+                    os.killpg(pgid, signal.SIGKILL)
+                    killed = True
+                    p.wait(10)
+                    break
+                if now >= deadline:
+                    os.killpg(pgid, signal.SIGKILL)
+                    raise AssertionError(f"job did not finish in {timeout}s; output:\n"
+                                         + "\n---\n".join(o[-3000:] for o in outputs()))
+                time.sleep(0.01)
+        codes = [p.wait(10) for p in procs]
+        outs = outputs()
+        if check and any(c != 0 and not (killed and c == -9) for c in codes):
+            raise AssertionError(f"processes exited with {codes}:\n"
+                                 + "\n---\n".join(o[-3000:] for o in outs))
+        return JobResult(codes, outs, killed)
+    finally:
+        if pgid:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        for f in logs:
+            f.close()
