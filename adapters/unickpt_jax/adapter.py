@@ -5,6 +5,9 @@ Kinds (recorded in the manifest as ``jax:<kind>``):
 =====================================  ======================================================
 ``Array``                              a ``jax.Array`` (see :mod:`unickpt_jax.arrays`)
 ``PRNGKey``                            a typed key array -> ``{"impl", "key_data"}``
+``ProcessPRNGKey``                     a typed key array held by one process of a
+                                       multi-process job (fully addressable there): per
+                                       process state (docs/distributed.md)
 ``ShapeDtypeStruct``                   restore target only (shape, dtype, sharding)
 ``nnx.Module:<type>`` etc.             NNX objects, restored in place (:mod:`unickpt_jax.nnx`)
 ``pytree:<type>``                      any other registered pytree node (:mod:`.pytrees`)
@@ -54,7 +57,12 @@ class JaxAdapter:
 
     def kind_of(self, obj: Any) -> str | None:
         if isinstance(obj, jax.Array):
-            return "PRNGKey" if arrays.is_key_dtype(obj.dtype) else "Array"
+            if not arrays.is_key_dtype(obj.dtype):
+                return "Array"
+            # A key only this process holds (not a global array) is this process's own
+            # randomness, like a torch rank's generator: saved per process.
+            return ("ProcessPRNGKey" if obj.is_fully_addressable and jax.process_count() > 1
+                    else "PRNGKey")
         if isinstance(obj, jax.ShapeDtypeStruct):
             return "ShapeDtypeStruct"
         kind = _nnx().kind_of(obj)

@@ -7,7 +7,11 @@ Saving:
   copy right away for snapshots);
 * an array split over devices becomes a :class:`~unickpt.tree.ShardedArray` with one piece
   per *unique* shard (replicas, ``replica_id != 0``, are skipped);
-* a typed PRNG key array (``jax.random.key``) becomes ``{"impl": name, "key_data": uint32}``.
+* a typed PRNG key array (``jax.random.key``) becomes ``{"impl": name, "key_data": uint32}``;
+* an array that spans several processes (not fully addressable, a ``jax.distributed`` job)
+  becomes, during a multi-process save, a ShardedArray holding only *this process's* unique
+  shards (``replica_id == 0``) with their global offsets: the save protocol writes each piece
+  from the process that holds it (docs/distributed.md).  Anywhere else it is refused.
 
 Restoring builds each array with the sharding of the target (a ``jax.Array`` or a
 ``jax.ShapeDtypeStruct`` with ``.sharding``), reading only the region each device needs, so a
@@ -30,6 +34,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from unickpt.dist.save import in_collective_save
 from unickpt.errors import UnsupportedLeafError
 from unickpt.tree import LazyArray, Path, Piece, ShardedArray, format_path
 
@@ -85,8 +90,10 @@ def array_to_tree(a: jax.Array, snapshot: bool, path: Path) -> Any:
         if snapshot:
             return _host_copy(src)
         return LazyArray(shape, dtype, lambda src=src: np.asarray(src))
-    if not a.is_fully_addressable:
+    if not a.is_fully_addressable and not in_collective_save():
         raise UnsupportedLeafError(_not_addressable(path))
+    # replica_id is global: of the copies of one region held anywhere in the job, exactly
+    # one has replica_id 0, so every region is written once, by the process holding it.
     pieces = []
     for sh in a.addressable_shards:
         if sh.replica_id != 0:
@@ -102,8 +109,10 @@ def array_to_tree(a: jax.Array, snapshot: bool, path: Path) -> Any:
 
 def _not_addressable(path: Path) -> str:
     return (f"cannot save {format_path(path)}: the array spans several processes "
-            "(not fully addressable); multi-host saving of sharded JAX arrays is not supported "
-            "yet: gather it (jax.experimental.multihost_utils.process_allgather) or save per host")
+            "(not fully addressable) and this save is not collective; save it with a "
+            "CheckpointManager called by every process of the jax.distributed job (it "
+            "writes each process's shards), or gather it first "
+            "(jax.experimental.multihost_utils.process_allgather)")
 
 
 def key_to_tree(k: jax.Array, snapshot: bool, path: Path) -> dict:

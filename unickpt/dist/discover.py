@@ -1,8 +1,10 @@
 """Which coordinator a manager uses when none is given.
 
 ``torch.distributed`` initialized with more than one process: the torch coordinator (on a
-dedicated gloo group).  Otherwise: :class:`~unickpt.dist.SingleProcess`.  The check looks at
-``sys.modules`` only, so a process that never imported torch never imports it here.
+dedicated gloo group).  Else ``jax.distributed`` initialized with more than one process: the
+JAX coordinator (on JAX's coordination service).  Otherwise:
+:class:`~unickpt.dist.SingleProcess`.  The checks look at ``sys.modules`` only, so a process
+that never imported torch or jax never imports them here.
 
 >>> detect()
 SingleProcess()
@@ -37,4 +39,14 @@ def detect(coordinator: Any = None, process_group: Any = None,
             and tdist.get_world_size() > 1):
         mod = importlib.import_module("unickpt_torch.dist")
         return mod.TorchCoordinator(process_group, timeout=timeout)
+    if _jax_multiprocess():
+        return importlib.import_module("unickpt_jax.dist").JaxCoordinator(timeout=timeout)
     return SingleProcess()
+
+
+def _jax_multiprocess() -> bool:
+    """Whether this process is one of several of an initialized ``jax.distributed`` job."""
+    jdist = sys.modules.get("jax._src.distributed")
+    if jdist is None or getattr(jdist.global_state, "client", None) is None:
+        return False
+    return bool(sys.modules["jax"].process_count() > 1)

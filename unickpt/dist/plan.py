@@ -26,6 +26,7 @@ __all__ = ["PER_RANK_KINDS", "PER_RANK_PREFIXES", "is_per_rank_kind", "per_rank_
 PER_RANK_KINDS = frozenset({
     "unickpt.RNG", "numpy.random.Generator", "torch:torch.Generator",
     "torch:torch.utils.data.DataLoader", "torch:torch.utils.data.Sampler",
+    "jax:ProcessPRNGKey",  # a typed key held by one process of a jax.distributed job
 })
 PER_RANK_PREFIXES = ("stateful:", "get_state:")
 

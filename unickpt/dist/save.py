@@ -20,10 +20,11 @@ way nothing is committed, every rank raises, and rank 0 removes the staging dire
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import posixpath
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager as ContextManager
 from typing import Any
 
@@ -48,10 +49,41 @@ from ..tree import Path, format_path
 from .coordinator import CoordinationError, Coordinator
 from .plan import assign, per_rank_paths, rank_file
 
-__all__ = ["commit_distributed", "fail_plan", "DIST_INFO"]
+__all__ = ["commit_distributed", "fail_plan", "DIST_INFO", "collective_save",
+           "in_collective_save"]
 
 #: The manifest ``info`` key describing a multi-process checkpoint.
 DIST_INFO = "distributed"
+
+_COLLECTIVE = contextvars.ContextVar("unickpt_collective_save", default=False)
+
+
+@contextlib.contextmanager
+def collective_save(on: bool = True) -> Iterator[None]:
+    """Mark the state conversion inside as part of a multi-process save.
+
+    Adapters may then return a :class:`~unickpt.tree.ShardedArray` holding only this
+    process's pieces of an array that spans processes (a JAX array that is not fully
+    addressable): the protocol below gathers every process's pieces into one checkpoint.
+    Outside it such an array must be refused, since a one-process save would commit a
+    checkpoint with holes.
+
+    >>> with collective_save():
+    ...     in_collective_save()
+    True
+    >>> in_collective_save()
+    False
+    """
+    token = _COLLECTIVE.set(bool(on))
+    try:
+        yield
+    finally:
+        _COLLECTIVE.reset(token)
+
+
+def in_collective_save() -> bool:
+    """Whether the current state conversion is part of a multi-process save."""
+    return _COLLECTIVE.get()
 
 
 def _under(path: Path, prefixes: list[Path]) -> Path | None:
@@ -96,14 +128,32 @@ class _Local:
         """A digest of the replicated structure (keys, dtypes, shapes) every rank must share."""
         sig = [[k, dtype_name(self.jobs[j].dtype), list(self.jobs[j].shape)]
                for k, j in sorted(self.rep.items())]
-        sig += [[format_path(self.jobs[idx[0]].path[:-1]) if idx else "", dtype_name(sa.dtype),
-                 list(sa.shape)] for sa, idx in self.sharded]
+        # By tree path: a process may hold no piece of an array (all its shards replicas).
+        paths = _sharded_paths(self.node)
+        sig += [[paths.get(i, ""), dtype_name(sa.dtype), list(sa.shape)]
+                for i, (sa, _idx) in enumerate(self.sharded)]
         return hashlib.sha256(msgpack.packb(sig, use_bin_type=True)).hexdigest()
 
     def plan(self) -> dict:
         return {"sig": self.signature(),
                 "own": sum(_nbytes(self.jobs[j]) for j in self.own),
                 "pieces": [[k, _nbytes(self.jobs[j])] for k, j in self.pieces.items()]}
+
+
+def _sharded_paths(node: Any, path: Path = (), out: dict | None = None) -> dict[int, str]:
+    """Sharded array number -> its tree path, from the encoded tree."""
+    out = {} if out is None else out
+    if isinstance(node, list) and len(node) == 2 and isinstance(node[0], str):
+        tag, payload = node
+        if tag == "s":
+            out[payload] = format_path(path)
+        elif tag == "d":
+            for i in range(0, len(payload), 2):
+                _sharded_paths(payload[i + 1], (*path, payload[i]), out)
+        elif tag in ("l", "t"):
+            for i, v in enumerate(payload):
+                _sharded_paths(v, (*path, i), out)
+    return out
 
 
 def _nbytes(job: Any) -> int:

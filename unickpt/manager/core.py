@@ -33,6 +33,7 @@ from typing import Any
 
 from ..dist import detect as _detect_coordinator  # multi-process: docs/distributed.md
 from ..dist.restore import narrow_per_rank, read_tree
+from ..dist.save import collective_save
 from ..errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -408,7 +409,8 @@ class CheckpointManager:
     def _prepare(self, state: Any, step: int, *, snapshot: bool = False) -> Any:
         """The state as a validated, flattened tree (every leaf checked before any I/O)."""
         try:
-            tree, kinds = to_tree(state, snapshot=snapshot)
+            with collective_save(self.coordinator.world_size > 1):  # arrays spanning processes
+                tree, kinds = to_tree(state, snapshot=snapshot)
             return prepare(tree, kinds)
         except Exception as e:
             if self.coordinator.world_size > 1:  # the other ranks must not wait for this one
