@@ -3,15 +3,17 @@
 Run as ``python _jax_dist_trainer.py CONFIG_JSON PROCESS_ID`` through tests/_jax_launch.py.
 CONFIG: ``port``, ``processes``, ``root`` (the run root), ``out`` (where process 0 writes the
 final state), ``steps``, ``save_every``, ``timeout`` and an optional ``kill``:
-``{"step": S, "phase": "plan"|"report"|"commit"|"after", "process": P}``: process P SIGKILLs
-the whole job (its process group) when the save of step S reaches that phase ("after": once
-step S is saved).
+``{"step": S, "phase": "plan"|"write"|"report"|"commit"|"after", "process": P}``: process P
+SIGKILLs the whole job (its process group) when the save of step S reaches that phase
+("write": while P writes its array file; "after": once step S is saved).
 
 The model: an ``nnx`` MLP with dropout whose kernels are sharded with
 ``nnx.with_partitioning`` over a (2, 2) mesh ("data", "model"); the optimizer is
 ``optax.chain(optax.clip_by_global_norm, optax.adamw(schedule))`` (its moments sharded like
-the parameters); the data order comes from a typed PRNG key (``jax.random.key``).  Every
-process calls the same ``CheckpointManager(resume="auto")`` methods.  At the end process 0
+the parameters); the data order comes from a typed PRNG key (``jax.random.key``); each
+process also keeps a position of its own (``get_state``/``set_state``, like a Grain
+iterator), checked at the end.  Every process calls the same
+``CheckpointManager(resume="auto")`` methods.  At the end process 0
 writes the whole state, gathered to host (numpy), with ``unickpt.save`` to ``out``.
 """
 
@@ -26,6 +28,35 @@ from typing import Any
 N_DATA, D_IN, HIDDEN, BATCH = 32, 4, 8, 8
 
 
+class Position:
+    """A per-process data position (advances by ``process id + 1`` per step)."""
+
+    def __init__(self, pid: int, bomb_at: int | None):
+        self.pid, self.pos, self.step, self.bomb_at = pid, 0, 0, bomb_at
+
+    def advance(self) -> None:
+        self.step += 1
+        self.pos += self.pid + 1
+
+    def get_state(self) -> dict:
+        st: dict = {"pos": self.pos, "step": self.step}
+        if self.step == self.bomb_at:  # kill the job while this process writes its file
+            import numpy as np
+
+            from unickpt.tree import LazyArray
+
+            st["bomb"] = LazyArray((1,), np.dtype(np.float32), _kill_job)
+        return st
+
+    def set_state(self, st: dict) -> None:
+        self.pos, self.step = int(st["pos"]), int(st["step"])
+
+
+def _kill_job() -> Any:
+    os.killpg(0, signal.SIGKILL)
+    raise AssertionError("unreachable")
+
+
 def _jax() -> Any:
     import jax
 
@@ -36,7 +67,6 @@ def _jax() -> Any:
 def build(seed: int, mesh: Any) -> dict:
     """A fresh, sharded training state (``seed`` differs between a run and a restore target)."""
     jax = _jax()
-    import jax.numpy as jnp
     import optax
     from flax import nnx
     from jax.sharding import NamedSharding
@@ -102,7 +132,7 @@ def _train_step() -> Any:
 
 def arm_kill(mgr: Any, kill: dict | None, pid: int) -> None:
     """SIGKILL the whole job when the save of ``kill["step"]`` reaches ``kill["phase"]``."""
-    if not kill or kill["process"] != pid or kill["phase"] == "after":
+    if not kill or kill["process"] != pid or kill["phase"] in ("after", "write"):
         return
     coord = mgr.coordinator
     name = "broadcast" if kill["phase"] == "commit" else "all_gather"
@@ -157,6 +187,9 @@ def main(cfg: dict, pid: int) -> None:
     mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(auto, auto))
     step_fn = _train_step()
     mgr = None
+    kill = cfg.get("kill")
+    bomb_at = kill["step"] if kill and kill["phase"] == "write" and kill["process"] == pid \
+        else None
     if cfg.get("checkpoint", True):
         mgr = unickpt.CheckpointManager(cfg["root"], resume="auto",
                                         save_every=cfg["save_every"], keep_last=2,
@@ -165,13 +198,17 @@ def main(cfg: dict, pid: int) -> None:
         # a resumed run restores into a state built from another seed: whatever the restore
         # missed would differ from the uninterrupted run
         resume = mgr.resolve_start().resume
-        state = mgr.restore(build(1000 if resume else 0, mesh)).state
+        state = mgr.restore(
+            {**build(1000 if resume else 0, mesh), "data": Position(pid, bomb_at)}).state
     else:
-        state = build(0, mesh)
+        state = {**build(0, mesh), "data": Position(pid, None)}
     _t("built")
-    kill = cfg.get("kill")
+    if state["data"].step != state["step"]:
+        raise AssertionError(f"process {pid}: position {state['data'].step} restored with "
+                             f"step {state['step']}")
     while state["step"] < cfg["steps"]:
         key = step_fn(state["model"], state["opt"], state["data_key"])
+        state["data"].advance()
         state = {**state, "data_key": key, "step": state["step"] + 1}
         if mgr is not None:
             mgr.save(state["step"], state)
@@ -181,6 +218,8 @@ def main(cfg: dict, pid: int) -> None:
             os.killpg(0, signal.SIGKILL)
     if mgr is not None:
         mgr.close()
+    if state["data"].pos != cfg["steps"] * (pid + 1):
+        raise AssertionError(f"process {pid}: position {state['data'].pos}")
     final = host_tree(state)
     _t("gathered")
     if pid == 0:

@@ -29,15 +29,16 @@ class JobResult:
 
 def launch_jax(script: str, cfg: dict, *, processes: int = 2, devices: int = 2,
                timeout: float = 120.0, kill_after: float | None = None,
-               check: bool = True) -> JobResult:
+               check: bool = True, env: dict | None = None) -> JobResult:
     """Run ``processes`` copies of ``script CONFIG_JSON PROCESS_ID``; return how they ended.
 
     ``kill_after`` SIGKILLs the whole group that many seconds after the start (a crash of the
     whole job at an arbitrary moment).  With ``check`` a process that exits with anything
-    but 0 (or -9 after a kill) fails the test, its output in the message.
+    but 0 (or -9 after a kill) fails the test, its output in the message.  ``env`` is added
+    to the processes' environment.
     """
     cfg = {"port": free_port(), "processes": processes, **cfg}
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+    env = {**os.environ, **(env or {}), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
            "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     procs: list[subprocess.Popen] = []
