@@ -155,6 +155,11 @@ def run_save(res: dict) -> None:
     res["bad"] = check_restored(got.state, 2, CFG["specs2"], per_process=True,
                                 shape=CFG["mesh2"])
     mgr.close()
+    try:  # not collective: an array spanning processes cannot be saved alone
+        unickpt.save(os.path.join(CFG["root"] + f".alone{PID}"), state_at(1, CFG["specs"]))
+        res["alone"] = None
+    except unickpt.UnsupportedLeafError as e:
+        res["alone"] = str(e)
     coord = mgr.coordinator
     if PID == 1:  # leaves; process 0 waits at a barrier it never reaches
         return
@@ -167,7 +172,31 @@ def run_save(res: dict) -> None:
                           "seconds": time.monotonic() - t}
 
 
+def count_reads() -> list[int]:
+    """The manifest array numbers this process reads (to check it reads only its regions)."""
+    from unickpt.format.reader import CheckpointReader
+
+    reads: list[int] = []
+    real = CheckpointReader.read_array
+
+    def counting(self: Any, i: int, *a: Any, **k: Any) -> Any:
+        reads.append(i)
+        return real(self, i, *a, **k)
+
+    CheckpointReader.read_array = counting  # type: ignore[method-assign]
+    return reads
+
+
+def pieces_of(shape: tuple) -> set[int]:
+    from unickpt.format.reader import CheckpointReader
+
+    with CheckpointReader(os.path.join(CFG["root"], "step_2")) as r:
+        (s,) = [s for s in r.manifest.sharded if tuple(s.shape) == shape]
+        return {a for _i, a in s.pieces}
+
+
 def run_restore(res: dict) -> None:
+    reads = count_reads()
     mgr = unickpt.CheckpointManager(CFG["root"], resume="auto", dist_timeout=CFG["timeout"])
     res["coordinator"] = type(mgr.coordinator).__name__
     try:
@@ -177,6 +206,7 @@ def run_restore(res: dict) -> None:
         res["refused"] = str(e)
     got = mgr.restore(target(CFG["specs"]), per_rank="keep")
     res["restored"] = got.step
+    res["w_reads"] = len(set(reads) & pieces_of((8, 12)))
     res["bad"] = check_restored(got.state, 2, CFG["specs"], per_process=False)
     res["kept_pos"] = got.state["data"].pos
     mgr.close()
@@ -188,6 +218,8 @@ def run_kill(res: dict) -> None:
     got = mgr.restore(target(CFG["specs"]))
     res["restored"] = got.step
     res["bad"] = check_restored(got.state, 2, CFG["specs"], per_process=True)
+    # processes are in step now (a slow start must not look like a death): a short timeout
+    mgr.coordinator.timeout = CFG["save_timeout"]
     t = time.monotonic()
     try:
         mgr.save(3, state_at(3, CFG["specs"], bomb=PID == 1))

@@ -117,6 +117,14 @@ def test_each_region_written_once_by_the_process_holding_it(saved):
         assert got[k].dtype == a.dtype and got[k].tobytes() == a.tobytes(), k
 
 
+def test_saving_a_spanning_array_alone_is_refused(saved):
+    tmp, root, res = saved
+    for p, r in enumerate(res):
+        assert r["alone"] and "cannot save params/" in r["alone"]
+        assert "spans several processes" in r["alone"] and "CheckpointManager" in r["alone"]
+        assert not os.path.exists(f"{root}.alone{p}")
+
+
 def test_restore_same_count_other_mesh_bitwise(saved):
     _tmp, _root, res = saved
     for r in res:
@@ -141,19 +149,21 @@ def test_restore_other_process_count(saved, world, devices, mesh, specs):
         assert "per_rank='keep'" in r["refused"]
         assert "data" in r["refused"] and "key" in r["refused"]
         assert r["kept_pos"] == -1  # the target's own per-process state, untouched
+        # w was saved as four (4, 6) blocks; each device needs one block here
+        assert r["w_reads"] == 4 // world
 
 
 def test_one_process_killed_mid_save_commits_nothing(saved):
     tmp, root, _res = saved
     root2 = str(tmp / "run_kill")
     shutil.copytree(root, root2)
-    res = run_job(tmp, "kill", "kill", 2, 2, [2, 2], SPECS, root2, timeout=5)
+    res = run_job(tmp, "kill", "kill", 2, 2, [2, 2], SPECS, root2, save_timeout=4)
     assert res[1] == {"killed": True}
     r = res[0]
     assert r["restored"] == 2 and r["bad"] == []
     e = r["error"]
     assert e is not None and e["phase"] == "save step_3: report" and e["missing"] == [1]
-    assert "process(es) 1 did not arrive within 5s" in e["message"]
+    assert "process(es) 1 did not arrive within 4s" in e["message"]
     assert e["seconds"] < 15
     assert r["latest"] == 2
     assert "step_3" not in r["listing"] and not any(
