@@ -5,14 +5,13 @@ Run as ``python _jax_dist_worker.py CONFIG_JSON PROCESS_ID``.  CONFIG holds ``wo
 ``mesh`` (the global mesh shape, axes "a" and "b"), ``specs`` (name -> partition spec) and
 ``mode``:
 
-* ``"save"``: coordinator checks, then a CheckpointManager saves steps 1 and 2, restores
-  step 2 onto ``specs2`` (another mesh / partition) and checks it bitwise, per-process state
-  included; finally process 1 leaves without a last barrier and process 0 must get a
-  CoordinationError naming it;
+* ``"save"``: coordinator checks, then a CheckpointManager saves steps 1 and 2 (async);
+  a new manager (resume="auto", as a relaunch) restores step 2 onto ``mesh2``/``specs2``
+  (another mesh and partition) and checks it bitwise, per-process state included; then it
+  saves step 3, during which process 1 SIGKILLs itself while writing its file (timeout
+  ``save_timeout``): process 0 must get a CoordinationError naming it, nothing committed;
 * ``"restore"``: restore the latest checkpoint onto this layout (world, devices, mesh,
-  specs): per-process state is refused at another process count, the rest restores bitwise;
-* ``"kill"``: resume (resume="auto"), then save step 3 during which process 1 SIGKILLs
-  itself while writing its file; process 0 must get a CoordinationError, nothing committed.
+  specs): per-process state is refused at another process count, the rest restores bitwise.
 
 Each process writes ``{out}.p{id}.json`` with its findings (checked by the test) and leaves
 with ``os._exit`` (a jax.distributed shutdown would wait for a dead process).  The expected
@@ -140,8 +139,9 @@ def coordinator_checks(coord: Any) -> dict:
 
 
 def run_save(res: dict) -> None:
+    # async: host snapshot of this process's shards now, collectives in the background
     mgr = unickpt.CheckpointManager(CFG["root"], resume="auto", save_every=1,
-                                    dist_timeout=CFG["timeout"])
+                                    dist_timeout=CFG["timeout"], async_save=True)
     res["coord"] = coordinator_checks(mgr.coordinator)
     r = mgr.restore(state_at(0, CFG["specs"]))
     res["start"] = r.step
@@ -149,27 +149,30 @@ def run_save(res: dict) -> None:
         assert mgr.save(step, state_at(step, CFG["specs"]))
     mgr.close()
     # as a relaunch would: back onto another mesh shape / partition, same process count
-    mgr = unickpt.CheckpointManager(CFG["root"], resume="auto", dist_timeout=CFG["timeout"])
+    mgr = unickpt.CheckpointManager(CFG["root"], resume="auto", save_every=1,
+                                    dist_timeout=CFG["timeout"])
     got = mgr.restore(target(CFG["specs2"], CFG["mesh2"]))
     res["restored"] = got.step
     res["bad"] = check_restored(got.state, 2, CFG["specs2"], per_process=True,
                                 shape=CFG["mesh2"])
-    mgr.close()
     try:  # not collective: an array spanning processes cannot be saved alone
         unickpt.save(os.path.join(CFG["root"] + f".alone{PID}"), state_at(1, CFG["specs"]))
         res["alone"] = None
     except unickpt.UnsupportedLeafError as e:
         res["alone"] = str(e)
-    coord = mgr.coordinator
-    if PID == 1:  # leaves; process 0 waits at a barrier it never reaches
-        return
+    dump(res)  # process 1 is about to die: what it found so far
+    # processes are in step now (a slow start must not look like a death): a short timeout
+    mgr.coordinator.timeout = CFG["save_timeout"]
     t = time.monotonic()
-    try:
-        coord.barrier("t: final", timeout=2)
-        res["timeout"] = None
+    try:  # process 1 SIGKILLs itself while writing its file
+        mgr.save(3, state_at(3, CFG["specs"], bomb=PID == 1))
+        res["error"] = None
     except unickpt.CoordinationError as e:
-        res["timeout"] = {"phase": e.phase, "missing": e.missing, "message": str(e),
-                          "seconds": time.monotonic() - t}
+        res["error"] = {"phase": e.phase, "missing": e.missing, "message": str(e),
+                        "seconds": time.monotonic() - t}
+    latest = mgr.latest()
+    res["latest"] = None if latest is None else latest.step
+    res["listing"] = sorted(os.listdir(CFG["root"]))
 
 
 def count_reads() -> list[int]:
@@ -212,24 +215,10 @@ def run_restore(res: dict) -> None:
     mgr.close()
 
 
-def run_kill(res: dict) -> None:
-    mgr = unickpt.CheckpointManager(CFG["root"], resume="auto", save_every=1,
-                                    dist_timeout=CFG["timeout"])
-    got = mgr.restore(target(CFG["specs"]))
-    res["restored"] = got.step
-    res["bad"] = check_restored(got.state, 2, CFG["specs"], per_process=True)
-    # processes are in step now (a slow start must not look like a death): a short timeout
-    mgr.coordinator.timeout = CFG["save_timeout"]
-    t = time.monotonic()
-    try:
-        mgr.save(3, state_at(3, CFG["specs"], bomb=PID == 1))
-        res["error"] = None
-    except unickpt.CoordinationError as e:
-        res["error"] = {"phase": e.phase, "missing": e.missing, "message": str(e),
-                        "seconds": time.monotonic() - t}
-    latest = mgr.latest()
-    res["latest"] = None if latest is None else latest.step
-    res["listing"] = sorted(os.listdir(CFG["root"]))
+def dump(res: dict) -> None:
+    res["seconds"] = time.monotonic() - T0
+    with open(f"{CFG['out']}.p{PID}.json", "w") as f:
+        json.dump(res, f, default=repr)
 
 
 def main() -> None:
@@ -240,13 +229,11 @@ def main() -> None:
     res: dict = {"pid": PID}
     code = 0
     try:
-        {"save": run_save, "restore": run_restore, "kill": run_kill}[CFG["mode"]](res)
+        {"save": run_save, "restore": run_restore}[CFG["mode"]](res)
     except BaseException as e:  # noqa: BLE001 - reported to the test, which fails on it
         res["crash"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}"
         code = 3
-    res["seconds"] = time.monotonic() - T0
-    with open(f"{CFG['out']}.p{PID}.json", "w") as f:
-        json.dump(res, f, default=repr)
+    dump(res)
     sys.stdout.flush()
     os._exit(code)
 
