@@ -131,6 +131,11 @@ def coordinator_checks(coord: Any) -> dict:
     res["gather_ok"] = got == [{"p": p, "b": bytes([p])} for p in range(coord.world_size)]
     res["bcast"] = coord.broadcast("t: bcast", ["from", PID] if PID == 1 else None, root=1)
     coord.barrier("t: barrier")
+    try:  # processes at different operations: each names the other's phase, no hang
+        coord.all_gather(f"t: op {PID}", PID)
+        res["mismatch"] = None
+    except unickpt.CoordinationError as e:
+        res["mismatch"] = str(e)
     for i in range(40):
         assert coord.all_gather("t: loop", i) == [i] * coord.world_size
     coord.barrier("t: loop done")

@@ -14,7 +14,7 @@ per-process data position.  Checked, bitwise after an all-gather:
   process runs it): the other gets a CoordinationError naming it and the phase within the
   timeout, nothing is committed, ``latest`` is still the previous checkpoint.
 
-Four launches in all (2 x 2 saves, 1 x 4 and 4 x 1 restore): each JAX process costs ~2 s
+Three launches in all (2 x 2 saves, 1 x 4 and 4 x 1 restore): each JAX process costs ~2 s
 to import and initialize, so every check of one layout shares one launch.
 """
 
@@ -74,6 +74,9 @@ def test_coordinator_collectives_and_key_cleanup(saved):
         assert (c["type"], c["rank"], c["world"]) == ("JaxCoordinator", p, 2)
         assert c["gather_ok"]
         assert c["bcast"] == ["from", 1]
+        other = 1 - p
+        assert c["mismatch"] and (f"t: op {p}: process {other} is at 't: op {other}' instead"
+                                  in c["mismatch"])
         # 45 collectives ran; each process keeps at most its last two messages
         assert c["keys"] <= 4
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 from _thread_coord import run_ranks
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -81,3 +82,14 @@ def test_collective_save_is_scoped():
             assert not in_collective_save()
         assert in_collective_save()
     assert not in_collective_save()
+
+
+def test_jax_without_distributed_is_one_process():
+    pytest.importorskip("jax")
+    from unickpt_jax.dist import JaxCoordinator
+
+    from unickpt.dist import SingleProcess, detect
+
+    assert isinstance(detect(), SingleProcess)  # jax imported, jax.distributed not started
+    with pytest.raises(RuntimeError, match="jax.distributed is not initialized"):
+        JaxCoordinator()
