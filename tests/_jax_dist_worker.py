@@ -5,14 +5,13 @@ Run as ``python _jax_dist_worker.py CONFIG_JSON PROCESS_ID``.  CONFIG holds ``wo
 ``mesh`` (the global mesh shape, axes "a" and "b"), ``specs`` (name -> partition spec) and
 ``mode``:
 
-* ``"save"``: coordinator checks, then a CheckpointManager saves steps 1 and 2, restores
-  step 2 onto ``specs2`` (another mesh / partition) and checks it bitwise, per-process state
-  included; finally process 1 leaves without a last barrier and process 0 must get a
-  CoordinationError naming it;
+* ``"save"``: coordinator checks, then a CheckpointManager saves steps 1 and 2 (async);
+  a new manager (resume="auto", as a relaunch) restores step 2 onto ``mesh2``/``specs2``
+  (another mesh and partition) and checks it bitwise, per-process state included; then it
+  saves step 3, during which process 1 SIGKILLs itself while writing its file (timeout
+  ``save_timeout``): process 0 must get a CoordinationError naming it, nothing committed;
 * ``"restore"``: restore the latest checkpoint onto this layout (world, devices, mesh,
-  specs): per-process state is refused at another process count, the rest restores bitwise;
-* ``"kill"``: resume (resume="auto"), then save step 3 during which process 1 SIGKILLs
-  itself while writing its file; process 0 must get a CoordinationError, nothing committed.
+  specs): per-process state is refused at another process count, the rest restores bitwise.
 
 Each process writes ``{out}.p{id}.json`` with its findings (checked by the test) and leaves
 with ``os._exit`` (a jax.distributed shutdown would wait for a dead process).  The expected
@@ -132,6 +131,11 @@ def coordinator_checks(coord: Any) -> dict:
     res["gather_ok"] = got == [{"p": p, "b": bytes([p])} for p in range(coord.world_size)]
     res["bcast"] = coord.broadcast("t: bcast", ["from", PID] if PID == 1 else None, root=1)
     coord.barrier("t: barrier")
+    try:  # processes at different operations: each names the other's phase, no hang
+        coord.all_gather(f"t: op {PID}", PID)
+        res["mismatch"] = None
+    except unickpt.CoordinationError as e:
+        res["mismatch"] = str(e)
     for i in range(40):
         assert coord.all_gather("t: loop", i) == [i] * coord.world_size
     coord.barrier("t: loop done")
@@ -140,8 +144,9 @@ def coordinator_checks(coord: Any) -> dict:
 
 
 def run_save(res: dict) -> None:
+    # async: host snapshot of this process's shards now, collectives in the background
     mgr = unickpt.CheckpointManager(CFG["root"], resume="auto", save_every=1,
-                                    dist_timeout=CFG["timeout"])
+                                    dist_timeout=CFG["timeout"], async_save=True)
     res["coord"] = coordinator_checks(mgr.coordinator)
     r = mgr.restore(state_at(0, CFG["specs"]))
     res["start"] = r.step
@@ -149,47 +154,22 @@ def run_save(res: dict) -> None:
         assert mgr.save(step, state_at(step, CFG["specs"]))
     mgr.close()
     # as a relaunch would: back onto another mesh shape / partition, same process count
-    mgr = unickpt.CheckpointManager(CFG["root"], resume="auto", dist_timeout=CFG["timeout"])
+    mgr = unickpt.CheckpointManager(CFG["root"], resume="auto", save_every=1,
+                                    dist_timeout=CFG["timeout"])
     got = mgr.restore(target(CFG["specs2"], CFG["mesh2"]))
     res["restored"] = got.step
     res["bad"] = check_restored(got.state, 2, CFG["specs2"], per_process=True,
                                 shape=CFG["mesh2"])
-    mgr.close()
-    coord = mgr.coordinator
-    if PID == 1:  # leaves; process 0 waits at a barrier it never reaches
-        return
+    try:  # not collective: an array spanning processes cannot be saved alone
+        unickpt.save(os.path.join(CFG["root"] + f".alone{PID}"), state_at(1, CFG["specs"]))
+        res["alone"] = None
+    except unickpt.UnsupportedLeafError as e:
+        res["alone"] = str(e)
+    dump(res)  # process 1 is about to die: what it found so far
+    # processes are in step now (a slow start must not look like a death): a short timeout
+    mgr.coordinator.timeout = CFG["save_timeout"]
     t = time.monotonic()
-    try:
-        coord.barrier("t: final", timeout=2)
-        res["timeout"] = None
-    except unickpt.CoordinationError as e:
-        res["timeout"] = {"phase": e.phase, "missing": e.missing, "message": str(e),
-                          "seconds": time.monotonic() - t}
-
-
-def run_restore(res: dict) -> None:
-    mgr = unickpt.CheckpointManager(CFG["root"], resume="auto", dist_timeout=CFG["timeout"])
-    res["coordinator"] = type(mgr.coordinator).__name__
-    try:
-        mgr.restore(target(CFG["specs"]))
-        res["refused"] = None
-    except unickpt.IncompatibleCheckpointError as e:
-        res["refused"] = str(e)
-    got = mgr.restore(target(CFG["specs"]), per_rank="keep")
-    res["restored"] = got.step
-    res["bad"] = check_restored(got.state, 2, CFG["specs"], per_process=False)
-    res["kept_pos"] = got.state["data"].pos
-    mgr.close()
-
-
-def run_kill(res: dict) -> None:
-    mgr = unickpt.CheckpointManager(CFG["root"], resume="auto", save_every=1,
-                                    dist_timeout=CFG["timeout"])
-    got = mgr.restore(target(CFG["specs"]))
-    res["restored"] = got.step
-    res["bad"] = check_restored(got.state, 2, CFG["specs"], per_process=True)
-    t = time.monotonic()
-    try:
+    try:  # process 1 SIGKILLs itself while writing its file
         mgr.save(3, state_at(3, CFG["specs"], bomb=PID == 1))
         res["error"] = None
     except unickpt.CoordinationError as e:
@@ -200,6 +180,52 @@ def run_kill(res: dict) -> None:
     res["listing"] = sorted(os.listdir(CFG["root"]))
 
 
+def count_reads() -> list[int]:
+    """The manifest array numbers this process reads (to check it reads only its regions)."""
+    from unickpt.format.reader import CheckpointReader
+
+    reads: list[int] = []
+    real = CheckpointReader.read_array
+
+    def counting(self: Any, i: int, *a: Any, **k: Any) -> Any:
+        reads.append(i)
+        return real(self, i, *a, **k)
+
+    CheckpointReader.read_array = counting  # type: ignore[method-assign]
+    return reads
+
+
+def pieces_of(shape: tuple) -> set[int]:
+    from unickpt.format.reader import CheckpointReader
+
+    with CheckpointReader(os.path.join(CFG["root"], "step_2")) as r:
+        (s,) = [s for s in r.manifest.sharded if tuple(s.shape) == shape]
+        return {a for _i, a in s.pieces}
+
+
+def run_restore(res: dict) -> None:
+    reads = count_reads()
+    mgr = unickpt.CheckpointManager(CFG["root"], resume="auto", dist_timeout=CFG["timeout"])
+    res["coordinator"] = type(mgr.coordinator).__name__
+    try:
+        mgr.restore(target(CFG["specs"]))
+        res["refused"] = None
+    except unickpt.IncompatibleCheckpointError as e:
+        res["refused"] = str(e)
+    got = mgr.restore(target(CFG["specs"]), per_rank="keep")
+    res["restored"] = got.step
+    res["w_reads"] = len(set(reads) & pieces_of((8, 12)))
+    res["bad"] = check_restored(got.state, 2, CFG["specs"], per_process=False)
+    res["kept_pos"] = got.state["data"].pos
+    mgr.close()
+
+
+def dump(res: dict) -> None:
+    res["seconds"] = time.monotonic() - T0
+    with open(f"{CFG['out']}.p{PID}.json", "w") as f:
+        json.dump(res, f, default=repr)
+
+
 def main() -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if CFG["world"] > 1:
@@ -208,13 +234,11 @@ def main() -> None:
     res: dict = {"pid": PID}
     code = 0
     try:
-        {"save": run_save, "restore": run_restore, "kill": run_kill}[CFG["mode"]](res)
+        {"save": run_save, "restore": run_restore}[CFG["mode"]](res)
     except BaseException as e:  # noqa: BLE001 - reported to the test, which fails on it
         res["crash"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}"
         code = 3
-    res["seconds"] = time.monotonic() - T0
-    with open(f"{CFG['out']}.p{PID}.json", "w") as f:
-        json.dump(res, f, default=repr)
+    dump(res)
     sys.stdout.flush()
     os._exit(code)
 

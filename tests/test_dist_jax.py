@@ -5,21 +5,23 @@ checkpoint is saved by 2 processes x 2 devices with arrays that span processes (
 processes, over local devices only, fully replicated), a per-process PRNG key and a
 per-process data position.  Checked, bitwise after an all-gather:
 
-* the coordinator's collectives on the coordination service, its key cleanup, and a
-  CoordinationError naming the missing process when one leaves;
+* the coordinator's collectives on the coordination service and its key cleanup;
 * who wrote what (each unique shard once, replicated arrays once);
 * restore onto 2 x 2 with another mesh shape and partition specs (per-process state back),
   onto 1 x 4 and onto 4 x 1 (per-process state refused with the documented error, then
   ``per_rank="keep"``);
-* one process SIGKILLed while writing its file: the other gets a CoordinationError within the
+* one process SIGKILLed while writing its file (the manager with resume="auto", as every
+  process runs it): the other gets a CoordinationError naming it and the phase within the
   timeout, nothing is committed, ``latest`` is still the previous checkpoint.
+
+Three launches in all (2 x 2 saves, 1 x 4 and 4 x 1 restore): each JAX process costs ~2 s
+to import and initialize, so every check of one layout shares one launch.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import pytest
 
@@ -46,12 +48,9 @@ def run_job(tmp, name: str, mode: str, world: int, devices: int, mesh: list, spe
     codes = launch(cfg, timeout=120, worker=WORKER, env=ENV)
     out = []
     for p in range(world):
-        path = f"{cfg['out']}.p{p}.json"
-        if codes[p] == -9:
-            out.append({"killed": True})
-            continue
-        with open(path) as f:
+        with open(f"{cfg['out']}.p{p}.json") as f:
             res = json.load(f)
+        res["killed"] = codes[p] == -9
         assert "crash" not in res, f"process {p}: {res['crash']}"
         out.append(res)
     return out
@@ -64,7 +63,7 @@ def saved(tmp_path_factory):
     root = str(tmp / "run")
     res = run_job(tmp, "save", "save", 2, 2, [2, 2], SPECS, root,
                   specs2={"w": [None, "a"], "v": ["a"], "u": [], "c": ["a"], "count": []},
-                  mesh2=[4])
+                  mesh2=[4], save_timeout=4)
     return tmp, root, res
 
 
@@ -75,18 +74,11 @@ def test_coordinator_collectives_and_key_cleanup(saved):
         assert (c["type"], c["rank"], c["world"]) == ("JaxCoordinator", p, 2)
         assert c["gather_ok"]
         assert c["bcast"] == ["from", 1]
+        other = 1 - p
+        assert c["mismatch"] and (f"t: op {p}: process {other} is at 't: op {other}' instead"
+                                  in c["mismatch"])
         # 45 collectives ran; each process keeps at most its last two messages
         assert c["keys"] <= 4
-
-
-def test_a_process_that_leaves_is_named_with_the_phase(saved):
-    _tmp, _root, res = saved
-    t = res[0]["timeout"]
-    assert t is not None, "process 0 passed a barrier process 1 never reached"
-    assert t["phase"] == "t: final" and t["missing"] == [1]
-    assert "t: final: process(es) 1 did not arrive within 2s" in t["message"]
-    assert "dist_timeout" in t["message"]
-    assert t["seconds"] < 10
 
 
 def test_each_region_written_once_by_the_process_holding_it(saved):
@@ -117,6 +109,14 @@ def test_each_region_written_once_by_the_process_holding_it(saved):
         assert got[k].dtype == a.dtype and got[k].tobytes() == a.tobytes(), k
 
 
+def test_saving_a_spanning_array_alone_is_refused(saved):
+    tmp, root, res = saved
+    for p, r in enumerate(res):
+        assert r["alone"] and "cannot save params/" in r["alone"]
+        assert "spans several processes" in r["alone"] and "CheckpointManager" in r["alone"]
+        assert not os.path.exists(f"{root}.alone{p}")
+
+
 def test_restore_same_count_other_mesh_bitwise(saved):
     _tmp, _root, res = saved
     for r in res:
@@ -141,20 +141,21 @@ def test_restore_other_process_count(saved, world, devices, mesh, specs):
         assert "per_rank='keep'" in r["refused"]
         assert "data" in r["refused"] and "key" in r["refused"]
         assert r["kept_pos"] == -1  # the target's own per-process state, untouched
+        # w was saved as four (4, 6) blocks; each device needs one block here
+        assert r["w_reads"] == 4 // world
 
 
 def test_one_process_killed_mid_save_commits_nothing(saved):
-    tmp, root, _res = saved
-    root2 = str(tmp / "run_kill")
-    shutil.copytree(root, root2)
-    res = run_job(tmp, "kill", "kill", 2, 2, [2, 2], SPECS, root2, timeout=5)
-    assert res[1] == {"killed": True}
+    _tmp, root, res = saved
+    assert res[1]["killed"] and not res[0]["killed"]
     r = res[0]
-    assert r["restored"] == 2 and r["bad"] == []
     e = r["error"]
-    assert e is not None and e["phase"] == "save step_3: report" and e["missing"] == [1]
-    assert "process(es) 1 did not arrive within 5s" in e["message"]
+    assert e is not None, "process 0 committed step 3 without process 1's file"
+    assert e["phase"] == "save step_3: report" and e["missing"] == [1]
+    assert "save step_3: report: process(es) 1 did not arrive within 4s" in e["message"]
+    assert "dist_timeout" in e["message"]
     assert e["seconds"] < 15
     assert r["latest"] == 2
     assert "step_3" not in r["listing"] and not any(
         n.startswith(".unickpt-tmp") for n in r["listing"]), r["listing"]
+    assert "step_3" not in os.listdir(root)

@@ -31,7 +31,7 @@ import jax
 
 from unickpt.dist.coordinator import DEFAULT_TIMEOUT, CoordinationError, pack, unpack
 
-__all__ = ["JaxCoordinator", "is_multiprocess"]
+__all__ = ["JaxCoordinator"]
 
 # Coordinators are numbered in creation order, the same on every process (creating one is
 # collective, like a CheckpointManager); the number keeps their keys apart.
@@ -43,11 +43,6 @@ def _client() -> Any:
     from jax._src import distributed  # the only handle on the service's client
 
     return distributed.global_state.client
-
-
-def is_multiprocess() -> bool:
-    """True when ``jax.distributed`` is initialized with more than one process."""
-    return _client() is not None and jax.process_count() > 1
 
 
 class JaxCoordinator:
