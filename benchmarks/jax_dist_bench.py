@@ -9,7 +9,8 @@ systems alternating so that background load hits both alike:
 
 * **unickpt**: ``CheckpointManager.save`` (every process, collective; durable: fsync, commit)
   and ``CheckpointManager.restore`` onto the same shardings, each with a manager created and
-  closed inside the timed region (``resume="auto"``: a restarted job);
+  closed inside the timed region (``resume="auto"``: a restarted job), ``incremental=False``
+  (the state does not change between repeats: every save writes every byte, as Orbax does);
 * **orbax**: a ``StandardCheckpointer`` (created inside the timed region too),
   ``StandardCheckpointer.save`` + ``wait_until_finished`` (its own multi-process
   protocol) followed, inside the timed region, by an fsync of the files it wrote (Orbax does
@@ -134,7 +135,10 @@ def job(cfg: dict, pid: int) -> None:
     uroot = os.path.join(work, "unickpt")
 
     def manager() -> Any:  # a job (re)starting: resume="auto" picks the newest checkpoint
-        return unickpt.CheckpointManager(uroot, resume="auto", keep_last=1, dist_timeout=300)
+        # incremental=False: every save writes every byte, as Orbax does (the state does not
+        # change between repeats; sharing unchanged arrays would skip the writes)
+        return unickpt.CheckpointManager(uroot, resume="auto", keep_last=1, dist_timeout=300,
+                                         incremental=False)
     orbax_root = os.path.join(work, "orbax")
     out: dict[str, Any] = {s: {"save": [], "restore": [], "save_rss": [], "restore_rss": []}
                            for s in SYSTEMS}
