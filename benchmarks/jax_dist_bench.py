@@ -21,6 +21,8 @@ Host memory: each process samples its RSS during every operation; the peak rise 
 value before it is reported against the bytes of the process's addressable shards (on CPU the
 state itself already lives in host memory, so the rise is what the checkpointing adds).
 Restores read warm page cache (the files were just written) for both systems alike.
+Last, ``unickpt convert --to unickpt`` of the last Orbax checkpoint of the largest job runs
+in one process: its time and peak RSS (over that of its imports alone).
 Writes ``jax_dist.json`` and ``jax_dist.md`` into ``--out`` (default benchmarks/results).
 """
 
@@ -201,7 +203,7 @@ def job(cfg: dict, pid: int) -> None:
             if rep < 2:  # each system's restore checked once, outside the timed region
                 check(system, restore())
         multihost_utils.sync_global_devices(f"cleanup {step}")
-        if pid == 0:
+        if pid == 0 and step < cfg["repeats"]:  # the last one stays for the convert run
             shutil.rmtree(os.path.join(orbax_root, str(step)), ignore_errors=True)
     doc = {"process": pid, "processes": nproc, "devices": len(jax.local_devices()),
            "addressable_bytes": addressable, "global_bytes": global_bytes,
@@ -224,15 +226,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _env() -> dict:
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+            "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "adapters"),
+                                           os.environ.get("PYTHONPATH", "")])}
+
+
 def launch(cfg: dict, timeout: float) -> None:
     """Run the job's processes as one process group; kill the group on timeout or failure."""
     import signal
 
     n = cfg["processes"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-           "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "adapters"),
-                                          os.environ.get("PYTHONPATH", "")])}
+    env = _env()
     cfg = {**cfg, "port": _free_port()}
     logs = [tempfile.TemporaryFile() for _ in range(n)]
     procs: list[subprocess.Popen] = []
@@ -271,6 +277,25 @@ def _tail(logs: list) -> str:
     return "\n---\n".join(out)
 
 
+def convert_memory(src: str, dst: str, env: dict) -> dict:
+    """Peak RSS of ``unickpt convert SRC DST --to unickpt`` (one process) and of its imports."""
+    def peak(code: str) -> tuple[int, float]:
+        t0 = time.perf_counter()
+        p = subprocess.Popen([sys.executable, "-c", code], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _, status, usage = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        if p.returncode:
+            raise RuntimeError(f"{code!r} exited with {p.returncode}")
+        return usage.ru_maxrss * 1024, time.perf_counter() - t0
+
+    imports = "import jax, orbax.checkpoint, unickpt_jax.orbax, unickpt.cli"
+    base, _ = peak(imports)
+    conv, seconds = peak(f"{imports}; raise SystemExit(unickpt.cli.main("
+                         f"['convert', {src!r}, {dst!r}, '--to', 'unickpt', '-q']))")
+    return {"peak_rss": conv, "imports_rss": base, "seconds": seconds}
+
+
 def summarize(per_process: list[dict]) -> dict:
     """Per system and operation: best and median of the job's time, peak RSS rise per process."""
     p0 = next(d for d in per_process if d["process"] == 0)
@@ -294,7 +319,7 @@ def summarize(per_process: list[dict]) -> dict:
             "rows": rows, "speedup_vs_orbax": speedup, "versions": p0["versions"]}
 
 
-def markdown(results: list[dict], machine: str) -> str:
+def markdown(results: list[dict], machine: str, convert: dict | None) -> str:
     mib = results[0]["global_bytes"] / 2**20
     lines = [f"# Multi-process JAX checkpoints: unickpt vs Orbax ({mib:.0f} MiB sharded state, "
              f"best / median of {results[0]['repeats']})", "", machine, "",
@@ -317,6 +342,14 @@ def markdown(results: list[dict], machine: str) -> str:
         lines.append(f"{r['processes']} process(es): unickpt is {sp['save_best']:.2f}x Orbax's "
                      f"speed to save (median {sp['save_median']:.2f}x), "
                      f"{sp['restore_best']:.2f}x to restore (median {sp['restore_median']:.2f}x)")
+    if convert is not None:
+        rise = convert["peak_rss"] - convert["imports_rss"]
+        lines += ["", f"`unickpt convert --to unickpt` of the {convert['processes']}-process Orbax "
+                  f"checkpoint ({convert['bytes'] / 2**20:.0f} MiB), in one process: "
+                  f"{convert['seconds']:.2f} s, peak RSS {convert['peak_rss'] / 2**20:.0f} MiB, "
+                  f"{rise / 2**20:.0f} MiB ({rise / convert['bytes']:.0%} of the checkpoint) over "
+                  f"its imports alone ({convert['imports_rss'] / 2**20:.0f} MiB): arrays are "
+                  "streamed piece by piece."]
     lines += ["", "Speed ratio = Orbax time / unickpt time (> 1: unickpt faster). Both save "
               "durably (Orbax's files fsynced inside its timed region); restores read warm "
               "page cache. RSS rise: the peak over the value before the operation, the largest "
@@ -333,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--dir", default=None, help="where checkpoints go (default: a temp dir)")
     ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--no-convert", action="store_true", help="skip the convert measurement")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     results = []
@@ -348,15 +382,20 @@ def main(argv: list[str] | None = None) -> int:
                     docs.append(json.load(f))
             results.append(summarize(docs))
             print(json.dumps(results[-1]["speedup_vs_orbax"]), flush=True)
+        last = results[-1]
+        src = os.path.join(work, f"p{last['processes']}", "orbax", str(args.repeats))
+        convert = None if args.no_convert else {
+            **convert_memory(src, os.path.join(work, "converted"), _env()),
+            "processes": last["processes"], "bytes": last["global_bytes"]}
     cpu = os.cpu_count()
     machine = (f"Machine: {cpu} CPU cores, Python {sys.version.split()[0]}, "
                f"jax {results[0]['versions']['jax']}, orbax-checkpoint "
                f"{results[0]['versions']['orbax']}; 2 virtual CPU devices per process.")
     with open(os.path.join(args.out, "jax_dist.json"), "w") as f:
-        json.dump({"machine": machine, "results": results}, f, indent=1)
+        json.dump({"machine": machine, "results": results, "convert": convert}, f, indent=1)
     with open(os.path.join(args.out, "jax_dist.md"), "w") as f:
-        f.write(markdown(results, machine))
-    print(markdown(results, machine))
+        f.write(markdown(results, machine, convert))
+    print(markdown(results, machine, convert))
     return 0
 
 
