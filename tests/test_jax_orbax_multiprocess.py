@@ -90,6 +90,16 @@ def test_import_reads_big_arrays_only_when_written(tmp_path):
     assert big.assemble().tobytes() == a.tobytes() and tree["n"] == 5
 
 
+def test_import_without_tree_metadata_is_a_typed_error(tmp_path):
+    with ocp.StandardCheckpointer() as ck:
+        ck.save(tmp_path / "ck", {"a": np.arange(3.0)})
+    (tmp_path / "ck" / "_METADATA").unlink()
+    with pytest.raises(unickpt.CorruptCheckpointError,
+                       match="cannot read this checkpoint's tree metadata"):
+        uorbax.import_orbax(tmp_path / "ck", tmp_path / "uni")
+    assert not (tmp_path / "uni").exists()
+
+
 def test_piece_shape_follows_the_saved_grid():
     # the saved shard, doubled along the last axis first, never past the array
     assert stream._piece_shape((8, 12), (4, 6), 4, 96) == (4, 6)

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from unickpt.errors import UnsupportedLeafError
+from unickpt.errors import CorruptCheckpointError, UnsupportedLeafError
 from unickpt.tree import LazyArray, Path, Piece, ShardedArray, format_path
 
 __all__ = ["read_item", "item_metadata", "EAGER_BYTES", "PIECE_BYTES"]
@@ -53,8 +53,9 @@ def item_metadata(path: str) -> Any:
         meta = ck.metadata(path)
     item = meta.item_metadata if hasattr(meta, "item_metadata") else meta
     if item is None:
-        raise UnsupportedLeafError(f"{path}: Orbax could not read the checkpoint's tree "
-                                   "metadata (_METADATA); is the checkpoint complete?")
+        raise CorruptCheckpointError(
+            f"{path}: Orbax cannot read this checkpoint's tree metadata (_METADATA missing or "
+            "damaged); convert a complete Orbax checkpoint", path=path)
     return item.tree
 
 
