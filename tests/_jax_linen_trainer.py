@@ -17,6 +17,31 @@ import sys
 from typing import Any
 
 
+def compare(saved: Any, got: Any, target: Any) -> int:
+    """Check every restored leaf against the saved one; return the shards compared."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    want_leaves = jax.tree_util.tree_leaves_with_path(saved)
+    got_leaves = jax.tree_util.tree_leaves(got)
+    target_leaves = jax.tree_util.tree_leaves(target)
+    if not len(want_leaves) == len(got_leaves) == len(target_leaves):
+        raise AssertionError(f"{len(got_leaves)} leaves restored, {len(want_leaves)} saved")
+    compared = 0
+    for (path, a), b, t in zip(want_leaves, got_leaves, target_leaves):
+        name = jax.tree_util.keystr(path)
+        # the target's sharding (the compiled step may place a leaf otherwise than init did)
+        if not isinstance(b, jax.Array) or b.sharding != t.sharding or b.dtype != a.dtype:
+            raise AssertionError(f"{name}: {type(b).__name__} {getattr(b, 'sharding', None)}")
+        full_a = np.asarray(multihost_utils.process_allgather(a, tiled=True))
+        for y in b.addressable_shards:
+            if np.asarray(y.data).tobytes() != full_a[y.index].tobytes():
+                raise AssertionError(f"{name}: shard {y.index} differs")
+            compared += 1
+    return compared
+
+
 def main(cfg: dict, pid: int) -> None:
     import jax
 
@@ -25,10 +50,8 @@ def main(cfg: dict, pid: int) -> None:
                                process_id=pid, initialization_timeout=60)
     import flax.linen as nn
     import jax.numpy as jnp
-    import numpy as np
     import optax
     from flax.training import train_state
-    from jax.experimental import multihost_utils
     from jax.sharding import NamedSharding
 
     import unickpt
@@ -77,22 +100,8 @@ def main(cfg: dict, pid: int) -> None:
     got = restored.state["state"]
     if restored.step != 2 or int(got.step) != 2:
         raise AssertionError(f"restored step {restored.step}, state.step {got.step}")
-    compared = 0
+    compared = compare(state, got, fresh)
     want_leaves = jax.tree_util.tree_leaves_with_path(state)
-    got_leaves = jax.tree_util.tree_leaves(got)
-    target_leaves = jax.tree_util.tree_leaves(fresh)
-    if not len(want_leaves) == len(got_leaves) == len(target_leaves):
-        raise AssertionError(f"{len(got_leaves)} leaves restored, {len(want_leaves)} saved")
-    for (path, a), b, t in zip(want_leaves, got_leaves, target_leaves):
-        name = jax.tree_util.keystr(path)
-        # the target's sharding (the compiled step may place a leaf otherwise than init did)
-        if not isinstance(b, jax.Array) or b.sharding != t.sharding or b.dtype != a.dtype:
-            raise AssertionError(f"{name}: {type(b).__name__} {getattr(b, 'sharding', None)}")
-        full_a = np.asarray(multihost_utils.process_allgather(a, tiled=True))
-        for y in b.addressable_shards:
-            if np.asarray(y.data).tobytes() != full_a[y.index].tobytes():
-                raise AssertionError(f"{name}: shard {y.index} differs")
-            compared += 1
     with open(f"{cfg['out']}.p{pid}.json", "w") as f:
         json.dump({"compared": compared,
                    "spanning": sum(not a.is_fully_addressable for _, a in want_leaves),

@@ -41,8 +41,12 @@ Progress = Callable[[int], None]
 #: (one TensorStore open per array would cost more than reading them).
 SMALL_BYTES = 1 << 20
 EAGER_BYTES = 64 << 20
-#: Pieces smaller than this are merged along the saved grid (fewer, larger reads and entries).
-PIECE_BYTES = 16 << 20
+#: Pieces smaller than this are merged along the saved grid (fewer, larger reads and entries);
+#: a conversion holds about two pieces per writer thread.
+PIECE_BYTES = 4 << 20
+#: TensorStore's cache of OCDBT B-tree nodes (Orbax's default is 100 MB: sized for restoring
+#: onto accelerators, not for one process streaming a checkpoint once).
+BTREE_CACHE_BYTES = 16 << 20
 
 
 def item_metadata(path: str) -> Any:
@@ -124,7 +128,10 @@ class _Opener:
                 self.zarr3 = bool(json.load(f).get("use_zarr3", False))
         except (OSError, ValueError, AttributeError):
             self.zarr3 = False
-        self.context = ocp.type_handlers.get_ts_context(use_ocdbt=self.ocdbt)
+        import tensorstore as ts
+
+        self.context = ts.Context({"file_io_concurrency": {"limit": 16},
+                                   "cache_pool#ocdbt": {"total_bytes_limit": BTREE_CACHE_BYTES}})
 
     def open(self, name: str) -> Any:
         import orbax.checkpoint as ocp
