@@ -111,7 +111,78 @@ def build_state(mib: int, mesh: Any) -> dict:
             "replicated": {f"r{i}": make((rep, 256), P(), 100 + i) for i in range(4)}}
 
 
+def _timed(name: str, fn: Any) -> tuple[float, int]:
+    """Seconds between two barriers around ``fn`` (its result ready), and the RSS rise."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(f"start {name}")
+    with _Peak() as peak:
+        t0 = time.perf_counter()
+        result = fn()
+        if result is not None:
+            jax.block_until_ready(result)
+        multihost_utils.sync_global_devices(f"end {name}")
+        dt = time.perf_counter() - t0
+    del result
+    return dt, peak.rise
+
+
+def _check(system: str, saved: Any, got: Any) -> None:
+    """The restored state is the saved one, shard for shard, bit for bit, same shardings."""
+    import jax
+    import numpy as np
+
+    for a, b in zip(jax.tree_util.tree_leaves(saved), jax.tree_util.tree_leaves(got),
+                    strict=True):
+        if not isinstance(b, jax.Array) or b.sharding != a.sharding:
+            raise AssertionError(f"{system}: restored {type(b).__name__} "
+                                 f"{getattr(b, 'sharding', None)}")
+        for x, y in zip(a.addressable_shards, b.addressable_shards, strict=True):
+            if np.asarray(x.data).tobytes() != np.asarray(y.data).tobytes():
+                raise AssertionError(f"{system}: restored shard {x.index} differs")
+
+
+def _ops(system: str, step: int, state: Any, target: Any, work: str, pid: int,
+         nproc: int) -> tuple[Any, Any]:
+    """The save and the restore of ``system`` for ``step``."""
+    if system == "unickpt":
+        import unickpt
+
+        def manager() -> Any:  # a job (re)starting: resume="auto" picks the newest checkpoint
+            # incremental=False: every save writes every byte, as Orbax does (the state does
+            # not change between repeats; sharing unchanged arrays would skip the writes)
+            return unickpt.CheckpointManager(os.path.join(work, "unickpt"), resume="auto",
+                                             keep_last=1, dist_timeout=300, incremental=False)
+
+        def save() -> None:
+            with manager() as mgr:
+                mgr.save(step, state, force=True)
+
+        def restore() -> Any:
+            with manager() as mgr:
+                return mgr.restore(target).state
+
+        return save, restore
+    import orbax.checkpoint as ocp
+
+    path = os.path.join(work, "orbax", str(step))
+
+    def osave() -> None:
+        with ocp.StandardCheckpointer() as ck:
+            ck.save(path, state)
+            ck.wait_until_finished()
+        _fsync_tree(path, pid, nproc)
+
+    def orestore() -> Any:
+        with ocp.StandardCheckpointer() as ck:
+            return ck.restore(path, target)
+
+    return osave, orestore
+
+
 def job(cfg: dict, pid: int) -> None:
+    """One process of a benchmark job: the repeats of both systems; its figures to a file."""
     import jax
 
     nproc = cfg["processes"]
@@ -129,88 +200,30 @@ def job(cfg: dict, pid: int) -> None:
                          axis_types=(jax.sharding.AxisType.Auto,))
     state = build_state(cfg["mib"], mesh)
     leaves = jax.tree_util.tree_leaves(state)
-    addressable = sum(s.data.nbytes for a in leaves for s in a.addressable_shards)
-    global_bytes = sum(a.nbytes for a in leaves)
     target = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
-    work = cfg["dir"]
-    uroot = os.path.join(work, "unickpt")
-
-    def manager() -> Any:  # a job (re)starting: resume="auto" picks the newest checkpoint
-        # incremental=False: every save writes every byte, as Orbax does (the state does not
-        # change between repeats; sharing unchanged arrays would skip the writes)
-        return unickpt.CheckpointManager(uroot, resume="auto", keep_last=1, dist_timeout=300,
-                                         incremental=False)
-    orbax_root = os.path.join(work, "orbax")
     out: dict[str, Any] = {s: {"save": [], "restore": [], "save_rss": [], "restore_rss": []}
                            for s in SYSTEMS}
-
-    def timed(name: str, fn: Any) -> tuple[float, int]:
-        multihost_utils.sync_global_devices(f"start {name}")
-        with _Peak() as peak:
-            t0 = time.perf_counter()
-            result = fn()
-            if result is not None:
-                jax.block_until_ready(result)
-            multihost_utils.sync_global_devices(f"end {name}")
-            dt = time.perf_counter() - t0
-        del result
-        return dt, peak.rise
-
-    def check(system: str, got: Any) -> None:
-        for a, b in zip(leaves, jax.tree_util.tree_leaves(got), strict=True):
-            if not isinstance(b, jax.Array) or b.sharding != a.sharding:
-                raise AssertionError(f"{system}: restored {type(b).__name__} "
-                                     f"{getattr(b, 'sharding', None)}")
-            for x, y in zip(a.addressable_shards, b.addressable_shards, strict=True):
-                if np.asarray(x.data).tobytes() != np.asarray(y.data).tobytes():
-                    raise AssertionError(f"{system}: restored shard {x.index} differs")
-
-    def ops(system: str, step: int) -> tuple[Any, Any]:
-        if system == "unickpt":
-            def save() -> None:
-                with manager() as mgr:
-                    mgr.save(step, state, force=True)
-
-            def restore() -> Any:
-                with manager() as mgr:
-                    return mgr.restore(target).state
-
-            return save, restore
-        path = os.path.join(orbax_root, str(step))
-
-        def osave() -> None:
-            with ocp.StandardCheckpointer() as ck:
-                ck.save(path, state)
-                ck.wait_until_finished()
-            _fsync_tree(path, pid, nproc)
-
-        def orestore() -> Any:
-            with ocp.StandardCheckpointer() as ck:
-                return ck.restore(path, target)
-
-        return osave, orestore
-
     for rep in range(cfg["repeats"]):
         step = rep + 1
-        order = SYSTEMS if rep % 2 == 0 else SYSTEMS[::-1]
-        for system in order:
-            save, restore = ops(system, step)
+        for system in SYSTEMS if rep % 2 == 0 else SYSTEMS[::-1]:
+            save, restore = _ops(system, step, state, target, cfg["dir"], pid, nproc)
             for op, fn in (("save", save), ("restore", restore)):
-                dt, rise = timed(f"{system} {op} {step}", fn)
+                dt, rise = _timed(f"{system} {op} {step}", fn)
                 out[system][op].append(dt)
                 out[system][op + "_rss"].append(rise)
-            if rep < 2:  # each system's restore checked once, outside the timed region
-                check(system, restore())
+            if rep < 2:  # restores checked in the first two repeats, outside the timed region
+                _check(system, state, restore())
         multihost_utils.sync_global_devices(f"cleanup {step}")
         if pid == 0 and step < cfg["repeats"]:  # the last one stays for the convert run
-            shutil.rmtree(os.path.join(orbax_root, str(step)), ignore_errors=True)
+            shutil.rmtree(os.path.join(cfg["dir"], "orbax", str(step)), ignore_errors=True)
     doc = {"process": pid, "processes": nproc, "devices": len(jax.local_devices()),
-           "addressable_bytes": addressable, "global_bytes": global_bytes,
+           "addressable_bytes": sum(s.data.nbytes for a in leaves for s in a.addressable_shards),
+           "global_bytes": sum(a.nbytes for a in leaves),
            "arrays": len(leaves), "runs": out, "versions": {
                "jax": jax.__version__, "orbax": getattr(ocp, "__version__", "?"),
                "unickpt": unickpt.__version__, "numpy": np.__version__}}
-    with open(os.path.join(cfg["out"], f"p{cfg['processes']}.{pid}.json"), "w") as f:
+    with open(os.path.join(cfg["out"], f"p{nproc}.{pid}.json"), "w") as f:
         json.dump(doc, f)
     if nproc > 1:
         multihost_utils.sync_global_devices("done")
