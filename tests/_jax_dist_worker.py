@@ -28,9 +28,11 @@ import time
 import traceback
 from typing import Any
 
-CFG = json.loads(sys.argv[1])
-PID = int(sys.argv[2])
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={CFG['devices']}"
+MAIN = __name__ == "__main__"  # imported (doctest collection): nothing to run
+CFG: dict = json.loads(sys.argv[1]) if MAIN else {}
+PID = int(sys.argv[2]) if MAIN else 0
+if MAIN:  # before jax is imported
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={CFG['devices']}"
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
