@@ -5,7 +5,8 @@ CONFIG: ``port``, ``processes``, ``root`` (the run root), ``out`` (where process
 final state), ``steps``, ``save_every``, ``timeout`` and an optional ``kill``:
 ``{"step": S, "phase": "plan"|"write"|"report"|"commit"|"after", "process": P}``: process P
 SIGKILLs the whole job (its process group) when the save of step S reaches that phase
-("write": while P writes its array file; "after": once step S is saved).
+("write": while P writes its array file; "after": once step S is saved).  An optional ``linen``: ``{"root": ..., "out": ...}`` runs the linen
+``TrainState`` check of tests/_jax_linen_trainer.py in this job once training is done.
 
 The model: an ``nnx`` MLP with dropout whose kernels are sharded with
 ``nnx.with_partitioning`` over a (2, 2) mesh ("data", "model"); the optimizer is
@@ -225,6 +226,10 @@ def main(cfg: dict, pid: int) -> None:
     if pid == 0:
         unickpt.save(cfg["out"], final, overwrite=True)
     _t("saved")
+    if cfg.get("linen"):  # the linen TrainState case, in this job (tests/_jax_linen_trainer.py)
+        from _jax_linen_trainer import run
+
+        run(cfg["linen"]["root"], cfg["linen"]["out"], pid)
     jax.distributed.shutdown()
     _t("shut down")
 

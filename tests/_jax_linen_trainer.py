@@ -1,7 +1,8 @@
 """One process of a sharded linen ``TrainState`` job (2 processes x 2 CPU devices) for the tests.
 
-Run as ``python _jax_linen_trainer.py CONFIG_JSON PROCESS_ID`` through tests/_jax_launch.py.
-CONFIG: ``port``, ``processes``, ``root``, ``out``.  The job trains two steps of a linen MLP
+Run as ``python _jax_linen_trainer.py CONFIG_JSON PROCESS_ID`` through tests/_jax_launch.py
+(CONFIG: ``port``, ``processes``, ``root``, ``out``), or :func:`run` inside another job (the
+NNX job of tests/_jax_dist_trainer.py runs it after its reference run: one launch less).  The job trains two steps of a linen MLP
 whose kernels are sharded with ``nn.with_partitioning`` over a (2, 2) mesh (the ``TrainState``
 built by ``jax.jit`` with the shardings ``nn.get_partition_spec`` gives, ``optax.adamw``
 moments sharded like the parameters), saves it with a ``CheckpointManager``, restores it into
@@ -48,7 +49,14 @@ def main(cfg: dict, pid: int) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"127.0.0.1:{cfg['port']}", num_processes=cfg["processes"],
                                process_id=pid, initialization_timeout=60)
+    run(cfg["root"], cfg["out"], pid)
+    jax.distributed.shutdown()
+
+
+def run(root: str, out: str, pid: int) -> None:
+    """The save / restore / check, in a job already initialized (also run by the NNX job)."""
     import flax.linen as nn
+    import jax
     import jax.numpy as jnp
     import optax
     from flax.training import train_state
@@ -92,22 +100,21 @@ def main(cfg: dict, pid: int) -> None:
     state = create(0)
     for _ in range(2):
         state = step(state)
-    with unickpt.CheckpointManager(cfg["root"], dist_timeout=60) as mgr:
+    with unickpt.CheckpointManager(root, dist_timeout=60) as mgr:
         mgr.save(2, {"state": state}, force=True)
     fresh = create(1)
-    with unickpt.CheckpointManager(cfg["root"], resume="auto", dist_timeout=60) as mgr:
+    with unickpt.CheckpointManager(root, resume="auto", dist_timeout=60) as mgr:
         restored = mgr.restore({"state": fresh})
     got = restored.state["state"]
     if restored.step != 2 or int(got.step) != 2:
         raise AssertionError(f"restored step {restored.step}, state.step {got.step}")
     compared = compare(state, got, fresh)
     want_leaves = jax.tree_util.tree_leaves_with_path(state)
-    with open(f"{cfg['out']}.p{pid}.json", "w") as f:
+    with open(f"{out}.p{pid}.json", "w") as f:
         json.dump({"compared": compared,
                    "spanning": sum(not a.is_fully_addressable for _, a in want_leaves),
                    "split": sum(not a.sharding.is_fully_replicated for _, a in want_leaves)},
                   f)
-    jax.distributed.shutdown()
 
 
 if __name__ == "__main__":

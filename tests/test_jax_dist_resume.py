@@ -40,13 +40,21 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache):
-    """The final state of the uninterrupted run (no checkpointing at all)."""
+def reference_job(tmp_path_factory, cache):
+    """The uninterrupted run (no checkpointing at all); the same job then runs the linen
+    TrainState check (one launch for both: each launch starts JAX in 2 processes)."""
     d = tmp_path_factory.mktemp("reference")
     launch_jax(TRAINER, {"root": str(d / "run"), "out": str(d / "final"), "steps": STEPS,
-                         "save_every": SAVE_EVERY, "checkpoint": False}, env=cache,
-               timeout=240)
-    return unickpt.load(d / "final")
+                         "save_every": SAVE_EVERY, "checkpoint": False,
+                         "linen": {"root": str(d / "linen_run"), "out": str(d / "linen")}},
+               env=cache, timeout=240)
+    return d
+
+
+@pytest.fixture(scope="module")
+def reference(reference_job):
+    """The final state of the uninterrupted run."""
+    return unickpt.load(reference_job / "final")
 
 
 def committed(root: str) -> list[int]:
@@ -94,14 +102,11 @@ def test_whole_job_killed_resumes_bitwise(reference, cache, kills):
     assert_bitwise_equal(reference, run_with_kills(kills, cache))
 
 
-LINEN = os.path.join(os.path.dirname(__file__), "_jax_linen_trainer.py")
-
-
-def test_sharded_linen_train_state_restores_bitwise(tmp_path, cache):
+def test_sharded_linen_train_state_restores_bitwise(reference_job):
     """A linen TrainState sharded with nn.with_partitioning over 2 processes x 2 devices:
-    saved, restored into a TrainState from another seed, every shard compared in the job."""
-    out = str(tmp_path / "linen")
-    launch_jax(LINEN, {"root": str(tmp_path / "run"), "out": out}, env=cache, timeout=240)
+    saved, restored into a TrainState from another seed, every shard compared in the job
+    (tests/_jax_linen_trainer.py, run by the reference job)."""
+    out = str(reference_job / "linen")
     found = []
     for p in range(2):
         with open(f"{out}.p{p}.json") as f:
@@ -112,4 +117,4 @@ def test_sharded_linen_train_state_restores_bitwise(tmp_path, cache):
     assert [f["compared"] for f in found] == [28, 28]
     assert [f["spanning"] for f in found] == [14, 14]
     assert found[0]["split"] == found[1]["split"] >= 6
-    assert unickpt.inspect(tmp_path / "run" / "step_2").kinds  # a real unickpt checkpoint
+    assert unickpt.inspect(reference_job / "linen_run" / "step_2").total_bytes > 0

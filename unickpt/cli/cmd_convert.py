@@ -1,7 +1,9 @@
 """``unickpt convert SRC DST --to unickpt|orbax``: Orbax checkpoints in and out, with progress.
 
 The conversion lives in the JAX adapter (:mod:`unickpt_jax.orbax`), imported only when the
-command runs, so the CLI works without JAX installed.
+command runs, so the CLI works without JAX installed.  It runs in one process, whatever the
+number of processes that wrote the Orbax checkpoint: big arrays are streamed piece by piece
+(bounded memory) and keep the saved shard layout.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="the checkpoint to convert")
     p.add_argument("dst", help="where to write the converted checkpoint")
     p.add_argument("--to", required=True, choices=("unickpt", "orbax"),
-                   help="'unickpt' (from an Orbax checkpoint or CheckpointManager step) or "
-                        "'orbax' (from unickpt)")
+                   help="'unickpt' (from an Orbax checkpoint or CheckpointManager step, "
+                        "single- or multi-process) or 'orbax' (from unickpt)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
