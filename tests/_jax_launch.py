@@ -24,18 +24,16 @@ from _dist_launch import free_port
 class JobResult:
     codes: list[int]  # -9: SIGKILLed
     outputs: list[str]
-    killed: bool  # the launcher killed the group (kill_after reached)
 
 
 def launch_jax(script: str, cfg: dict, *, processes: int = 2, devices: int = 2,
-               timeout: float = 120.0, kill_after: float | None = None,
-               check: bool = True, env: dict | None = None) -> JobResult:
+               timeout: float = 120.0, check: bool = True,
+               env: dict | None = None) -> JobResult:
     """Run ``processes`` copies of ``script CONFIG_JSON PROCESS_ID``; return how they ended.
 
-    ``kill_after`` SIGKILLs the whole group that many seconds after the start (a crash of the
-    whole job at an arbitrary moment).  With ``check`` a process that exits with anything
-    but 0 (or -9 after a kill) fails the test, its output in the message.  ``env`` is added
-    to the processes' environment.
+    With ``check`` a process that exits with anything but 0 fails the test, its output in
+    the message (without, the caller checks the codes: -9 for a job that killed itself).
+    ``env`` is added to the processes' environment.
     """
     cfg = {"port": free_port(), "processes": processes, **cfg}
     env = {**os.environ, **(env or {}), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
@@ -44,7 +42,6 @@ def launch_jax(script: str, cfg: dict, *, processes: int = 2, devices: int = 2,
     procs: list[subprocess.Popen] = []
     logs = [tempfile.TemporaryFile() for _ in range(processes)]  # a pipe could fill and block
     pgid = 0
-    killed = False
 
     def outputs() -> list[str]:
         out = []
@@ -60,27 +57,20 @@ def launch_jax(script: str, cfg: dict, *, processes: int = 2, devices: int = 2,
                                  process_group=pgid)
             pgid = pgid or p.pid
             procs.append(p)
-        start = time.monotonic()
-        deadline = start + timeout
+        deadline = time.monotonic() + timeout
         for p in procs:
             while p.poll() is None:
-                now = time.monotonic()
-                if kill_after is not None and now - start >= kill_after:
-                    os.killpg(pgid, signal.SIGKILL)
-                    killed = True
-                    p.wait(10)
-                    break
-                if now >= deadline:
+                if time.monotonic() >= deadline:
                     os.killpg(pgid, signal.SIGKILL)
                     raise AssertionError(f"job did not finish in {timeout}s; output:\n"
                                          + "\n---\n".join(o[-3000:] for o in outputs()))
                 time.sleep(0.01)
         codes = [p.wait(10) for p in procs]
         outs = outputs()
-        if check and any(c != 0 and not (killed and c == -9) for c in codes):
+        if check and any(codes):
             raise AssertionError(f"processes exited with {codes}:\n"
                                  + "\n---\n".join(o[-3000:] for o in outs))
-        return JobResult(codes, outs, killed)
+        return JobResult(codes, outs)
     finally:
         if pgid:
             try:
