@@ -17,9 +17,10 @@ systems alternating so that background load hits both alike:
   not fsync; unickpt does), and ``StandardCheckpointer.restore`` onto the same shardings.
 
 Every restore of the first repeats is checked bit for bit against the saved state.  Each operation is timed between two barriers (the job's wall time, as process 0 sees it).
-Host memory: each process samples its RSS during every operation; the peak rise over the
-value before it is reported against the bytes of the process's addressable shards (on CPU the
-state itself already lives in host memory, so the rise is what the checkpointing adds).
+Host memory: each process samples its anonymous RSS (and total RSS) during every operation;
+the peak rise over the value before it is reported against the bytes of the process's
+addressable shards (on CPU the state itself already lives in host memory: a save's rise is
+what the checkpointing adds, a restore's includes the restored arrays themselves).
 Restores read warm page cache (the files were just written) for both systems alike.
 Last, ``unickpt convert --to unickpt`` of the last Orbax checkpoint of the largest job runs
 in one process: its time and peak RSS (over that of its imports alone).
@@ -47,13 +48,21 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 # ------------------------------------------------------------------ in each job process
-def _rss() -> int:
+def _rss() -> tuple[int, int]:
+    """(anonymous RSS, total RSS): statm's resident minus shared is the anonymous part."""
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * _PAGE
+        fields = f.read().split()
+    resident, shared = int(fields[1]) * _PAGE, int(fields[2]) * _PAGE
+    return resident - shared, resident
 
 
 class _Peak:
-    """The peak RSS rise over the value at entry, sampled every millisecond."""
+    """The peak rise of anonymous and of total RSS over their values at entry (1 ms samples).
+
+    Anonymous memory is what the operation holds; total RSS also counts the page-cache pages
+    of memory-mapped files it touched (unickpt restores from mapped files), which the kernel
+    can drop at any time.
+    """
 
     def __enter__(self) -> _Peak:
         self.base = self.peak = _rss()
@@ -62,15 +71,20 @@ class _Peak:
         self._t.start()
         return self
 
+    def _sample(self) -> None:
+        now = _rss()
+        self.peak = (max(self.peak[0], now[0]), max(self.peak[1], now[1]))
+
     def _run(self) -> None:
         while not self._stop.wait(0.001):
-            self.peak = max(self.peak, _rss())
+            self._sample()
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._t.join()
-        self.peak = max(self.peak, _rss())
-        self.rise = self.peak - self.base
+        self._sample()
+        self.rise = self.peak[0] - self.base[0]
+        self.rise_total = self.peak[1] - self.base[1]
 
 
 def _fsync_tree(path: str, pid: int, nproc: int) -> None:
@@ -111,8 +125,8 @@ def build_state(mib: int, mesh: Any) -> dict:
             "replicated": {f"r{i}": make((rep, 256), P(), 100 + i) for i in range(4)}}
 
 
-def _timed(name: str, fn: Any) -> tuple[float, int]:
-    """Seconds between two barriers around ``fn`` (its result ready), and the RSS rise."""
+def _timed(name: str, fn: Any) -> tuple[float, int, int]:
+    """Seconds between two barriers around ``fn`` (its result ready), and the RSS rises."""
     import jax
     from jax.experimental import multihost_utils
 
@@ -125,7 +139,7 @@ def _timed(name: str, fn: Any) -> tuple[float, int]:
         multihost_utils.sync_global_devices(f"end {name}")
         dt = time.perf_counter() - t0
     del result
-    return dt, peak.rise
+    return dt, peak.rise, peak.rise_total
 
 
 def _check(system: str, saved: Any, got: Any) -> None:
@@ -202,16 +216,18 @@ def job(cfg: dict, pid: int) -> None:
     leaves = jax.tree_util.tree_leaves(state)
     target = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
-    out: dict[str, Any] = {s: {"save": [], "restore": [], "save_rss": [], "restore_rss": []}
+    out: dict[str, Any] = {s: {k: [] for k in ("save", "restore", "save_rss", "restore_rss",
+                                               "save_rss_total", "restore_rss_total")}
                            for s in SYSTEMS}
     for rep in range(cfg["repeats"]):
         step = rep + 1
         for system in SYSTEMS if rep % 2 == 0 else SYSTEMS[::-1]:
             save, restore = _ops(system, step, state, target, cfg["dir"], pid, nproc)
             for op, fn in (("save", save), ("restore", restore)):
-                dt, rise = _timed(f"{system} {op} {step}", fn)
+                dt, rise, rise_total = _timed(f"{system} {op} {step}", fn)
                 out[system][op].append(dt)
                 out[system][op + "_rss"].append(rise)
+                out[system][op + "_rss_total"].append(rise_total)
             if rep < 2:  # restores checked in the first two repeats, outside the timed region
                 _check(system, state, restore())
         multihost_utils.sync_global_devices(f"cleanup {step}")
@@ -322,6 +338,8 @@ def summarize(per_process: list[dict]) -> dict:
             rise = max(max(d["runs"][s][op + "_rss"]) for d in per_process)
             row[op + "_rss_rise"] = rise
             row[op + "_rss_frac"] = rise / p0["addressable_bytes"]
+            row[op + "_rss_total_rise"] = max(max(d["runs"][s][op + "_rss_total"])
+                                              for d in per_process)
         rows[s] = row
     u, o = rows["unickpt"], rows["orbax"]
     speedup = {f"{op}_{k}": o[f"{op}_{k}"] / u[f"{op}_{k}"]
@@ -337,7 +355,8 @@ def markdown(results: list[dict], machine: str, convert: dict | None) -> str:
     lines = [f"# Multi-process JAX checkpoints: unickpt vs Orbax ({mib:.0f} MiB sharded state, "
              f"best / median of {results[0]['repeats']})", "", machine, "",
              "| processes x devices | system | save best | save median | restore best | "
-             "restore median | peak RSS rise per process (save / restore, of addressable) |",
+             "restore median | peak anonymous memory rise per process (save / restore, of "
+             "addressable) |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
         for s in SYSTEMS:
@@ -365,9 +384,12 @@ def markdown(results: list[dict], machine: str, convert: dict | None) -> str:
                   "streamed piece by piece."]
     lines += ["", "Speed ratio = Orbax time / unickpt time (> 1: unickpt faster). Both save "
               "durably (Orbax's files fsynced inside its timed region); restores read warm "
-              "page cache. RSS rise: the peak over the value before the operation, the largest "
-              "of any process, against that process's addressable bytes (on CPU the state "
-              "itself already lives in host memory)."]
+              "page cache. Memory rise: the peak of anonymous RSS over its value before the "
+              "operation, the largest of any process, against that process's addressable "
+              "bytes; on CPU the state itself already lives in host memory, so a restore's rise "
+              "includes the restored arrays (100%). Page-cache pages of memory-mapped files "
+              "(unickpt restores from mapped files) are not counted: the kernel can drop them; "
+              "the total RSS rise is in jax_dist.json (`*_rss_total_rise`)."]
     return "\n".join(lines) + "\n"
 
 
