@@ -19,8 +19,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(cfg: dict, *, timeout: float = 90.0) -> list[int]:
-    """Run ``cfg["world"]`` ranks of the worker; return their exit codes (-9: SIGKILLed).
+def launch(cfg: dict, *, timeout: float = 90.0, worker: str = WORKER) -> list[int]:
+    """Run ``cfg["world"]`` ranks of ``worker``; return their exit codes (-9: SIGKILLed).
 
     All ranks share one new process group; on timeout the whole group is SIGKILLed and the
     test fails, so a hang can never stall the suite.
@@ -31,7 +31,7 @@ def launch(cfg: dict, *, timeout: float = 90.0) -> list[int]:
     pgid = 0
     try:
         for rank in range(cfg["world"]):
-            p = subprocess.Popen([sys.executable, WORKER, json.dumps(cfg), str(rank)], env=env,
+            p = subprocess.Popen([sys.executable, worker, json.dumps(cfg), str(rank)], env=env,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  process_group=pgid)
             pgid = pgid or p.pid
