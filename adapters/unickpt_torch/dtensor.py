@@ -13,6 +13,7 @@ created a DTensor never imports it here.
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Any
 
@@ -33,10 +34,18 @@ def is_dtensor(t: Any) -> bool:
 
 def local_region(t: Any) -> tuple[tuple[int, int], ...]:
     """The global ``(start, stop)`` per dimension of this rank's local shard of ``t``."""
+    return _region(tuple(t.shape), t.device_mesh, tuple(t.placements))
+
+
+@functools.lru_cache(maxsize=4096)
+def _region(shape: tuple[int, ...], mesh: Any, placements: tuple) -> tuple[tuple[int, int], ...]:
+    # Cached: torch's computation costs ~1 ms per call, and a model's parameters and their
+    # optimizer states share a handful of (shape, mesh, placements) keys.  This rank's place
+    # in a mesh never changes, so the answer for a key never does.
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-    return tuple((int(o), int(o) + int(n)) for o, n in zip(offset, shape))
+    shape_, offset = compute_local_shape_and_global_offset(shape, mesh, placements)
+    return tuple((int(o), int(o) + int(n)) for o, n in zip(offset, shape_))
 
 
 def to_sharded(t: Any, path: Path, host: Any) -> ShardedArray:
