@@ -159,3 +159,19 @@ def test_export_refuses_existing_destination_and_unsupported_leaves(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["dcp", "other", "src"]  # no staging left
     r = cli(str(tmp_path / "nothing"), str(tmp_path / "x"), "--to", "dcp", check=False)
     assert r.returncode == 4 and "CheckpointNotFoundError" in r.stderr
+
+
+def test_truncated_data_file_is_a_typed_error(tmp_path):
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from unickpt_torch.dcp import import_dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"w": torch.arange(1000.0)}, checkpoint_id=str(tmp_path / "d"), no_dist=True)
+    data = tmp_path / "d" / "__0_0.distcp"
+    data.write_bytes(data.read_bytes()[:100])
+    with pytest.raises(unickpt.CorruptCheckpointError, match=r"DCP could not read w: .*a "
+                                                             "damaged or truncated .distcp"):
+        import_dcp(tmp_path / "d", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

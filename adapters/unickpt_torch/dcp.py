@@ -199,12 +199,29 @@ def read_metadata(src: str | os.PathLike) -> Any:
     return _open(src)[2]
 
 
+def _cause(e: BaseException) -> BaseException:
+    """The first rank's exception inside DCP's CheckpointException (itself a BaseException)."""
+    for exc, _tb in getattr(e, "failures", {}).values():
+        return exc if isinstance(exc, BaseException) else e
+    return e
+
+
 def _load(reader: Any, sd: dict) -> None:
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.load(sd, storage_reader=reader, planner=_planner(), no_dist=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.load(sd, storage_reader=reader, planner=_planner(), no_dist=True)
+    except (CheckpointException, Exception) as e:
+        cause = _cause(e)
+        first = (str(cause).strip().splitlines() or [""])[0][:300]
+        keys = ", ".join(list(sd)[:5]) + (" ..." if len(sd) > 5 else "")
+        raise CorruptCheckpointError(
+            f"{reader.path}: DCP could not read {keys}: {type(cause).__name__}: {first} (a "
+            "damaged or truncated .distcp file, or a value torch.load(weights_only=True) "
+            "refuses)") from None
 
 
 def _lazy(reader: Any, key: str, tmeta: Any, progress: Progress | None) -> LazyArray:
@@ -336,10 +353,15 @@ def export_dcp(src: str | os.PathLike, dst: str | os.PathLike, *,
     tree = unickpt.load(src, mmap=True)
     sd = _to_dcp(tree, (), progress)
     final = os.path.abspath(os.fspath(dst))
+    from torch.distributed.checkpoint.api import CheckpointException
+
     with _staged(final, overwrite) as tmp:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dcp.save(sd, storage_writer=dcp.FileSystemWriter(tmp), no_dist=True)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                dcp.save(sd, storage_writer=dcp.FileSystemWriter(tmp), no_dist=True)
+        except CheckpointException as e:  # a BaseException: hand on the real cause
+            raise _cause(e) from None
     if progress is not None:
         progress(unickpt.inspect(src).total_bytes)
 
