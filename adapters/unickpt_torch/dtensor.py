@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from unickpt.errors import UnsupportedLeafError
-from unickpt.tree import Path, Piece, ShardedArray, format_path
+from unickpt.tree import LazyArray, Path, Piece, ShardedArray, format_path
 
 __all__ = ["is_dtensor", "local_region", "to_sharded", "read_region", "copy_into_dtensor",
            "new_like"]
@@ -69,6 +69,13 @@ def read_region(a: Any, region: tuple[tuple[int, int], ...]) -> np.ndarray:
     """The ``region`` of checkpoint array ``a`` (only the overlapping pieces are read)."""
     index = tuple(slice(lo, hi) for lo, hi in region)
     if isinstance(a, ShardedArray):
+        for p in a.pieces:
+            # Same world size and layout: the region is one saved piece.  Its memory-mapped
+            # array is used as is (the caller copies it into the shard): no assembly copy.
+            if tuple(map(tuple, p.index)) == tuple(region):
+                data = p.data.materialize() if isinstance(p.data, LazyArray) else p.data
+                if np.asarray(data).dtype == a.dtype:
+                    return np.asarray(data)
         return a.read(index)
     return np.asarray(a)[index]
 
