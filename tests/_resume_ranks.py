@@ -7,16 +7,17 @@ from the uninterrupted run's, which the resume check must catch.
 
 from __future__ import annotations
 
+import os
 import warnings
 from datetime import timedelta
-
-import torch
-import torch.distributed as dist
 
 import unickpt
 
 
 def _train(root: str, total_steps: int, stop_at: int | None, keep_rng: bool) -> dict:
+    import torch  # here, not at the top: the crashing rank below starts without torch
+    import torch.distributed as dist
+
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))  # env://, as torchrun
@@ -57,8 +58,10 @@ def forgets_rng(root: str, total_steps: int, stop_at: int | None = None) -> dict
 
 
 def crashes(root: str, total_steps: int, stop_at: int | None = None) -> dict:
-    import os
-
+    """Rank 1 fails at once; rank 0 waits for it forever (the harness must not wait)."""
     if os.environ["RANK"] == "1":
         raise SystemExit("rank 1 gave up")
-    return _train(root, total_steps, stop_at, keep_rng=True)
+    import time
+
+    time.sleep(600)
+    return {}
