@@ -175,3 +175,17 @@ def test_truncated_data_file_is_a_typed_error(tmp_path):
                                                              "damaged or truncated .distcp"):
         import_dcp(tmp_path / "d", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_help_says_dcp_holds_pickles():
+    import argparse
+
+    from unickpt.cli import cmd_convert
+
+    p = argparse.ArgumentParser()
+    cmd_convert.add_arguments(p)
+    text = " ".join(p.format_help().split())
+    assert "{unickpt,orbax,dcp}" in text
+    assert "relies on torch's own DCP loader, and the DCP format stores its .metadata (and " \
+           "non-tensor values) as Python pickles" in text
+    assert "only convert DCP checkpoints you trust" in text

@@ -17,10 +17,10 @@ NAME = "convert"
 
 #: Appended to the command's help: reading DCP means reading pickles, through torch.
 TRUST_NOTE = (
-    "DCP checkpoints (--to dcp, or --to unickpt from a directory with a .metadata file) are "
-    "read with torch's own DCP loader; the DCP format stores its .metadata (and non-tensor "
-    "values) as Python pickles. unickpt refuses a .metadata naming anything but DCP's classes "
-    "and reads values with weights_only=True, but only convert DCP checkpoints you trust.")
+    "Reading a DCP checkpoint (--to unickpt from a directory with a .metadata file) relies on "
+    "torch's own DCP loader, and the DCP format stores its .metadata (and non-tensor values) "
+    "as Python pickles: unickpt refuses a .metadata naming anything but DCP's classes and "
+    "reads values with weights_only=True, but only convert DCP checkpoints you trust.")
 
 
 def wants(args: argparse.Namespace) -> bool:
