@@ -13,6 +13,7 @@ created a DTensor never imports it here.
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Any
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from unickpt.errors import UnsupportedLeafError
-from unickpt.tree import Path, Piece, ShardedArray, format_path
+from unickpt.tree import LazyArray, Path, Piece, ShardedArray, format_path
 
 __all__ = ["is_dtensor", "local_region", "to_sharded", "read_region", "copy_into_dtensor",
            "new_like"]
@@ -33,10 +34,18 @@ def is_dtensor(t: Any) -> bool:
 
 def local_region(t: Any) -> tuple[tuple[int, int], ...]:
     """The global ``(start, stop)`` per dimension of this rank's local shard of ``t``."""
+    return _region(tuple(t.shape), t.device_mesh, tuple(t.placements))
+
+
+@functools.lru_cache(maxsize=4096)
+def _region(shape: tuple[int, ...], mesh: Any, placements: tuple) -> tuple[tuple[int, int], ...]:
+    # Cached: torch's computation costs ~1 ms per call, and a model's parameters and their
+    # optimizer states share a handful of (shape, mesh, placements) keys.  This rank's place
+    # in a mesh never changes, so the answer for a key never does.
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-    return tuple((int(o), int(o) + int(n)) for o, n in zip(offset, shape))
+    shape_, offset = compute_local_shape_and_global_offset(shape, mesh, placements)
+    return tuple((int(o), int(o) + int(n)) for o, n in zip(offset, shape_))
 
 
 def to_sharded(t: Any, path: Path, host: Any) -> ShardedArray:
@@ -60,6 +69,13 @@ def read_region(a: Any, region: tuple[tuple[int, int], ...]) -> np.ndarray:
     """The ``region`` of checkpoint array ``a`` (only the overlapping pieces are read)."""
     index = tuple(slice(lo, hi) for lo, hi in region)
     if isinstance(a, ShardedArray):
+        for p in a.pieces:
+            # Same world size and layout: the region is one saved piece.  Its memory-mapped
+            # array is used as is (the caller copies it into the shard): no assembly copy.
+            if tuple(map(tuple, p.index)) == tuple(region):
+                data = p.data.materialize() if isinstance(p.data, LazyArray) else p.data
+                if np.asarray(data).dtype == a.dtype:
+                    return np.asarray(data)
         return a.read(index)
     return np.asarray(a)[index]
 

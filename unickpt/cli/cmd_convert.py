@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import argparse
 
+from . import _convert_dcp
 from ._output import error, progress_bar
 from .exit_codes import ExitCode
 
 NAME = "convert"
-HELP = "convert between an Orbax checkpoint and a unickpt checkpoint"
+HELP = ("convert between an Orbax or torch.distributed.checkpoint (DCP) checkpoint and a "
+        "unickpt checkpoint")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="the checkpoint to convert")
     p.add_argument("dst", help="where to write the converted checkpoint")
-    p.add_argument("--to", required=True, choices=("unickpt", "orbax"),
-                   help="'unickpt' (from an Orbax checkpoint or CheckpointManager step, "
-                        "single- or multi-process) or 'orbax' (from unickpt)")
+    p.add_argument("--to", required=True, choices=("unickpt", "orbax", "dcp"),
+                   help="'unickpt' (from an Orbax checkpoint or CheckpointManager step, single- "
+                        "or multi-process, or from a DCP directory), 'orbax' or 'dcp' (from "
+                        "unickpt). "
+                        + _convert_dcp.TRUST_NOTE)
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
@@ -30,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> ExitCode:
     from ..errors import UnickptError
 
+    if _convert_dcp.wants(args):
+        return _convert_dcp.run(args)
     try:
         from unickpt_jax.orbax import convert, convert_total_bytes
     except ImportError as e:

@@ -38,10 +38,13 @@ __all__ = [
     "ResumeMismatchError",
     "set_default_max_examples",
     "default_max_examples",
+    "multiprocess_train",
+    "JobFailedError",
 ]
 
 _LAZY = {"assert_resume_deterministic": "resume", "ResumeMismatchError": "resume",
-         "set_default_max_examples": "resume", "default_max_examples": "resume"}
+         "set_default_max_examples": "resume", "default_max_examples": "resume",
+         "multiprocess_train": "multiprocess", "JobFailedError": "multiprocess"}
 
 
 def require_hypothesis() -> Any:

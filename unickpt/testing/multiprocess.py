@@ -1,0 +1,162 @@
+"""Check a multi-process trainer (torchrun-style ranks) with assert_resume_deterministic.
+
+:func:`multiprocess_train` turns a *rank function* into the ``train(root, total_steps,
+stop_at=None)`` callable that :func:`~unickpt.testing.assert_resume_deterministic` drives.
+Each call launches ``world_size`` fresh processes, as ``torchrun`` would: every rank gets
+``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` and a free
+``MASTER_PORT`` in its environment and runs::
+
+    def rank_main(root, total_steps, stop_at=None):
+        torch.distributed.init_process_group("gloo")   # env:// from the variables above
+        ...  # the same training loop every rank runs, with a CheckpointManager on root
+        return final_state                               # this rank's: params, RNG, ...
+
+Given ``stop_at``, every rank returns right after that step without saving (like a crash of
+the whole job).  The ranks run in one new process group under a hard ``timeout``; a rank
+that fails or a job that hangs kills the whole group and raises :class:`JobFailedError` with
+the tail of every rank's output.  The final state of a call is ``{"rank_0": ..., "rank_1":
+...}``, so the check compares every rank's state (per-rank RNG included) with the
+uninterrupted run's.  The rank function is given by dotted path (``"pkg.mod:fn"``): the
+ranks are new processes that import it.
+
+``hard_kill`` is not available for a job: interruptions are the ranks' own ``stop_at``
+returns.  To SIGKILL a whole job mid-save, see docs/distributed.md (testing section).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import UnickptError
+from .hardkill import resolve_target
+
+__all__ = ["multiprocess_train", "run_job", "JobFailedError"]
+
+
+class JobFailedError(UnickptError, RuntimeError):
+    """A rank of a launched job failed, or the job did not finish within its timeout."""
+
+
+def _rank_env() -> dict[str, str]:
+    """This environment, with this process's import path: the ranks import the target."""
+    env = dict(os.environ)
+    paths = [p for p in sys.path if p and os.path.isdir(p)]
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _tail(path: str, n: int = 3000) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - n))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def run_job(target: str, world_size: int, root: str | os.PathLike, total_steps: int,
+            stop_at: int | None = None, *, timeout: float = 300.0) -> dict[str, Any]:
+    """Run ``target(root, total_steps, stop_at)`` on ``world_size`` ranks; their states.
+
+    Returns ``{"rank_0": state, ...}`` (each rank's return value, saved and loaded back
+    through unickpt).  Raises :class:`JobFailedError` if a rank exits non-zero or the job
+    outlives ``timeout`` seconds (every rank is then SIGKILLed).
+    """
+    resolve_target(target)  # a bad path fails here, not in every rank
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    from ..api import load
+
+    work = tempfile.mkdtemp(prefix="unickpt-job-")
+    base = {**_rank_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+            "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size)}
+    args = json.dumps([target, os.fspath(root), total_steps, stop_at, work])
+    procs: list[subprocess.Popen] = []
+    logs = [os.path.join(work, f"rank{r}.log") for r in range(world_size)]
+    pgid = 0
+    try:
+        for rank in range(world_size):
+            with open(logs[rank], "wb") as log:
+                p = subprocess.Popen(
+                    [sys.executable, "-m", "unickpt.testing.multiprocess", args],
+                    env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                    stdout=log, stderr=subprocess.STDOUT, process_group=pgid)
+            pgid = pgid or p.pid
+            procs.append(p)
+        deadline = time.monotonic() + timeout
+        codes = [p.poll() for p in procs]
+        # wait for every rank; stop at the first failure (the others may wait on it forever)
+        while None in codes and time.monotonic() < deadline and \
+                all(c in (None, 0) for c in codes):
+            time.sleep(0.05)
+            codes = [p.poll() for p in procs]
+        if codes != [0] * world_size:
+            why = ("failed" if any(c not in (None, 0) for c in codes)
+                   else f"did not finish within {timeout:g}s")
+            outs = "\n".join(f"--- rank {r} (exit {c}):\n{_tail(logs[r])}"
+                             for r, c in enumerate(codes))
+            raise JobFailedError(
+                f"job {target} on {world_size} ranks (root {os.fspath(root)}, "
+                f"stop_at={stop_at}) {why}: exit codes {codes} (None: still running, "
+                f"killed). Output:\n{outs}")
+        return {f"rank_{r}": load(os.path.join(work, f"rank{r}")) for r in range(world_size)}
+    finally:
+        if pgid:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            p.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def multiprocess_train(target: str, world_size: int, *,
+                       timeout: float = 300.0) -> Callable[..., dict[str, Any]]:
+    """A ``train`` callable for assert_resume_deterministic that runs a job of ranks.
+
+    >>> train = multiprocess_train("mypkg.train:rank_main", world_size=2)
+    >>> train.__name__
+    'rank_main x2'
+
+    Then ``assert_resume_deterministic(train, 6, interruptions=[3])`` launches the job
+    uninterrupted, then stopped after step 3 and resumed, and compares every rank's final
+    state bit for bit.
+    """
+    def train(root: str, total_steps: int, stop_at: int | None = None) -> dict[str, Any]:
+        return run_job(target, world_size, root, total_steps, stop_at, timeout=timeout)
+
+    train.__name__ = f"{target.rpartition(':')[2] or target} x{world_size}"
+    return train
+
+
+def _rank_main() -> None:
+    from ..api import save
+
+    target, root, total_steps, stop_at, work = json.loads(sys.argv[1])
+    fn = resolve_target(target)
+    state = fn(root, total_steps, stop_at=stop_at)
+    save(os.path.join(work, f"rank{os.environ['RANK']}"), state)
+
+
+if __name__ == "__main__":
+    _rank_main()
