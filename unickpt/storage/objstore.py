@@ -84,6 +84,10 @@ class FsspecStorage:
     ``storage_options`` go to the filesystem (``endpoint_url``, credentials...).
     """
 
+    #: No zero-copy whole-file map here (``buffer`` downloads the object): readers that
+    #: need only some arrays use ranged reads instead.
+    maps_files = False
+
     def __init__(self, url: str, storage_options: dict | None = None, *, fs: Any = None):
         import fsspec
 
@@ -104,7 +108,8 @@ class FsspecStorage:
             self.fs.retries = min(self.fs.retries, 3)
         self.protocol = protocol
         self._s3 = protocol in ("s3", "s3a") and hasattr(self.fs, "_call_s3")
-        self._staging: dict[str, _Staging] = {}
+        self._staging: dict[str, _Staging] = {}  # the stagings this process commits
+        self._foreign: dict[str, _Staging] = {}  # other processes' (multi-process saves)
         self._mu = threading.Lock()
 
     # ------------------------------------------------------------ paths and errors
@@ -285,10 +290,23 @@ class FsspecStorage:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
+    def _staging_of(self, parent: str) -> _Staging | None:
+        """The staging ``parent`` names: made here, or (another process of a multi-process
+        save writing into rank 0's staging) read once from its pending marker."""
+        with self._mu:
+            st = self._staging.get(parent) or self._foreign.get(parent)
+        if st is None and parse_temp_name(posixpath.basename(parent)) is not None:
+            st = self._pending(parent)
+            if st is not None:
+                with self._mu:  # a few recent ones: this process never commits them
+                    st = self._foreign.setdefault(parent, st)
+                    while len(self._foreign) > 8:
+                        del self._foreign[next(iter(self._foreign))]
+        return st
+
     def create(self, path: str, size: int = 0) -> Any:
         parent, name = posixpath.split(path)
-        with self._mu:
-            st = self._staging.get(parent)
+        st = self._staging_of(parent)
         if st is not None:
             if name == MANIFEST:
                 return _ManifestHandle(st, size)
@@ -336,8 +354,7 @@ class FsspecStorage:
 
         A copy, not a reference: deleting ``src`` (retention) never touches ``dst``."""
         parent, name = posixpath.split(dst)
-        with self._mu:
-            st = self._staging.get(parent)
+        st = self._staging_of(parent)
         if st is not None and st.direct:
             dst = posixpath.join(st.final, name)
         if self.exists(dst):
