@@ -12,10 +12,11 @@ into parallel pieces for big reads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -23,7 +24,8 @@ from fsspec.asyn import sync
 
 from ..errors import UnickptError
 
-__all__ = ["ObjectStoreError", "PartUploader", "SpoolUploader", "RangedReader", "PART_BYTES", "MIN_PART_BYTES"]
+__all__ = ["ObjectStoreError", "PartUploader", "SpoolUploader", "RangedReader", "PART_BYTES",
+           "MIN_PART_BYTES", "observe_reads"]
 
 # Bodies go to aiohttp as the part's own bytearray, as s3fs sends its own chunks: no copy.
 # (aiohttp emits a ResourceWarning for raw bodies over 1 MiB; only a hint about loop latency.)
@@ -37,6 +39,33 @@ READ_PIECE = 16 << 20  # measured: bigger pieces beat more concurrency on small 
 # deadlock on adversarial write orders.
 MAX_PARTS_IN_MEMORY = 24
 BACKPRESSURE_WAIT = 5.0
+
+
+_observers: list[Callable[[int], None]] = []
+
+
+@contextlib.contextmanager
+def observe_reads(callback: Callable[[int], None]) -> Iterator[None]:
+    """Call ``callback(nbytes)`` for every piece any :class:`RangedReader` receives while
+    the block runs (from the thread that received it): the CLI's progress bars count the
+    bytes downloaded, as they arrive.
+
+    >>> seen = []
+    >>> with observe_reads(seen.append):
+    ...     _received(5)
+    >>> _received(7); seen
+    [5]
+    """
+    _observers.append(callback)
+    try:
+        yield
+    finally:
+        _observers.remove(callback)
+
+
+def _received(n: int) -> None:
+    for cb in tuple(_observers):
+        cb(n)
 
 
 class ObjectStoreError(UnickptError, OSError):
@@ -253,11 +282,13 @@ class RangedReader:
         if not self._async:
             data = self.fs.cat_file(self.path, start=offset, end=offset + n)
             out[:len(data)] = data
+            _received(len(data))
             return len(data)
 
         async def piece(lo: int, hi: int) -> int:
             data = await self.fs._cat_file(self.path, start=offset + lo, end=offset + hi)
             out[lo:lo + len(data)] = data
+            _received(len(data))
             return len(data)
 
         async def run() -> list[int]:
