@@ -264,14 +264,20 @@ class RangedReader:
     """A ReadHandle over one object: ``pread_into`` issues ranged GETs (big reads split into
     parallel pieces on the filesystem's event loop); ``buffer`` reads the whole object."""
 
-    def __init__(self, fs: Any, path: str, size: int, url: str | None = None):
+    def __init__(self, fs: Any, path: str, size: int, url: str | None = None,
+                 head: bytes = b""):
         self.fs, self.path, self.size, self.url = fs, path, size, url or path
         self._async = getattr(fs, "async_impl", False)
+        self._head = head  # the object's first bytes, fetched when it was opened
 
     def pread_into(self, buf: memoryview, offset: int) -> int:
         n = max(0, min(len(buf), self.size - offset))
         if n == 0:
             return 0
+        if offset + n <= len(self._head):  # no request: served from the opening GET
+            memoryview(buf).cast("B")[:n] = memoryview(self._head)[offset:offset + n]
+            _received(n)
+            return n
         try:
             return self._read(buf, offset, n)
         except Exception as e:

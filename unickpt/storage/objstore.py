@@ -43,6 +43,7 @@ __all__ = ["FsspecStorage", "LeaseLock", "ObjectStoreError", "PENDING_NAME", "MA
 PENDING_NAME = "pending"
 MANIFEST = "manifest.msgpack"  # the commit marker (unickpt.format.manifest.MANIFEST_NAME)
 LEASE_SECONDS = 60.0
+HEAD_BYTES = 256 << 10  # what ``open`` fetches with the size (a manifest is usually less)
 
 
 @dataclass
@@ -212,6 +213,15 @@ class FsspecStorage:
 
     # ------------------------------------------------------------ small objects
     def read_bytes(self, path: str) -> bytes:
+        if self._s3:  # small objects (pointer, lease, markers): one GET, no HEAD first
+            try:
+                size, head = self._first_range(path)
+                if size <= len(head):
+                    return head
+            except FileNotFoundError:
+                raise
+            except Exception:  # noqa: BLE001 - empty, or any doubt: the plain way below
+                pass
         try:
             return self.fs.cat_file(self._key(path))
         except FileNotFoundError:
@@ -428,12 +438,38 @@ class FsspecStorage:
 
     # ------------------------------------------------------------ reading and locking
     def open(self, path: str) -> RangedReader:
+        if self._s3:  # one ranged GET: the size (Content-Range) and the object's first bytes
+            with contextlib.suppress(Exception):  # else (missing, empty...) as below
+                size, head = self._first_range(path)
+                return RangedReader(self.fs, self._key(path), size, url=path, head=head)
         i = self._info(path)
         if i is None:
             raise FileNotFoundError(2, "no such object", path)
         if i.get("type") != "file":
             raise IsADirectoryError(21, "a prefix, not an object", path)
         return RangedReader(self.fs, self._key(path), int(i.get("size") or 0), url=path)
+
+    def _first_range(self, path: str) -> tuple[int, bytes]:
+        """``(size, the first HEAD_BYTES)`` of object ``path`` in one request: a reader's
+        first reads (a manifest whole; an array file's length and header, often its small
+        arrays) then cost no round trip of their own, and no HEAD is needed for the size."""
+        from fsspec.asyn import sync
+        bucket, key = self._bucket_key(path)
+
+        async def get() -> tuple[int, bytes]:
+            r = await self.fs._call_s3("get_object", Bucket=bucket, Key=key,
+                                       Range=f"bytes=0-{HEAD_BYTES - 1}")
+            try:
+                data = await r["Body"].read()
+            finally:
+                r["Body"].close()
+            total = str(r.get("ContentRange") or "").rpartition("/")[2]
+            return (int(total) if total.isdigit() else len(data)), data
+
+        size, data = sync(self.fs.loop, get)
+        if size == 0 or len(data) != min(size, HEAD_BYTES) or key.endswith("/"):
+            raise ValueError("unexpected ranged answer")
+        return size, data
 
     def lock(self, root: str) -> LeaseLock:
         return LeaseLock(self, root)
