@@ -255,3 +255,45 @@ def test_half_removed_staging_entry_is_cleaned(s3_root):
     with unickpt.CheckpointManager(url, storage=st) as m:
         assert m.restore(state(0)).step == 1
         assert RunRoot(url, st).scan().temps == ()
+
+
+def test_restore_requests_on_s3(s3_root):
+    """A restore costs one LIST, one GET per opened object (its size and first 256 KiB:
+    no HEAD; the array file's header and small arrays come with it), and one GET per 16 MiB
+    piece of the big array, streamed straight into it."""
+    import collections
+
+    from unickpt.storage import objio
+
+    url, opts = s3_root
+    st = storage_for(url, opts)
+    big = {"a": np.random.default_rng(1).standard_normal(9 << 20).astype(np.float32),
+           "s": [np.arange(i, dtype=np.int64) for i in range(1, 40)], "step": 3}
+    unickpt.save(url + "/ck", big, storage=st)
+    calls: collections.Counter = collections.Counter()
+    real_call = st.fs._call_s3
+
+    async def counting(method, *a, **k):
+        calls[method] += 1
+        return await real_call(method, *a, **k)
+
+    streamed: list[int] = []
+    real_stream = objio.RangedReader._stream_into
+
+    async def spy(self, *a):
+        n = await real_stream(self, *a)
+        streamed.append(n)
+        return n
+
+    st.fs._call_s3 = counting
+    try:
+        objio.RangedReader._stream_into = spy
+        got = unickpt.load(url + "/ck", storage=st)
+    finally:
+        objio.RangedReader._stream_into = real_stream
+        st.fs._call_s3 = real_call
+    assert got["a"].tobytes() == big["a"].tobytes() and got["step"] == 3
+    assert all(x.tobytes() == y.tobytes() for x, y in zip(got["s"], big["s"]))
+    assert sorted(streamed) == [4 << 20, 16 << 20, 16 << 20]  # 36 MiB, no fallback
+    # the manifest and the array file opened (2), the 3 pieces
+    assert dict(calls) == {"list_objects_v2": 1, "get_object": 5}, calls
