@@ -297,3 +297,32 @@ def test_restore_requests_on_s3(s3_root):
     assert sorted(streamed) == [4 << 20, 16 << 20, 16 << 20]  # 36 MiB, no fallback
     # the manifest and the array file opened (2), the 3 pieces
     assert dict(calls) == {"list_objects_v2": 1, "get_object": 5}, calls
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_another_process_writes_into_the_staging(root, replace):
+    """A multi-process save: rank 0 stages, rank 1 (another FsspecStorage, as in another
+    process) learns from the pending marker where its file goes, rank 0 commits both."""
+    url, opts = root
+    r0, r1 = storage_for(url, opts), storage_for(url, opts)
+    base = r0.resolve(url)
+    r0.make_dirs(base)
+    final = base + "/step_1"
+    if replace:  # a committed checkpoint in the way: the data is staged, copied at commit
+        unickpt.save(final, state(1), storage=r0)
+    tmp = r0.make_temp_dir(final)
+    assert r1.is_dir(tmp)  # the shared-root check every rank makes
+    for st, name, data in ((r1, "arrays-r1.safetensors", b"abc"),
+                           (r0, "arrays-r0.safetensors", b"xy"),
+                           (r0, "manifest.msgpack", b"hi")):
+        h = st.create(tmp + "/" + name, len(data))
+        h.pwrite(data, 0)
+        h.sync()
+        h.close()
+    assert not r0.is_file(final + "/manifest.msgpack") or replace
+    r0.commit(tmp, final, replace=replace)
+    assert sorted(r0.list_dir(final)) == ["arrays-r0.safetensors", "arrays-r1.safetensors",
+                                          "manifest.msgpack"]
+    assert r0.read_bytes(final + "/arrays-r1.safetensors") == b"abc"
+    assert r0.read_bytes(final + "/manifest.msgpack") == b"hi"
+    assert r0.list_dir(base) == ["step_1"]  # the staging is gone
