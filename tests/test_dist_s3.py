@@ -127,6 +127,6 @@ def test_rank_killed_mid_upload_nothing_committed_then_resumes(tmp_path, referen
         other = f"arrays-r{1 - rank}.safetensors"
         assert piece_bytes[other] > 0
         got = reads(cfg, rank)["files"].get(other, 0)
-        # all of it but the other rank's shards (+ the 8-byte length read before the header);
+        # all of it but the other rank's shards (+ the 8-byte length prefix, read twice);
         # a whole-file download would read size[other]
         assert 0 < got <= size[other] - piece_bytes[other] + 8, (rank, got, size, piece_bytes)
