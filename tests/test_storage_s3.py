@@ -255,3 +255,74 @@ def test_half_removed_staging_entry_is_cleaned(s3_root):
     with unickpt.CheckpointManager(url, storage=st) as m:
         assert m.restore(state(0)).step == 1
         assert RunRoot(url, st).scan().temps == ()
+
+
+def test_restore_requests_on_s3(s3_root):
+    """A restore costs one LIST, one GET per opened object (its size and first 256 KiB:
+    no HEAD; the array file's header and small arrays come with it), and one GET per 16 MiB
+    piece of the big array, streamed straight into it."""
+    import collections
+
+    from unickpt.storage import objio
+
+    url, opts = s3_root
+    st = storage_for(url, opts)
+    big = {"a": np.random.default_rng(1).standard_normal(9 << 20).astype(np.float32),
+           "s": [np.arange(i, dtype=np.int64) for i in range(1, 40)], "step": 3}
+    unickpt.save(url + "/ck", big, storage=st)
+    calls: collections.Counter = collections.Counter()
+    real_call = st.fs._call_s3
+
+    async def counting(method, *a, **k):
+        calls[method] += 1
+        return await real_call(method, *a, **k)
+
+    streamed: list[int] = []
+    real_stream = objio.RangedReader._stream_into
+
+    async def spy(self, *a):
+        n = await real_stream(self, *a)
+        streamed.append(n)
+        return n
+
+    st.fs._call_s3 = counting
+    try:
+        objio.RangedReader._stream_into = spy
+        got = unickpt.load(url + "/ck", storage=st)
+    finally:
+        objio.RangedReader._stream_into = real_stream
+        st.fs._call_s3 = real_call
+    assert got["a"].tobytes() == big["a"].tobytes() and got["step"] == 3
+    assert all(x.tobytes() == y.tobytes() for x, y in zip(got["s"], big["s"]))
+    assert sorted(streamed) == [4 << 20, 16 << 20, 16 << 20]  # 36 MiB, no fallback
+    # the manifest and the array file opened (2), the 3 pieces
+    assert dict(calls) == {"list_objects_v2": 1, "get_object": 5}, calls
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_another_process_writes_into_the_staging(root, replace):
+    """A multi-process save: rank 0 stages, rank 1 (another FsspecStorage, as in another
+    process) learns from the pending marker where its file goes, rank 0 commits both."""
+    url, opts = root
+    r0, r1 = storage_for(url, opts), storage_for(url, opts)
+    base = r0.resolve(url)
+    r0.make_dirs(base)
+    final = base + "/step_1"
+    if replace:  # a committed checkpoint in the way: the data is staged, copied at commit
+        unickpt.save(final, state(1), storage=r0)
+    tmp = r0.make_temp_dir(final)
+    assert r1.is_dir(tmp)  # the shared-root check every rank makes
+    for st, name, data in ((r1, "arrays-r1.safetensors", b"abc"),
+                           (r0, "arrays-r0.safetensors", b"xy"),
+                           (r0, "manifest.msgpack", b"hi")):
+        h = st.create(tmp + "/" + name, len(data))
+        h.pwrite(data, 0)
+        h.sync()
+        h.close()
+    assert not r0.is_file(final + "/manifest.msgpack") or replace
+    r0.commit(tmp, final, replace=replace)
+    assert sorted(r0.list_dir(final)) == ["arrays-r0.safetensors", "arrays-r1.safetensors",
+                                          "manifest.msgpack"]
+    assert r0.read_bytes(final + "/arrays-r1.safetensors") == b"abc"
+    assert r0.read_bytes(final + "/manifest.msgpack") == b"hi"
+    assert r0.list_dir(base) == ["step_1"]  # the staging is gone

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from .exit_codes import ExitCode
 
-__all__ = ["human_size", "jsonable", "error", "progress_bar", "plain_table"]
+__all__ = ["human_size", "jsonable", "error", "progress_bar", "plain_table", "want_progress",
+           "counting_downloads", "PROGRESS_ENV"]
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
@@ -52,11 +54,56 @@ def error(command: str, e: BaseException | str, code: ExitCode) -> int:
     return int(code)
 
 
+#: ``UNICKPT_PROGRESS=1`` shows every progress bar (also when stderr is not a terminal, and
+#: below the size thresholds); ``0`` shows none.  ``--quiet`` wins over both.
+PROGRESS_ENV = "UNICKPT_PROGRESS"
+
+
+def _forced() -> bool | None:
+    v = os.environ.get(PROGRESS_ENV, "").strip().lower()
+    return True if v in ("1", "always", "yes", "true") else \
+        False if v in ("0", "never", "no", "false") else None
+
+
+def want_progress(quiet: bool, nbytes: int | None = None, min_bytes: int = 0) -> bool:
+    """Whether to show a bar: not ``quiet``; then :data:`PROGRESS_ENV` if set; else only
+    for ``min_bytes`` or more on a terminal.
+
+    >>> want_progress(True, 1 << 40)
+    False
+    """
+    if quiet:
+        return False
+    forced = _forced()
+    if forced is not None:
+        return forced
+    return (nbytes is None or nbytes >= min_bytes) and sys.stderr.isatty()
+
+
+def remote(storage: Any) -> bool:
+    """Whether ``storage`` is an object store (reads are downloads, counted as they arrive)."""
+    return not getattr(storage, "maps_files", True)
+
+
+@contextlib.contextmanager
+def counting_downloads(storage: Any, advance: Callable[[int], None]
+                       ) -> Iterator[Callable[[int], None] | None]:
+    """Feed ``advance`` the bytes downloaded from ``storage`` while the block runs, when it
+    is an object store; yields the per-array callback to use instead otherwise (None then)."""
+    if not remote(storage):
+        yield advance
+        return
+    from ..storage.objio import observe_reads
+
+    with observe_reads(advance):
+        yield None
+
+
 @contextlib.contextmanager
 def progress_bar(label: str, total: int | None, *, enabled: bool = True
                  ) -> Iterator[Callable[[int], None]]:
     """A byte progress bar on stderr (rich, imported only when shown); yields ``advance(n)``."""
-    if not enabled:
+    if not enabled or _forced() is False:
         yield lambda n: None
         return
     from rich.console import Console
@@ -71,7 +118,8 @@ def progress_bar(label: str, total: int | None, *, enabled: bool = True
 
     with Progress(TextColumn(label), BarColumn(), DownloadColumn(binary_units=True),
                   TransferSpeedColumn(), TimeRemainingColumn(),
-                  console=Console(stderr=True), transient=True) as bar:
+                  console=Console(stderr=True, force_terminal=_forced() or None),
+                  transient=True) as bar:
         task = bar.add_task(label, total=total or None)
         yield lambda n: bar.advance(task, n)
 

@@ -7,16 +7,19 @@ line, ``STATUS  PATH  detail`` (long lines wrap in the terminal, they are not tr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from typing import Any
 
-from ._output import error, jsonable
+from ._output import error, jsonable, progress_bar, remote, want_progress
 from .exit_codes import ExitCode
 
 NAME = "diff"
 HELP = "compare two checkpoints leaf by leaf; exit 0 only if they are bitwise equal"
 _STATUS = {"value": "differs", "type": "differs", "missing": "missing in B",
            "extra": "extra in B"}
+#: Show a progress bar (object stores, stderr a terminal) from this many bytes to download.
+PROGRESS_MIN_BYTES = 256 << 20
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,12 +29,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also list equal leaves")
     p.add_argument("--json", dest="as_json", action="store_true",
                    help="print the comparison as JSON")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
 def _row(d: Any) -> dict[str, Any]:
     return {"path": d.path, "status": _STATUS.get(d.kind, d.kind), "detail": d.detail,
             "ndiff": d.count, "max_abs_diff": jsonable(d.max_abs),
             "first_index": list(d.first_index) if d.first_index is not None else None}
+
+
+def _download_bytes(path: str) -> int:
+    """The bytes of ``path``'s array files when it is on an object store (else 0)."""
+    from ..format.reader import CheckpointReader
+    from ..storage import is_url
+
+    if not is_url(path):
+        return 0
+    with CheckpointReader(path) as r:
+        return sum(f.size for f in r.manifest.files) if remote(r.storage) else 0
+
+
+def _counting(advance: Any, on: bool) -> contextlib.AbstractContextManager[Any]:
+    if not on:
+        return contextlib.nullcontext()
+    from ..storage.objio import observe_reads
+
+    return observe_reads(advance)
 
 
 def run(args: argparse.Namespace) -> ExitCode:
@@ -41,9 +64,14 @@ def run(args: argparse.Namespace) -> ExitCode:
     from ..tree import format_path, iter_leaves
 
     try:
-        # memory-mapped (pages, not copies, for big checkpoints) but checksummed
-        ta = load(args.a, mmap=True, verify=True)
-        tb = load(args.b, mmap=True, verify=True)
+        # on object stores the array files are downloaded: a bar counts the bytes as they come
+        work = _download_bytes(args.a) + _download_bytes(args.b)
+        show = work > 0 and want_progress(args.quiet, work, PROGRESS_MIN_BYTES)
+        with progress_bar("reading", work, enabled=show) as advance, \
+                _counting(advance, work > 0):
+            # memory-mapped (pages, not copies, for big checkpoints) but checksummed
+            ta = load(args.a, mmap=True, verify=True)
+            tb = load(args.b, mmap=True, verify=True)
     except (UnickptError, OSError) as e:
         return ExitCode(error(NAME, e, ExitCode.UNREADABLE))
     # The same bit-level comparison as unickpt.testing.assert_trees_equal (NaNs by their bits,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._output import error, human_size, progress_bar
+from ._output import counting_downloads, error, human_size, progress_bar, remote, want_progress
 from .exit_codes import ExitCode
 
 NAME = "verify"
@@ -30,9 +30,12 @@ def run(args: argparse.Namespace) -> ExitCode:
         with CheckpointReader(args.ckpt) as r:
             total = sum(a.nbytes for a in r.manifest.arrays)
             narrays = len(r.manifest.arrays)
-            show = not args.quiet and total >= PROGRESS_MIN_BYTES
-            with progress_bar("verifying", total, enabled=show) as advance:
-                bad = r.verify_all(advance)
+            # an object store: the bar counts the bytes downloaded (whole array files)
+            work = sum(f.size for f in r.manifest.files) if remote(r.storage) else total
+            show = want_progress(args.quiet, work, PROGRESS_MIN_BYTES)
+            with progress_bar("verifying", work, enabled=show) as advance, \
+                    counting_downloads(r.storage, advance) as per_array:
+                bad = r.verify_all(per_array)
                 files = dict(r.file_damage)
     except (UnickptError, OSError) as e:
         return ExitCode(error(NAME, e, ExitCode.UNREADABLE))

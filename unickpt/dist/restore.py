@@ -27,9 +27,12 @@ PER_RANK_MODES = ("error", "keep")
 def read_tree(r: CheckpointReader, verify: bool) -> Any:
     """The checkpoint's tree: plain arrays memory-mapped, sharded pieces fetched on use."""
     m = r.manifest
+    # Object stores have no zero-copy map (a whole-file buffer downloads every rank's file):
+    # there, ranged reads fetch only the arrays and the pieces this rank uses.
+    mmap = bool(getattr(r.storage, "maps_files", True))
 
     def array(i: int, _p: Path) -> Any:
-        return r.read_array(i, mmap=True, verify=verify)
+        return r.read_array(i, mmap=mmap, verify=verify)
 
     def sharded(i: int, _p: Path) -> ShardedArray:
         s = m.sharded[i]
@@ -42,7 +45,7 @@ def read_tree(r: CheckpointReader, verify: bool) -> Any:
             pdt = dtype_from_name(e.dtype)
             pieces.append(Piece(idx, LazyArray(
                 tuple(e.shape), pdt.newbyteorder(">") if e.byteorder == ">" else pdt,
-                functools.partial(r.read_array, a, mmap=True, verify=verify))))
+                functools.partial(r.read_array, a, mmap=mmap, verify=verify))))
         return ShardedArray(tuple(s.shape), dt, pieces)
 
     return r.map_tree(array, sharded)

@@ -278,9 +278,24 @@ class RunRoot:
         return changed
 
     def _roll_back_archive(self, staging: str) -> bool:
-        back = [(posixpath.join(staging, n), posixpath.join(self.path, n))
-                for n in self.storage.list_dir(staging) if parse_step(n) is not None]
-        back = [(a, b) for a, b in back if not self.storage.exists(b)]
+        """Move the staged checkpoints back into the root; or, when ``run_<K>`` exists (the
+        archive was killed in its last move, which object stores do one checkpoint at a
+        time), on into ``run_<K>``.  On object stores a move is a copy then a delete, so a
+        checkpoint may be in both places, or half in one: the committed copy wins, the other
+        (partial, or a duplicate) is deleted."""
+        dest = posixpath.join(self.path, posixpath.basename(staging)[len(ARCHIVE_PREFIX):])
+        into = dest if self.storage.exists(dest) else self.path
+        back = []
+        for n in self.storage.list_dir(staging):
+            if parse_step(n) is None:
+                continue
+            src, dst = posixpath.join(staging, n), posixpath.join(into, n)
+            if self._committed(dst):
+                self.storage.remove_tree(src)
+            elif self._committed(src):
+                if self.storage.exists(dst):
+                    self.storage.remove_tree(dst)
+                back.append((src, dst))
         if back:
             self.storage.move_many(back)
         if self.storage.list_dir(staging):

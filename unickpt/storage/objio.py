@@ -12,10 +12,11 @@ into parallel pieces for big reads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -23,7 +24,8 @@ from fsspec.asyn import sync
 
 from ..errors import UnickptError
 
-__all__ = ["ObjectStoreError", "PartUploader", "SpoolUploader", "RangedReader", "PART_BYTES", "MIN_PART_BYTES"]
+__all__ = ["ObjectStoreError", "PartUploader", "SpoolUploader", "RangedReader", "PART_BYTES",
+           "MIN_PART_BYTES", "observe_reads"]
 
 # Bodies go to aiohttp as the part's own bytearray, as s3fs sends its own chunks: no copy.
 # (aiohttp emits a ResourceWarning for raw bodies over 1 MiB; only a hint about loop latency.)
@@ -37,6 +39,33 @@ READ_PIECE = 16 << 20  # measured: bigger pieces beat more concurrency on small 
 # deadlock on adversarial write orders.
 MAX_PARTS_IN_MEMORY = 24
 BACKPRESSURE_WAIT = 5.0
+
+
+_observers: list[Callable[[int], None]] = []
+
+
+@contextlib.contextmanager
+def observe_reads(callback: Callable[[int], None]) -> Iterator[None]:
+    """Call ``callback(nbytes)`` for every piece any :class:`RangedReader` receives while
+    the block runs (from the thread that received it): the CLI's progress bars count the
+    bytes downloaded, as they arrive.
+
+    >>> seen = []
+    >>> with observe_reads(seen.append):
+    ...     _received(5)
+    >>> _received(7); seen
+    [5]
+    """
+    _observers.append(callback)
+    try:
+        yield
+    finally:
+        _observers.remove(callback)
+
+
+def _received(n: int) -> None:
+    for cb in tuple(_observers):
+        cb(n)
 
 
 class ObjectStoreError(UnickptError, OSError):
@@ -235,14 +264,21 @@ class RangedReader:
     """A ReadHandle over one object: ``pread_into`` issues ranged GETs (big reads split into
     parallel pieces on the filesystem's event loop); ``buffer`` reads the whole object."""
 
-    def __init__(self, fs: Any, path: str, size: int, url: str | None = None):
+    def __init__(self, fs: Any, path: str, size: int, url: str | None = None,
+                 head: bytes = b""):
         self.fs, self.path, self.size, self.url = fs, path, size, url or path
         self._async = getattr(fs, "async_impl", False)
+        self._head = head  # the object's first bytes, fetched when it was opened
+        self._s3 = hasattr(fs, "_call_s3")
 
     def pread_into(self, buf: memoryview, offset: int) -> int:
         n = max(0, min(len(buf), self.size - offset))
         if n == 0:
             return 0
+        if offset + n <= len(self._head):  # no request: served from the opening GET
+            memoryview(buf).cast("B")[:n] = memoryview(self._head)[offset:offset + n]
+            _received(n)
+            return n
         try:
             return self._read(buf, offset, n)
         except Exception as e:
@@ -253,11 +289,16 @@ class RangedReader:
         if not self._async:
             data = self.fs.cat_file(self.path, start=offset, end=offset + n)
             out[:len(data)] = data
+            _received(len(data))
             return len(data)
 
         async def piece(lo: int, hi: int) -> int:
+            if self._s3:
+                with contextlib.suppress(Exception):  # else s3fs's own read (and retries)
+                    return await self._stream_into(out, offset, lo, hi)
             data = await self.fs._cat_file(self.path, start=offset + lo, end=offset + hi)
             out[lo:lo + len(data)] = data
+            _received(len(data))
             return len(data)
 
         async def run() -> list[int]:
@@ -266,6 +307,26 @@ class RangedReader:
 
         got = sync(self.fs.loop, run)
         return sum(got)
+
+    async def _stream_into(self, out: memoryview, offset: int, lo: int, hi: int) -> int:
+        """One ranged GET whose body goes straight into ``out[lo:hi]`` (no whole-piece
+        bytes object, one copy fewer than ``cat_file``)."""
+        bucket, _, key = self.path.partition("/")
+        r = await self.fs._call_s3("get_object", Bucket=bucket, Key=key,
+                                   Range=f"bytes={offset + lo}-{offset + hi - 1}")
+        body, pos = r["Body"], lo
+        try:
+            while pos < hi:
+                n = await body.readinto(out[pos:hi])
+                if n <= 0:
+                    break
+                pos += n
+        finally:
+            body.close()
+        if pos != hi:
+            raise OSError(5, f"short read of {self.url}")
+        _received(hi - lo)
+        return hi - lo
 
     def buffer(self) -> memoryview:
         ba = bytearray(self.size)

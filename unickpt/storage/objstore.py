@@ -43,6 +43,7 @@ __all__ = ["FsspecStorage", "LeaseLock", "ObjectStoreError", "PENDING_NAME", "MA
 PENDING_NAME = "pending"
 MANIFEST = "manifest.msgpack"  # the commit marker (unickpt.format.manifest.MANIFEST_NAME)
 LEASE_SECONDS = 60.0
+HEAD_BYTES = 256 << 10  # what ``open`` fetches with the size (a manifest is usually less)
 
 
 @dataclass
@@ -84,6 +85,10 @@ class FsspecStorage:
     ``storage_options`` go to the filesystem (``endpoint_url``, credentials...).
     """
 
+    #: No zero-copy whole-file map here (``buffer`` downloads the object): readers that
+    #: need only some arrays use ranged reads instead.
+    maps_files = False
+
     def __init__(self, url: str, storage_options: dict | None = None, *, fs: Any = None):
         import fsspec
 
@@ -104,7 +109,8 @@ class FsspecStorage:
             self.fs.retries = min(self.fs.retries, 3)
         self.protocol = protocol
         self._s3 = protocol in ("s3", "s3a") and hasattr(self.fs, "_call_s3")
-        self._staging: dict[str, _Staging] = {}
+        self._staging: dict[str, _Staging] = {}  # the stagings this process commits
+        self._foreign: dict[str, _Staging] = {}  # other processes' (multi-process saves)
         self._mu = threading.Lock()
 
     # ------------------------------------------------------------ paths and errors
@@ -207,6 +213,15 @@ class FsspecStorage:
 
     # ------------------------------------------------------------ small objects
     def read_bytes(self, path: str) -> bytes:
+        if self._s3:  # small objects (pointer, lease, markers): one GET, no HEAD first
+            try:
+                size, head = self._first_range(path)
+                if size <= len(head):
+                    return head
+            except FileNotFoundError:
+                raise
+            except Exception:  # noqa: BLE001 - empty, or any doubt: the plain way below
+                pass
         try:
             return self.fs.cat_file(self._key(path))
         except FileNotFoundError:
@@ -285,10 +300,23 @@ class FsspecStorage:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
+    def _staging_of(self, parent: str) -> _Staging | None:
+        """The staging ``parent`` names: made here, or (another process of a multi-process
+        save writing into rank 0's staging) read once from its pending marker."""
+        with self._mu:
+            st = self._staging.get(parent) or self._foreign.get(parent)
+        if st is None and parse_temp_name(posixpath.basename(parent)) is not None:
+            st = self._pending(parent)
+            if st is not None:
+                with self._mu:  # a few recent ones: this process never commits them
+                    st = self._foreign.setdefault(parent, st)
+                    while len(self._foreign) > 8:
+                        del self._foreign[next(iter(self._foreign))]
+        return st
+
     def create(self, path: str, size: int = 0) -> Any:
         parent, name = posixpath.split(path)
-        with self._mu:
-            st = self._staging.get(parent)
+        st = self._staging_of(parent)
         if st is not None:
             if name == MANIFEST:
                 return _ManifestHandle(st, size)
@@ -336,8 +364,7 @@ class FsspecStorage:
 
         A copy, not a reference: deleting ``src`` (retention) never touches ``dst``."""
         parent, name = posixpath.split(dst)
-        with self._mu:
-            st = self._staging.get(parent)
+        st = self._staging_of(parent)
         if st is not None and st.direct:
             dst = posixpath.join(st.final, name)
         if self.exists(dst):
@@ -411,12 +438,38 @@ class FsspecStorage:
 
     # ------------------------------------------------------------ reading and locking
     def open(self, path: str) -> RangedReader:
+        if self._s3:  # one ranged GET: the size (Content-Range) and the object's first bytes
+            with contextlib.suppress(Exception):  # else (missing, empty...) as below
+                size, head = self._first_range(path)
+                return RangedReader(self.fs, self._key(path), size, url=path, head=head)
         i = self._info(path)
         if i is None:
             raise FileNotFoundError(2, "no such object", path)
         if i.get("type") != "file":
             raise IsADirectoryError(21, "a prefix, not an object", path)
         return RangedReader(self.fs, self._key(path), int(i.get("size") or 0), url=path)
+
+    def _first_range(self, path: str) -> tuple[int, bytes]:
+        """``(size, the first HEAD_BYTES)`` of object ``path`` in one request: a reader's
+        first reads (a manifest whole; an array file's length and header, often its small
+        arrays) then cost no round trip of their own, and no HEAD is needed for the size."""
+        from fsspec.asyn import sync
+        bucket, key = self._bucket_key(path)
+
+        async def get() -> tuple[int, bytes]:
+            r = await self.fs._call_s3("get_object", Bucket=bucket, Key=key,
+                                       Range=f"bytes=0-{HEAD_BYTES - 1}")
+            try:
+                data = await r["Body"].read()
+            finally:
+                r["Body"].close()
+            total = str(r.get("ContentRange") or "").rpartition("/")[2]
+            return (int(total) if total.isdigit() else len(data)), data
+
+        size, data = sync(self.fs.loop, get)
+        if size == 0 or len(data) != min(size, HEAD_BYTES) or key.endswith("/"):
+            raise ValueError("unexpected ranged answer")
+        return size, data
 
     def lock(self, root: str) -> LeaseLock:
         return LeaseLock(self, root)
