@@ -6,10 +6,12 @@ allocated array of the final dtype and shape (one copy, checksummed as it is rea
 
 from __future__ import annotations
 
+import operator
 import os
 import posixpath
 import threading
 from collections.abc import Callable
+from itertools import repeat
 from typing import Any, cast
 
 import numpy as np
@@ -30,6 +32,7 @@ from .manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
     ArrayEntry,
+    ArrayTable,
     DecodeContext,
     FileEntry,
     Manifest,
@@ -63,6 +66,37 @@ class _ShardedRef(_Ref):
     """Placeholder for sharded entry ``i``."""
 
     __slots__ = ()
+
+
+def _array_ref(i: int, _p: Path) -> _Ref:
+    return _Ref(i)
+
+
+def _sharded_ref(i: int, _p: Path) -> _ShardedRef:
+    return _ShardedRef(i)
+
+
+def _as_table(arrays: Any) -> ArrayTable:
+    return arrays if isinstance(arrays, ArrayTable) else ArrayTable.from_entries(list(arrays))
+
+
+def _array_paths(skeleton: Any, manifest: Manifest) -> dict[int, Path]:
+    """Array entry number -> tree path, in the order the manifest's tree was decoded."""
+    paths: dict[int, Path] = {}
+    stack: list[tuple[Any, Path]] = [(skeleton, ())]
+    while stack:  # depth first, children in order (pushed reversed): the decode's order
+        x, path = stack.pop()
+        t = type(x)
+        if t is dict:
+            stack.extend(reversed([(v, (*path, k)) for k, v in x.items()]))
+        elif t is list or t is tuple:
+            stack.extend(reversed([(v, (*path, i)) for i, v in enumerate(x)]))
+        elif t is _Ref:
+            paths.setdefault(int(x), path)
+        elif t is _ShardedRef:
+            for k, (_, a) in enumerate(manifest.sharded[x].pieces):
+                paths.setdefault(a, (*path, f"<piece {k}>"))
+    return paths
 
 
 def is_committed(path: str | os.PathLike, storage: Storage | None = None) -> bool:
@@ -122,22 +156,30 @@ class CheckpointReader:
             self._warned_unverified = False
             #: array file -> why it is damaged as a whole (filled by :meth:`verify_all`)
             self.file_damage: dict[str, str] = {}
-            # array index -> tree path, for naming leaves in errors (found without reading data)
-            self.array_paths: dict[int, Path] = {}
+            self._paths: dict[int, Path] | None = None
+            # The first (validating) decode keeps the tree with placeholders where arrays go,
+            # so that tree() only substitutes them instead of decoding the manifest again.
             self._skeleton = decode_node(
                 self.manifest.tree,
-                DecodeContext(self.manifest, self.path, self._array_ref, self._sharded_ref))
+                DecodeContext(self.manifest, self.path, _array_ref, _sharded_ref, _Ref))
+            #: the array entries as columns (what the batched reads work on)
+            self.arrays: ArrayTable = _as_table(self.manifest.arrays)
+            # entries stored big-endian or as numpy scalars: finished after their read
+            self._special = {i for i, (bo, sc) in enumerate(
+                zip(self.arrays.byteorder, self.arrays.scalar)) if bo == ">" or sc} \
+                if ">" in self.arrays.byteorder or True in self.arrays.scalar else set()
+            self._dtype_of: dict[str, np.dtype] | None = None
 
-    # The first (validating) decode keeps the tree with placeholders where arrays go, so that
-    # tree() only substitutes them instead of decoding and validating the manifest again.
-    def _array_ref(self, i: int, p: Path) -> _Ref:
-        self.array_paths.setdefault(i, p)
-        return _Ref(i)
+    @property
+    def array_paths(self) -> dict[int, Path]:
+        """Array entry number -> its tree path (the first, if the tree refers to it twice).
 
-    def _sharded_ref(self, i: int, p: Path) -> _ShardedRef:
-        for k, (_, a) in enumerate(self.manifest.sharded[i].pieces):
-            self.array_paths.setdefault(a, (*p, f"<piece {k}>"))
-        return _ShardedRef(i)
+        Found on first use by walking the skeleton (no data is read): only errors, listings
+        and incremental saves need the paths, and a plain load makes none.
+        """
+        if self._paths is None:
+            self._paths = _array_paths(self._skeleton, self.manifest)
+        return self._paths
 
     # ---------------------------------------------------------------- files
     def _file(self, name: str) -> tuple[ReadHandle, memoryview | None]:
@@ -373,11 +415,18 @@ class CheckpointReader:
         return self._tree(mmap, verify, assemble, workers)
 
     def _read_batch(self, batch: list[int], verify: bool) -> list[np.ndarray]:
-        """Read file-adjacent small arrays with one preadv; each result views the buffer."""
-        ents = [self.manifest.arrays[i] for i in batch]
-        fd, _mm = self._file(ents[0].file)
-        start = ents[0].offset
-        buf = np.empty(ents[-1].offset + ents[-1].nbytes - start, np.uint8)
+        """Read file-adjacent small arrays with one preadv; each result views the buffer.
+
+        Column by column: the checksums, the arrays and their alignment are computed by
+        ``map`` over the batch (no Python-level loop per array), so 10^4 small arrays cost
+        about what their bytes cost.
+        """
+        t = self.arrays
+        fd, _mm = self._file(t.file[batch[0]])
+        offs = list(map(t.offset.__getitem__, batch))
+        sizes = list(map(t.nbytes.__getitem__, batch))
+        start = offs[0]
+        buf = np.empty(offs[-1] + sizes[-1] - start, np.uint8)
         mv = memoryview(buf)  # type: ignore[arg-type]  # numpy stubs: ndarray is a Buffer
         pos = 0
         while pos < len(buf):
@@ -385,76 +434,87 @@ class CheckpointReader:
             if n <= 0:
                 raise self._corrupt(batch[0], "unexpected end of file")
             pos += n
-        out = []
-        digest = checksum.digest_function() if verify else None
-        dtypes: dict[str, np.dtype] = {}  # one lookup per distinct dtype name in the batch
-        for i, e in zip(batch, ents):
-            lo = e.offset - start
-            hi = lo + e.nbytes
-            if digest is not None and digest(mv[lo:hi]) != e.xxh3:  # a memoryview slice: the cheapest
-                raise self._corrupt(i, "checksum mismatch")
-            dt = dtypes.get(e.dtype)
-            if dt is None:
-                dt = dtypes[e.dtype] = dtype_from_name(e.dtype)
-            if not e.nbytes:
-                a = np.empty(e.shape, dt)
-            elif len(e.shape) == 1:  # the view is already of that shape: no reshape call
-                a = buf[lo:hi].view(dt)
-            else:
-                a = buf[lo:hi].view(dt).reshape(e.shape)
-            if not a.flags.aligned:  # after an odd-itemsize array (e.g. S3): own, aligned copy
-                a = a.copy()
-            if e.byteorder == ">":
-                a = a.astype(dt.newbyteorder(">"))
-            out.append(a[()] if e.scalar else a)
+        los = [o - start for o in offs]
+        if verify:  # one C call per array, each on a memoryview slice (no copy)
+            got = list(map(checksum.digest_function(),
+                           map(mv.__getitem__, map(slice, los, map(operator.add, los, sizes)))))
+            if got != list(map(t.xxh3.__getitem__, batch)):
+                k = next(k for k, (g, i) in enumerate(zip(got, batch)) if g != t.xxh3[i])
+                raise self._corrupt(batch[k], "checksum mismatch")
+        dts = list(map(self._dtypes().__getitem__, map(t.dtype.__getitem__, batch)))
+        out = list(map(np.ndarray, map(t.shape.__getitem__, batch), dts, repeat(buf), los))
+        # numpy's buffer is 16-byte aligned; an array after an odd-itemsize one (e.g. S3)
+        # may not be: such arrays get an own, aligned copy
+        align = np.array([dt.alignment for dt in dts], np.int64)
+        for k in np.flatnonzero((buf.ctypes.data + np.array(los, np.int64)) % align).tolist():
+            out[k] = out[k].copy()
+        if self._special:
+            for k, i in enumerate(batch):
+                if i in self._special:
+                    out[k] = self._finish(i, out[k])
         return out
 
+    def _dtypes(self) -> dict[str, np.dtype]:
+        """Manifest dtype name -> numpy dtype, for the names this checkpoint uses."""
+        if self._dtype_of is None:
+            self._dtype_of = {d: dtype_from_name(d) for d in set(self.arrays.dtype)}
+        return self._dtype_of
+
+    def _finish(self, i: int, a: np.ndarray) -> Any:
+        """A read array as it was saved: big-endian again, or a numpy scalar."""
+        t = self.arrays
+        if t.byteorder[i] == ">":
+            a = a.astype(a.dtype.newbyteorder(">"))
+        return a[()] if t.scalar[i] else a
+
     def _small_batches(self, small: list[int]) -> list[list[int]]:
-        """Group small arrays that lie back to back in one file (no gap) into batches."""
-        arrs = self.manifest.arrays
-        ents = [arrs[i] for i in small]
-        # by (file, offset), stably; with one file (the common case) by offset alone
-        if len({e.file for e in ents}) <= 1:
-            keys: list[Any] = [e.offset for e in ents]
+        """Group small arrays that lie back to back in one file (no gap) into batches of up
+        to BATCH_READ bytes, in file and offset order."""
+        if not small:
+            return []
+        t = self.arrays
+        idx = np.array(small, np.int64)
+        off = np.array(list(map(t.offset.__getitem__, small)), np.int64)
+        size = np.array(list(map(t.nbytes.__getitem__, small)), np.int64)
+        names = list(map(t.file.__getitem__, small))
+        if len(set(names)) == 1:  # one file (the common case): by offset alone
+            order = np.argsort(off, kind="stable")
+            brk = off[order][1:] != (off + size)[order][:-1]
         else:
-            keys = [(e.file, e.offset) for e in ents]
-        batches: list[list[int]] = []
-        cur: list[int] = []
-        size = 0
-        last: ArrayEntry | None = None
-        for k in sorted(range(len(small)), key=keys.__getitem__):
-            e = ents[k]
-            if last is not None and (last.file != e.file or last.offset + last.nbytes != e.offset
-                                     or size + e.nbytes > BATCH_READ):
-                batches.append(cur)
-                cur, size = [], 0
-            cur.append(small[k])
-            size += e.nbytes
-            last = e
-        if cur:
-            batches.append(cur)
+            codes = {f: k for k, f in enumerate(sorted(set(names)))}
+            code = np.array(list(map(codes.__getitem__, names)), np.int64)
+            order = np.lexsort((off, code))
+            brk = ((off[order][1:] != (off + size)[order][:-1])
+                   | (code[order][1:] != code[order][:-1]))
+        csum = np.concatenate(([0], np.cumsum(size[order])))
+        runs = [0, *(np.flatnonzero(brk) + 1).tolist(), len(small)]
+        ordered = idx[order].tolist()
+        batches = []
+        for lo, hi in zip(runs, runs[1:]):
+            while lo < hi:  # greedy: as many arrays as fit in BATCH_READ, at least one
+                k = int(np.searchsorted(csum, csum[lo] + BATCH_READ, "right")) - 1
+                k = min(max(k, lo + 1), hi)
+                batches.append(ordered[lo:k])
+                lo = k
         return batches
 
     def _tree(self, mmap: bool, verify: bool, assemble: bool, workers: int) -> Any:
-        n = len(self.manifest.arrays)
+        n = len(self.arrays)
         arrays: list[Any] = [None] * n
-        big: list[int] = []
-        small: list[int] = []  # up to 1 MiB, one at a time (mmap) or above SMALL_READ
-        tiny: list[int] = []  # up to SMALL_READ: batched reads
-        for i, e in enumerate(self.manifest.arrays):  # one pass: 10^4 entries are common
-            nb = e.nbytes
-            (big if nb >= (1 << 20) else tiny if nb <= SMALL_READ and not mmap else small
-             ).append(i)
+        nb = np.array(self.arrays.nbytes, np.int64)
+        big = np.flatnonzero(nb >= (1 << 20)).tolist()
+        if mmap:  # one at a time: views of the mapped file
+            tiny, small = [], np.flatnonzero(nb < (1 << 20)).tolist()
+        else:  # up to SMALL_READ bytes: batched reads; empty arrays: own (empty) memory
+            is_tiny = (nb > 0) & (nb <= SMALL_READ)
+            tiny = np.flatnonzero(is_tiny).tolist()
+            small = np.flatnonzero(~is_tiny & (nb < (1 << 20))).tolist()
         with gc_paused():  # many small objects; the big reads below run with gc on
-            if mmap:
-                for i in small:
-                    arrays[i] = self.read_array(i, mmap=mmap, verify=verify)
-            else:
-                for i in small:
-                    arrays[i] = self.read_array(i, verify=verify)
-                for batch in self._small_batches(tiny):
-                    for i, a in zip(batch, self._read_batch(batch, verify)):
-                        arrays[i] = a
+            for i in small:
+                arrays[i] = self.read_array(i, mmap=mmap, verify=verify)
+            for batch in self._small_batches(tiny):
+                for i, a in zip(batch, self._read_batch(batch, verify)):
+                    arrays[i] = a
         if len(big) > 1 and workers > 1 and not mmap:
             from concurrent.futures import ThreadPoolExecutor  # big arrays only
 
