@@ -229,14 +229,16 @@ def _no_overlap(fname: list[str], offset: list[int], end: list[int], nfiles: int
         return
     s = np.array(offset, np.int64)
     e = np.array(end, np.int64)
+    # by start, then end (an empty array where another starts overlaps nothing), as the
+    # entry-by-entry check sorts: an overlap it finds is found here too
     if nfiles == 1:
-        order = np.argsort(s, kind="stable")
+        order = np.lexsort((e, s))
         if (s[order[1:]] < e[order[:-1]]).any():
             raise _Doubt
         return
     codes = {f: k for k, f in enumerate(set(fname))}
     c = np.array(list(map(codes.__getitem__, fname)), np.int64)
-    order = np.lexsort((s, c))
+    order = np.lexsort((e, s, c))
     same = c[order[1:]] == c[order[:-1]]
     if (same & (s[order[1:]] < e[order[:-1]])).any():
         raise _Doubt
