@@ -99,6 +99,35 @@ def _array_paths(skeleton: Any, manifest: Manifest) -> dict[int, Path]:
     return paths
 
 
+def _runs(names: list[str], shapes: list) -> list[tuple[int, int]] | None:
+    """Runs ``[a, b)`` of arrays of one dtype and shape in a batch (which has no gaps); None
+    when they would be short (then one call per array is as cheap)."""
+    n = len(names)
+    if n < 2:
+        return None
+    same = (np.array(list(map(operator.eq, names[1:], names[:-1])), bool)
+            & np.array(list(map(operator.eq, shapes[1:], shapes[:-1])), bool))
+    cuts = [0, *(np.flatnonzero(~same) + 1).tolist(), n]
+    if 4 * (len(cuts) - 1) > n:
+        return None
+    return list(zip(cuts, cuts[1:]))
+
+
+def _digests(buf: np.ndarray, los: list[int], sizes: list[int],
+             runs: list[tuple[int, int]] | None) -> list[int]:
+    """xxh3 of each array's bytes in ``buf``: one C call per array, no copy (a run's arrays
+    are the rows of one 2-d byte view; others, memoryview slices)."""
+    digest = checksum.digest_function()
+    if runs is None:
+        mv = memoryview(buf)  # type: ignore[arg-type]  # numpy stubs: ndarray is a Buffer
+        return list(map(digest, map(mv.__getitem__, map(slice, los, map(operator.add, los,
+                                                                            sizes)))))
+    got: list[int] = []
+    for a, b in runs:
+        got += map(digest, buf[los[a]:los[a] + (b - a) * sizes[a]].reshape(b - a, sizes[a]))
+    return got
+
+
 def is_committed(path: str | os.PathLike, storage: Storage | None = None) -> bool:
     """Whether ``path`` is a committed checkpoint directory (cheap: no manifest decoding)."""
     p = os.fspath(path).rstrip("/")
@@ -169,6 +198,7 @@ class CheckpointReader:
                 zip(self.arrays.byteorder, self.arrays.scalar)) if bo == ">" or sc} \
                 if ">" in self.arrays.byteorder or True in self.arrays.scalar else set()
             self._dtype_of: dict[str, np.dtype] | None = None
+            self._align_of: dict[str, int] = {}
 
     @property
     def array_paths(self) -> dict[int, Path]:
@@ -435,17 +465,28 @@ class CheckpointReader:
                 raise self._corrupt(batch[0], "unexpected end of file")
             pos += n
         los = [o - start for o in offs]
-        if verify:  # one C call per array, each on a memoryview slice (no copy)
-            got = list(map(checksum.digest_function(),
-                           map(mv.__getitem__, map(slice, los, map(operator.add, los, sizes)))))
+        names = list(map(t.dtype.__getitem__, batch))
+        dts = list(map(self._dtypes().__getitem__, names))
+        shapes = list(map(t.shape.__getitem__, batch))
+        runs = _runs(names, shapes)
+        if verify:
+            got = _digests(buf, los, sizes, runs)
             if got != list(map(t.xxh3.__getitem__, batch)):
                 k = next(k for k, (g, i) in enumerate(zip(got, batch)) if g != t.xxh3[i])
                 raise self._corrupt(batch[k], "checksum mismatch")
-        dts = list(map(self._dtypes().__getitem__, map(t.dtype.__getitem__, batch)))
-        out = list(map(np.ndarray, map(t.shape.__getitem__, batch), dts, repeat(buf), los))
+        if runs is None:
+            out = list(map(np.ndarray, shapes, dts, repeat(buf), los))
+        else:  # the rows of one 2-d view per run: the cheapest way numpy makes many views
+            out = []
+            for a, b in runs:
+                if b - a > 1 and shapes[a]:
+                    block = buf[los[a]:los[a] + (b - a) * sizes[a]].view(dts[a])
+                    out += list(block.reshape(b - a, *shapes[a]))
+                else:
+                    out += map(np.ndarray, shapes[a:b], dts[a:b], repeat(buf), los[a:b])
         # numpy's buffer is 16-byte aligned; an array after an odd-itemsize one (e.g. S3)
         # may not be: such arrays get an own, aligned copy
-        align = np.array([dt.alignment for dt in dts], np.int64)
+        align = np.array(list(map(self._align_of.__getitem__, names)), np.int64)
         for k in np.flatnonzero((buf.ctypes.data + np.array(los, np.int64)) % align).tolist():
             out[k] = out[k].copy()
         if self._special:
@@ -458,6 +499,7 @@ class CheckpointReader:
         """Manifest dtype name -> numpy dtype, for the names this checkpoint uses."""
         if self._dtype_of is None:
             self._dtype_of = {d: dtype_from_name(d) for d in set(self.arrays.dtype)}
+            self._align_of = {d: dt.alignment for d, dt in self._dtype_of.items()}
         return self._dtype_of
 
     def _finish(self, i: int, a: np.ndarray) -> Any:
