@@ -6,12 +6,10 @@ allocated array of the final dtype and shape (one copy, checksummed as it is rea
 
 from __future__ import annotations
 
-import operator
 import os
 import posixpath
 import threading
 from collections.abc import Callable
-from itertools import repeat
 from typing import Any, cast
 
 import numpy as np
@@ -25,7 +23,7 @@ from ..storage import (
     storage_for,
 )
 from ..tree import Path, Piece, ShardedArray, format_path
-from . import checksum
+from . import batches, checksum
 from .dtypes import dtype_from_name
 from .gcpause import gc_paused
 from .manifest import (
@@ -97,35 +95,6 @@ def _array_paths(skeleton: Any, manifest: Manifest) -> dict[int, Path]:
             for k, (_, a) in enumerate(manifest.sharded[x].pieces):
                 paths.setdefault(a, (*path, f"<piece {k}>"))
     return paths
-
-
-def _runs(names: list[str], shapes: list) -> list[tuple[int, int]] | None:
-    """Runs ``[a, b)`` of arrays of one dtype and shape in a batch (which has no gaps); None
-    when they would be short (then one call per array is as cheap)."""
-    n = len(names)
-    if n < 2:
-        return None
-    same = (np.array(list(map(operator.eq, names[1:], names[:-1])), bool)
-            & np.array(list(map(operator.eq, shapes[1:], shapes[:-1])), bool))
-    cuts = [0, *(np.flatnonzero(~same) + 1).tolist(), n]
-    if 4 * (len(cuts) - 1) > n:
-        return None
-    return list(zip(cuts, cuts[1:]))
-
-
-def _digests(buf: np.ndarray, los: list[int], sizes: list[int],
-             runs: list[tuple[int, int]] | None) -> list[int]:
-    """xxh3 of each array's bytes in ``buf``: one C call per array, no copy (a run's arrays
-    are the rows of one 2-d byte view; others, memoryview slices)."""
-    digest = checksum.digest_function()
-    if runs is None:
-        mv = memoryview(buf)  # type: ignore[arg-type]  # numpy stubs: ndarray is a Buffer
-        return list(map(digest, map(mv.__getitem__, map(slice, los, map(operator.add, los,
-                                                                            sizes)))))
-    got: list[int] = []
-    for a, b in runs:
-        got += map(digest, buf[los[a]:los[a] + (b - a) * sizes[a]].reshape(b - a, sizes[a]))
-    return got
 
 
 def is_committed(path: str | os.PathLike, storage: Storage | None = None) -> bool:
@@ -468,22 +437,13 @@ class CheckpointReader:
         names = list(map(t.dtype.__getitem__, batch))
         dts = list(map(self._dtypes().__getitem__, names))
         shapes = list(map(t.shape.__getitem__, batch))
-        runs = _runs(names, shapes)
+        runs = batches.runs(names, shapes)
         if verify:
-            got = _digests(buf, los, sizes, runs)
+            got = batches.digests(buf, los, sizes, runs)
             if got != list(map(t.xxh3.__getitem__, batch)):
                 k = next(k for k, (g, i) in enumerate(zip(got, batch)) if g != t.xxh3[i])
                 raise self._corrupt(batch[k], "checksum mismatch")
-        if runs is None:
-            out = list(map(np.ndarray, shapes, dts, repeat(buf), los))
-        else:  # the rows of one 2-d view per run: the cheapest way numpy makes many views
-            out = []
-            for a, b in runs:
-                if b - a > 1 and shapes[a]:
-                    block = buf[los[a]:los[a] + (b - a) * sizes[a]].view(dts[a])
-                    out += list(block.reshape(b - a, *shapes[a]))
-                else:
-                    out += map(np.ndarray, shapes[a:b], dts[a:b], repeat(buf), los[a:b])
+        out = batches.views(buf, los, sizes, dts, shapes, runs)
         # numpy's buffer is 16-byte aligned; an array after an odd-itemsize one (e.g. S3)
         # may not be: such arrays get an own, aligned copy
         align = np.array(list(map(self._align_of.__getitem__, names)), np.int64)
@@ -512,33 +472,7 @@ class CheckpointReader:
     def _small_batches(self, small: list[int]) -> list[list[int]]:
         """Group small arrays that lie back to back in one file (no gap) into batches of up
         to BATCH_READ bytes, in file and offset order."""
-        if not small:
-            return []
-        t = self.arrays
-        idx = np.array(small, np.int64)
-        off = np.array(list(map(t.offset.__getitem__, small)), np.int64)
-        size = np.array(list(map(t.nbytes.__getitem__, small)), np.int64)
-        names = list(map(t.file.__getitem__, small))
-        if len(set(names)) == 1:  # one file (the common case): by offset alone
-            order = np.argsort(off, kind="stable")
-            brk = off[order][1:] != (off + size)[order][:-1]
-        else:
-            codes = {f: k for k, f in enumerate(sorted(set(names)))}
-            code = np.array(list(map(codes.__getitem__, names)), np.int64)
-            order = np.lexsort((off, code))
-            brk = ((off[order][1:] != (off + size)[order][:-1])
-                   | (code[order][1:] != code[order][:-1]))
-        csum = np.concatenate(([0], np.cumsum(size[order])))
-        runs = [0, *(np.flatnonzero(brk) + 1).tolist(), len(small)]
-        ordered = idx[order].tolist()
-        batches = []
-        for lo, hi in zip(runs, runs[1:]):
-            while lo < hi:  # greedy: as many arrays as fit in BATCH_READ, at least one
-                k = int(np.searchsorted(csum, csum[lo] + BATCH_READ, "right")) - 1
-                k = min(max(k, lo + 1), hi)
-                batches.append(ordered[lo:k])
-                lo = k
-        return batches
+        return batches.plan(self.arrays, small, BATCH_READ)
 
     def _tree(self, mmap: bool, verify: bool, assemble: bool, workers: int) -> Any:
         n = len(self.arrays)

@@ -209,7 +209,8 @@ def _fast_table(arrs: list, files: dict[str, tuple[int, int]]) -> ArrayTable:
               and all(map(operator.le, end, (files[f][1] for f in fname)))):
         raise _Doubt
     _no_overlap(fname, offset, end, len(names))
-    byteorder, scalar, head = ["<"] * n, [False] * n, [None] * n
+    byteorder, scalar = ["<"] * n, [False] * n
+    head: list[int | None] = [None] * n
     lens = list(map(len, arrs))
     extra = [] if not n or max(lens) == len(REQUIRED) else \
         [i for i, k in enumerate(lens) if k != len(REQUIRED)]
