@@ -118,6 +118,22 @@ def test_fast_paths_equal_the_simple_ones(tree, tmp_path_factory, monkeypatch):
     assert repr(back) == repr(mapped)
 
 
+def test_mapped_small_arrays_are_read_only_views_of_the_file(tmp_path):
+    tree = {"g": {f"p{k}": np.arange(k + 1, dtype="<f4") for k in range(40)},
+            "b": np.arange(3, dtype=">i2"), "s": np.float32(2.0), "e": np.zeros(0)}
+    unickpt.save(tmp_path / "c", tree)
+    with CheckpointReader(tmp_path / "c") as r:
+        mapped = r.tree(mmap=True)
+        mm = r._mapped("arrays.safetensors")
+        lo = np.frombuffer(mm, np.uint8).ctypes.data
+        for k, a in mapped["g"].items():
+            _same(a, tree["g"][k])
+            assert not a.flags.writeable and lo <= a.ctypes.data < lo + len(mm)
+    _same(mapped["b"], tree["b"])  # converted back to big-endian: a copy
+    _same(mapped["s"], tree["s"])
+    _same(mapped["e"], tree["e"])
+
+
 @SETTINGS
 @given(tree=st.composite(_many)(), data=st.data())
 def test_a_flipped_byte_in_any_array_is_caught_and_named(tree, data, tmp_path_factory):

@@ -413,8 +413,10 @@ class CheckpointReader:
         verify = self._can_verify((not mmap) if verify is None else verify)
         return self._tree(mmap, verify, assemble, workers)
 
-    def _read_batch(self, batch: list[int], verify: bool) -> list[np.ndarray]:
-        """Read file-adjacent small arrays with one preadv; each result views the buffer.
+    def _read_batch(self, batch: list[int], verify: bool, mmap: bool = False
+                    ) -> list[np.ndarray]:
+        """Read file-adjacent small arrays with one preadv; each result views the buffer
+        (with ``mmap``, views of the mapped file: nothing is read until used).
 
         Column by column: the checksums, the arrays and their alignment are computed by
         ``map`` over the batch (no Python-level loop per array), so 10^4 small arrays cost
@@ -425,14 +427,11 @@ class CheckpointReader:
         offs = list(map(t.offset.__getitem__, batch))
         sizes = list(map(t.nbytes.__getitem__, batch))
         start = offs[0]
-        buf = np.empty(offs[-1] + sizes[-1] - start, np.uint8)
-        mv = memoryview(buf)  # type: ignore[arg-type]  # numpy stubs: ndarray is a Buffer
-        pos = 0
-        while pos < len(buf):
-            n = fd.pread_into(mv[pos:], start + pos)
-            if n <= 0:
-                raise self._corrupt(batch[0], "unexpected end of file")
-            pos += n
+        if mmap:  # the manifest was checked: the batch lies inside the file
+            buf = np.frombuffer(cast(memoryview, self._mapped(t.file[batch[0]])), np.uint8,
+                                offs[-1] + sizes[-1] - start, start)
+        else:
+            buf = self._pread(fd, batch[0], start, offs[-1] + sizes[-1] - start)
         los = [o - start for o in offs]
         names = list(map(t.dtype.__getitem__, batch))
         dts = list(map(self._dtypes().__getitem__, names))
@@ -448,12 +447,25 @@ class CheckpointReader:
         # may not be: such arrays get an own, aligned copy
         align = np.array(list(map(self._align_of.__getitem__, names)), np.int64)
         for k in np.flatnonzero((buf.ctypes.data + np.array(los, np.int64)) % align).tolist():
-            out[k] = out[k].copy()
+            if not mmap:  # a view of the map stays a view, as read_array(mmap=True) gives it
+                out[k] = out[k].copy()
         if self._special:
             for k, i in enumerate(batch):
                 if i in self._special:
                     out[k] = self._finish(i, out[k])
         return out
+
+    def _pread(self, fd: ReadHandle, first: int, start: int, size: int) -> np.ndarray:
+        """``size`` bytes at ``start`` of ``fd`` (array ``first`` is named if they are not)."""
+        buf = np.empty(size, np.uint8)
+        mv = memoryview(buf)  # type: ignore[arg-type]  # numpy stubs: ndarray is a Buffer
+        pos = 0
+        while pos < size:
+            n = fd.pread_into(mv[pos:], start + pos)
+            if n <= 0:
+                raise self._corrupt(first, "unexpected end of file")
+            pos += n
+        return buf
 
     def _dtypes(self) -> dict[str, np.dtype]:
         """Manifest dtype name -> numpy dtype, for the names this checkpoint uses."""
@@ -479,17 +491,17 @@ class CheckpointReader:
         arrays: list[Any] = [None] * n
         nb = np.array(self.arrays.nbytes, np.int64)
         big = np.flatnonzero(nb >= (1 << 20)).tolist()
-        if mmap:  # one at a time: views of the mapped file
-            tiny, small = [], np.flatnonzero(nb < (1 << 20)).tolist()
-        else:  # up to SMALL_READ bytes: batched reads; empty arrays: own (empty) memory
-            is_tiny = (nb > 0) & (nb <= SMALL_READ)
-            tiny = np.flatnonzero(is_tiny).tolist()
-            small = np.flatnonzero(~is_tiny & (nb < (1 << 20))).tolist()
+        # up to SMALL_READ bytes (any size below 1 MiB with mmap): batched reads (views);
+        # empty arrays: own (empty) memory
+        is_tiny = (nb > 0) & (nb < (1 << 20) if mmap else nb <= SMALL_READ)
+        tiny = np.flatnonzero(is_tiny).tolist()
+        small = np.flatnonzero(~is_tiny & (nb < (1 << 20))).tolist()
         with gc_paused():  # many small objects; the big reads below run with gc on
             for i in small:
                 arrays[i] = self.read_array(i, mmap=mmap, verify=verify)
-            for batch in self._small_batches(tiny):
-                for i, a in zip(batch, self._read_batch(batch, verify)):
+            for batch in (batches.plan(self.arrays, tiny, 1 << 62) if mmap else
+                          self._small_batches(tiny)):
+                for i, a in zip(batch, self._read_batch(batch, verify, mmap)):
                     arrays[i] = a
         if len(big) > 1 and workers > 1 and not mmap:
             from concurrent.futures import ThreadPoolExecutor  # big arrays only
