@@ -179,7 +179,7 @@ def test_a_manifest_of_10000_entries_takes_the_column_path(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("damage", ["dup key", "bool key", "out of range", "bool index",
-                                    "not a ref", "float key"])
+                                    "not a ref", "float key", "list tag", "map tag"])
 def test_dict_of_array_refs_refuses_what_the_loop_refuses(damage, tmp_path):
     """The all-references dict path hands anything unusual to the loop: same errors."""
     unickpt.save(tmp_path / "c", {"a": np.zeros(2), "b": np.ones(2)})
@@ -191,7 +191,9 @@ def test_dict_of_array_refs_refuses_what_the_loop_refuses(damage, tmp_path):
         "out of range": ("a", ["a", 0], "b", ["a", 2]),
         "bool index": ("a", ["a", 0], "b", ["a", True]),
         "not a ref": ("a", ["a", 0], "b", ["x", 1]),
-        "float key": (1.5, ["a", 0], "b", ["a", 1])}[damage]
+        "float key": (1.5, ["a", 0], "b", ["a", 1]),
+        "list tag": ("a", ["a", 0], "b", [["a", 1], 1]),
+        "map tag": ("a", [{"a": 1}, 0], "b", ["a", 1])}[damage]
     with_ref = manifest_mod.DecodeContext(None, "ck", None, None, ref=int)
     without = manifest_mod.DecodeContext(None, "ck", lambda i, p: i, None)
 

@@ -185,8 +185,11 @@ def _all_array_refs(payload: list, narrays: int, ref: Callable[[int], Any]) -> d
     references (a layer's parameters, an optimizer's moments), decoded with ``map`` and no
     Python-level loop; None for any other dict node (the loop in decode_node decides)."""
     keys, vals = payload[0::2], payload[1::2]
-    if not vals or set(map(type, keys)) - {str, int} or set(map(type, vals)) != {list} \
-            or set(map(len, vals)) != {2} or set(map(_first, vals)) != {"a"}:
+    try:  # a tag that is a list or a map cannot go in a set: not an array reference
+        if not vals or set(map(type, keys)) - {str, int} or set(map(type, vals)) != {list} \
+                or set(map(len, vals)) != {2} or set(map(_first, vals)) != {"a"}:
+            return None
+    except TypeError:
         return None
     idx = list(map(_second, vals))
     if set(map(type, idx)) != {int} or min(idx) < 0 or max(idx) >= narrays:
