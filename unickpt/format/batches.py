@@ -56,7 +56,7 @@ def runs(names: list[str], shapes: list) -> list[tuple[int, int]] | None:
     """Runs ``[a, b)`` of arrays of one dtype and shape in a batch (which has no gaps); None
     when they would be short (then one call per array is as cheap)."""
     n = len(names)
-    if n < 2:
+    if n < 16:  # a short batch (between big arrays): numpy's fixed cost would not pay
         return None
     same = (np.array(list(map(operator.eq, names[1:], names[:-1])), bool)
             & np.array(list(map(operator.eq, shapes[1:], shapes[:-1])), bool))

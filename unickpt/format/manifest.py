@@ -184,6 +184,9 @@ def _all_array_refs(payload: list, narrays: int, ref: Callable[[int], Any]) -> d
     """A dict node whose keys are distinct str/int and whose values are all valid array
     references (a layer's parameters, an optimizer's moments), decoded with ``map`` and no
     Python-level loop; None for any other dict node (the loop in decode_node decides)."""
+    first = payload[1] if payload else None
+    if type(first) is not list or len(first) != 2 or first[0] != "a":
+        return None  # a mixed dict (its first value is not a reference): the loop
     keys, vals = payload[0::2], payload[1::2]
     try:  # a tag that is a list or a map cannot go in a set: not an array reference
         if not vals or set(map(type, keys)) - {str, int} or set(map(type, vals)) != {list} \

@@ -445,8 +445,12 @@ class CheckpointReader:
         out = batches.views(buf, los, sizes, dts, shapes, runs)
         # numpy's buffer is 16-byte aligned; an array after an odd-itemsize one (e.g. S3)
         # may not be: such arrays get an own, aligned copy
-        align = np.array(list(map(self._align_of.__getitem__, names)), np.int64)
-        for k in np.flatnonzero((buf.ctypes.data + np.array(los, np.int64)) % align).tolist():
+        base, align = buf.ctypes.data, list(map(self._align_of.__getitem__, names))
+        if len(batch) > 64:  # vectorised; a short batch (between big arrays) in Python
+            bad = np.flatnonzero((base + np.array(los, np.int64)) % np.array(align)).tolist()
+        else:
+            bad = [k for k, (lo, al) in enumerate(zip(los, align)) if (base + lo) % al]
+        for k in bad:
             if not mmap:  # a view of the map stays a view, as read_array(mmap=True) gives it
                 out[k] = out[k].copy()
         if self._special:
