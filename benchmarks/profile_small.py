@@ -84,18 +84,21 @@ class Syscalls:
 # Names that a refactoring removed are skipped, so the script keeps working as the code moves.
 PHASES = [
     ("save", "unickpt.api", "to_tree", "adapter pass: state -> neutral tree (per-array walk)"),
-    ("save", "unickpt.api", "flatten", "flatten + validate every leaf (per-array walk)"),
+    ("save", "unickpt.format.commit", "flatten", "flatten + validate every leaf (per-array walk)"),
     ("save", "unickpt.format.writer", "layout", "offsets + safetensors header (per array)"),
     ("save", "unickpt.format.writer", "_work_items", "write batching plan"),
     ("save", "unickpt.format.writer", "_manifest_bytes", "manifest entries + msgpack (per array)"),
-    ("save", "unickpt.api", "write_tree", "everything inside the temp dir (nests the next 4)"),
-    ("save", "unickpt.api", "staged", "temp dir mkdir (enter) / cleanup (exit)"),
+    ("save", "unickpt.format.commit", "write_tree", "everything inside the temp dir"),
+    ("save", "unickpt.format.commit", "staged", "temp dir mkdir (enter) / cleanup (exit)"),
     ("save", "unickpt.storage.LocalStorage", "commit", "rename + parent/dir fsyncs"),
     ("load", "unickpt.format.reader", "read_manifest_bytes", "manifest decode + validation"),
     ("load", "unickpt.format.manifest", "_validate", "validation (part of the above)"),
-    ("load", "unickpt.format.reader", "decode_node", "tree decode (per array)"),
+    ("load", "unickpt.format.manifest", "fast_table",
+     "column validation of the array entries (part of the above)"),
+    ("load", "unickpt.format.reader", "decode_node", "tree decode"),
+    ("load", "unickpt.format.reader.CheckpointReader", "_small_batches", "batch plan"),
     ("load", "unickpt.format.reader.CheckpointReader", "_read_batch",
-     "preadv + checksum + views (per batch)"),
+     "preadv + checksums + views (per batch)"),
 ]
 
 

@@ -237,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--systems", default=None, help="comma-separated names (default: all)")
     ap.add_argument("--no-drop-caches", action="store_true", help="keep the page cache")
     ap.add_argument("--no-startup", action="store_true", help="skip the start-up processes")
+    ap.add_argument("--readme", default=None, metavar="README.md",
+                    help="also rewrite that README's Performance section from this run")
     ap.add_argument("--workdir", default=None, help="where checkpoints are written "
                     "(default: a temporary directory inside --out)")
     args = ap.parse_args(argv)
@@ -297,6 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     log(f"wrote {args.out}/results.json, results.md, results.png in "
         f"{doc['elapsed_s']:.0f}s")
     print(open(os.path.join(args.out, "results.md")).read())
+    if args.readme:
+        import _readme
+
+        _readme.update(args.readme, os.path.join(args.out, "results.json"))
+        log(f"rewrote the Performance section of {args.readme} from this run")
     return 0
 
 

@@ -33,6 +33,10 @@ def _env() -> dict[str, str]:
     parts = [REPO, os.path.join(REPO, "adapters")] + \
         [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(parts)
+    # An installed unickpt has its bytecode compiled (pip compiles at install time), and so
+    # has numpy: without this, every start would compile unickpt's modules from source (the
+    # untimed warm-up run below writes the bytecode) and time the compiler, not the import.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     return env
 
 

@@ -262,7 +262,7 @@ def test_save_and_load_leave_nothing_for_the_cyclic_collector(tmp_path):
     tree = {f"g{g}": {f"p{p}": np.full(4, p, np.float32) for p in range(30)} for g in range(5)}
     # compared by type(): isinstance() asks some objects (torch's deprecated module
     # attributes) for __class__, which warns
-    kinds = {writer_mod._Job, ArrayEntry, reader_mod._Ref, reader_mod._ShardedRef,
+    kinds = {writer_mod.Job, ArrayEntry, reader_mod._Ref, reader_mod._ShardedRef,
              reader_mod.CheckpointReader}
     gc.collect()
     gc.disable()

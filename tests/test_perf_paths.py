@@ -212,7 +212,7 @@ def test_benchmark_quick_smoke(tmp_path):
         [ROOT, os.path.join(ROOT, "adapters"), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--quick",
                            "--repeats", "1", "--fs", "disk", "--no-startup",
-                           "--out", str(out)], capture_output=True, text=True, timeout=120,
+                           "--out", str(out)], capture_output=True, text=True, timeout=300,
                           env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads((out / "results.json").read_text())

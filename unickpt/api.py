@@ -114,7 +114,7 @@ def load(path: str | os.PathLike, *, mmap: bool = False, verify: bool | None = N
     with GcPause() as pause:  # see gcpause.WHOLE_CALL_BYTES
         r = CheckpointReader(path, storage)
         try:
-            if sum(a.nbytes for a in r.manifest.arrays) > WHOLE_CALL_BYTES:
+            if sum(r.arrays.nbytes) > WHOLE_CALL_BYTES:
                 pause.end()
             return r.tree(mmap=mmap, verify=verify)
         finally:
@@ -193,7 +193,7 @@ def inspect(path: str | os.PathLike, *, storage: Storage | None = None) -> Inspe
             path=r.path, format_version=m.format_version, library_version=m.library_version,
             leaves=out, kinds={format_path(p): k for p, k in m.kinds.items()},
             metadata=m.metadata, info=m.info,
-            total_bytes=sum(a.nbytes for a in m.arrays),
+            total_bytes=sum(r.arrays.nbytes),
             file_bytes=sum(f.size for f in m.files))
 
 
@@ -224,7 +224,7 @@ def verify(path: str | os.PathLike, *, raise_on_error: bool = True,
     with CheckpointReader(path, storage) as r:
         bad = r.verify_all(progress)
         report = VerifyReport(r.path, len(r.manifest.arrays),
-                              sum(a.nbytes for a in r.manifest.arrays), bad,
+                              sum(r.arrays.nbytes), bad,
                               dict(r.file_damage))
     if not report.ok and raise_on_error:
         files = "".join(f"; {why}" for why in report.files.values())

@@ -9,9 +9,10 @@ docs/FORMAT.md is the normative description; this module implements it.
 from __future__ import annotations
 
 import math
+import operator
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, cast
 
@@ -23,45 +24,22 @@ from ..tree import Path, format_path
 from . import checksum
 from .bigint import MAX_BIG_INT_CHARS, decimal_to_int, encode_big_int, int_to_decimal
 from .dtypes import UnsupportedDtype, dtype_from_name, has_byteorder
+from .table import (
+    MAX_NDIM,
+    UINT64_MAX,
+    ArrayEntry,
+    ArrayTable,
+    fast_table,
+    optional_array_fields,
+)
 
 FORMAT_VERSION = 2  # written; v2 added the safetensors header checksum (header_xxh3)
 READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.msgpack"
 MAX_MANIFEST_BYTES = 1 << 30  # 1 GiB: far above any real manifest, bounds a hostile one
-MAX_NDIM = 64
 MAX_DEPTH = 256  # tree nesting; the writer refuses deeper trees
-_INT64_MIN, _UINT64_MAX = -(1 << 63), (1 << 64) - 1
+_INT64_MIN, _UINT64_MAX = -(1 << 63), UINT64_MAX
 _BIG_INT = re.compile(r"-?(0|[1-9][0-9]*)\Z")  # int() alone would accept "1_0", " 7", "+7"
-
-
-@dataclass(slots=True)  # slots: one is made per array (10^4 per checkpoint is common)
-class ArrayEntry:
-    """Where one array's bytes live and what they must hash to."""
-
-    file: str
-    name: str  # the safetensors tensor name
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int  # absolute byte offset in ``file``
-    nbytes: int
-    xxh3: int
-    byteorder: str = "<"  # "<" or ">": the byte order of the array as the user gave it
-    scalar: bool = False  # a numpy scalar (np.generic) rather than a 0-d array
-    # optional: xxh3-64 of the first 4096 bytes (arrays over 64 KiB); lets an incremental save
-    # see that an array changed without hashing all of it (never proof that it did not)
-    head_xxh3: int | None = None
-
-    def to_msg(self) -> dict:
-        # msgpack packs a tuple as the same array a list gives: no list per entry
-        d = {"file": self.file, "name": self.name, "dtype": self.dtype, "shape": self.shape,
-             "offset": self.offset, "nbytes": self.nbytes, "xxh3": self.xxh3}
-        if self.byteorder != "<":
-            d["byteorder"] = self.byteorder
-        if self.scalar:
-            d["scalar"] = True
-        if self.head_xxh3 is not None:
-            d["head_xxh3"] = self.head_xxh3
-        return d
 
 
 @dataclass
@@ -104,7 +82,7 @@ class Manifest:
     format_version: int
     library_version: str
     tree: Any  # the encoded node (see encode_node)
-    arrays: list[ArrayEntry]
+    arrays: Sequence[ArrayEntry]  # an ArrayTable when read, a list when being written
     sharded: list[ShardedEntry]
     files: list[FileEntry]
     kinds: dict[Path, str] = field(default_factory=dict)
@@ -156,12 +134,16 @@ def decode_node(node: Any, ctx: DecodeContext, path: Path = (), depth: int = 0) 
     if tag == "d":
         if not isinstance(payload, list) or len(payload) % 2:
             ctx.fail(f"malformed dict node at {format_path(path)}")
+        if ctx.ref is not None and depth < MAX_DEPTH:
+            refs = _all_array_refs(payload, len(ctx.manifest.arrays), ctx.ref)
+            if refs is not None:
+                return refs
         out: dict = {}
         # The common children (scalars and array references) are decoded inline, with the
         # same checks decode_node would make: with 10^4 leaves the call per leaf shows.
         inline = depth < MAX_DEPTH
         narrays = len(ctx.manifest.arrays)
-        array = ctx.array
+        array, ref = ctx.array, ctx.ref
         for i in range(0, len(payload), 2):
             k = payload[i]
             if isinstance(k, bool) or not isinstance(k, (str, int)):
@@ -172,7 +154,7 @@ def decode_node(node: Any, ctx: DecodeContext, path: Path = (), depth: int = 0) 
             t = type(v)
             if inline and t is list and len(v) == 2 and v[0] == "a" and type(v[1]) is int \
                     and 0 <= v[1] < narrays:
-                out[k] = array(v[1], (*path, k))
+                out[k] = ref(v[1]) if ref is not None else array(v[1], (*path, k))
             elif inline and t in _PLAIN:
                 out[k] = v
             else:
@@ -195,6 +177,30 @@ def decode_node(node: Any, ctx: DecodeContext, path: Path = (), depth: int = 0) 
     ctx.fail(f"unknown node tag {tag!r} at {format_path(path)}")
 
 
+_first, _second = operator.itemgetter(0), operator.itemgetter(1)
+
+
+def _all_array_refs(payload: list, narrays: int, ref: Callable[[int], Any]) -> dict | None:
+    """A dict node whose keys are distinct str/int and whose values are all valid array
+    references (a layer's parameters, an optimizer's moments), decoded with ``map`` and no
+    Python-level loop; None for any other dict node (the loop in decode_node decides)."""
+    first = payload[1] if payload else None
+    if type(first) is not list or len(first) != 2 or first[0] != "a":
+        return None  # a mixed dict (its first value is not a reference): the loop
+    keys, vals = payload[0::2], payload[1::2]
+    try:  # a tag that is a list or a map cannot go in a set: not an array reference
+        if not vals or set(map(type, keys)) - {str, int} or set(map(type, vals)) != {list} \
+                or set(map(len, vals)) != {2} or set(map(_first, vals)) != {"a"}:
+            return None
+    except TypeError:
+        return None
+    idx = list(map(_second, vals))
+    if set(map(type, idx)) != {int} or min(idx) < 0 or max(idx) >= narrays:
+        return None
+    out = dict(zip(keys, map(ref, idx)))
+    return out if len(out) == len(keys) else None  # a duplicate key: the loop names it
+
+
 def _index(payload: Any, n: int, ctx: DecodeContext, path: Path) -> int:
     if isinstance(payload, bool) or not isinstance(payload, int) or not 0 <= payload < n:
         ctx.fail(f"array reference {payload!r} out of range at {format_path(path)}")
@@ -206,11 +212,13 @@ class DecodeContext:
 
     ``array(i, path)`` and ``sharded(i, path)`` return what stands in the tree for array entry
     ``i`` and sharded entry ``i``; ``fail`` raises the reader's ``CorruptCheckpointError``.
+    ``ref(i)``, if given, stands in for ``array(i, path)`` where the caller does not need the
+    path (it saves making one tuple per array; the reader finds paths later if it must).
     """
 
-    def __init__(self, manifest: Manifest, where: object, array, sharded):
+    def __init__(self, manifest: Manifest, where: object, array, sharded, ref=None):
         self.manifest, self.where = manifest, where
-        self.array, self.sharded = array, sharded
+        self.array, self.sharded, self.ref = array, sharded, ref
 
     def fail(self, msg: str):
         raise CorruptCheckpointError(f"{self.where}: corrupt manifest: {msg}", path=self.where)
@@ -315,24 +323,15 @@ def _validate_files(m: dict, fail: Callable[[str], NoReturn]) -> list[FileEntry]
     return files
 
 
-def _optional_array_fields(a: dict, i: int, shape: tuple, swappable: bool,
-                           fail: Callable[[str], NoReturn]) -> tuple[str, bool, int | None]:
-    """``(byteorder, scalar, head_xxh3)`` of array entry ``i``, checked (defaults if absent)."""
-    bo = a.get("byteorder", "<")
-    if bo != "<" and (bo != ">" or not swappable):
-        fail(f"array {i}: byteorder {bo!r} for dtype {a['dtype']}")
-    scalar = a.get("scalar", False)
-    if scalar is not False and (scalar is not True or shape != ()):
-        fail(f"array {i}: 'scalar' must be a bool, true only for shape []")
-    head = a.get("head_xxh3")
-    if head is not None and (type(head) is not int or not 0 <= head <= _UINT64_MAX):
-        fail(f"array {i}: head_xxh3 is not a uint64")
-    return bo, scalar, head
-
-
 def _validate_arrays(m: dict, fail: Callable[[str], NoReturn],
-                     file_by_name: dict[str, FileEntry]) -> list[ArrayEntry]:
-    arrays = []
+                     file_by_name: dict[str, FileEntry]) -> ArrayTable:
+    raw_arrays = _need(fail, m, "arrays", list, "manifest")
+    # Column by column when every entry is valid (the common case); entry by entry, naming
+    # the first bad one, otherwise: the same entries and the same errors either way.
+    table = fast_table(raw_arrays, {f.name: (f.data_start, f.size) for f in file_by_name.values()})
+    if table is not None:
+        return table
+    arrays: list[ArrayEntry] = []
     # Per-dtype facts, looked up once per distinct name (a manifest can hold 10^5 arrays of a
     # handful of dtypes): (dtype, item size, may be big-endian) or the refusal message.
     dtypes: dict[str, tuple[np.dtype, int, bool, int] | str] = {}
@@ -343,7 +342,7 @@ def _validate_arrays(m: dict, fail: Callable[[str], NoReturn],
     ends: list[int] = []
     numbers: list[int] = []
     uint64_max = _UINT64_MAX
-    for i, a in enumerate(_need(fail, m, "arrays", list, "manifest")):
+    for i, a in enumerate(raw_arrays):
         if not isinstance(a, dict):
             fail(f"array entry {i} is not a map")
         # Fast path: check every field's type at once, build error labels only if one is wrong
@@ -390,7 +389,7 @@ def _validate_arrays(m: dict, fail: Callable[[str], NoReturn],
             fail(f"array {i}: bytes [{offset}, {end}) lie outside file {fname!r}")
         if not 0 <= xxh <= uint64_max:
             fail(f"array {i}: checksum out of range")
-        bo, scalar, head = _optional_array_fields(a, i, shape, swappable, fail)
+        bo, scalar, head = optional_array_fields(a, i, shape, swappable, fail)
         if fname != last_file:  # arrays of one file come in runs: one lookup per run
             last_file = fname
             starts, ends, numbers = spans.get(fname) or spans.setdefault(fname, ([], [], []))
@@ -404,7 +403,7 @@ def _validate_arrays(m: dict, fail: Callable[[str], NoReturn],
         if pair is not None:
             fail(f"arrays {file_numbers[pair[0]]} and {file_numbers[pair[1]]} overlap in file "
                  f"{fname!r}")
-    return arrays
+    return ArrayTable.from_entries(arrays)
 
 
 def _first_overlap(starts: list[int], ends: list[int]) -> tuple[int, int] | None:
@@ -436,7 +435,7 @@ def _first_overlap(starts: list[int], ends: list[int]) -> tuple[int, int] | None
 
 
 def _validate_sharded(m: dict, fail: Callable[[str], NoReturn],
-                      arrays: list[ArrayEntry]) -> list[ShardedEntry]:
+                      arrays: Sequence[ArrayEntry]) -> list[ShardedEntry]:
     sharded = []
     used: set[int] = set()  # array entries already used by a piece (each may serve one piece)
     for i, s in enumerate(_need(fail, m, "sharded", list, "manifest")):
@@ -575,7 +574,7 @@ def check_int_range(x: int) -> bool:
     return _INT64_MIN <= x <= _UINT64_MAX
 
 
-__all__ = ["Manifest", "ArrayEntry", "ShardedEntry", "FileEntry", "FORMAT_VERSION",
+__all__ = ["Manifest", "ArrayEntry", "ArrayTable", "ShardedEntry", "FileEntry", "FORMAT_VERSION",
            "READABLE_VERSIONS", "DecodeContext", "check_no_overlap", "MAX_GRID_CELLS", "MAX_BIG_INT_CHARS",
            "MANIFEST_NAME", "read_manifest_bytes", "decode_node", "check_int_range",
            "encode_big_int", "decimal_to_int", "int_to_decimal"]

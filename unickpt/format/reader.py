@@ -23,13 +23,14 @@ from ..storage import (
     storage_for,
 )
 from ..tree import Path, Piece, ShardedArray, format_path
-from . import checksum
+from . import batches, checksum
 from .dtypes import dtype_from_name
 from .gcpause import gc_paused
 from .manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
     ArrayEntry,
+    ArrayTable,
     DecodeContext,
     FileEntry,
     Manifest,
@@ -63,6 +64,37 @@ class _ShardedRef(_Ref):
     """Placeholder for sharded entry ``i``."""
 
     __slots__ = ()
+
+
+def _array_ref(i: int, _p: Path) -> _Ref:
+    return _Ref(i)
+
+
+def _sharded_ref(i: int, _p: Path) -> _ShardedRef:
+    return _ShardedRef(i)
+
+
+def _as_table(arrays: Any) -> ArrayTable:
+    return arrays if isinstance(arrays, ArrayTable) else ArrayTable.from_entries(list(arrays))
+
+
+def _array_paths(skeleton: Any, manifest: Manifest) -> dict[int, Path]:
+    """Array entry number -> tree path, in the order the manifest's tree was decoded."""
+    paths: dict[int, Path] = {}
+    stack: list[tuple[Any, Path]] = [(skeleton, ())]
+    while stack:  # depth first, children in order (pushed reversed): the decode's order
+        x, path = stack.pop()
+        t = type(x)
+        if t is dict:
+            stack.extend(reversed([(v, (*path, k)) for k, v in x.items()]))
+        elif t is list or t is tuple:
+            stack.extend(reversed([(v, (*path, i)) for i, v in enumerate(x)]))
+        elif t is _Ref:
+            paths.setdefault(int(x), path)
+        elif t is _ShardedRef:
+            for k, (_, a) in enumerate(manifest.sharded[x].pieces):
+                paths.setdefault(a, (*path, f"<piece {k}>"))
+    return paths
 
 
 def is_committed(path: str | os.PathLike, storage: Storage | None = None) -> bool:
@@ -122,22 +154,31 @@ class CheckpointReader:
             self._warned_unverified = False
             #: array file -> why it is damaged as a whole (filled by :meth:`verify_all`)
             self.file_damage: dict[str, str] = {}
-            # array index -> tree path, for naming leaves in errors (found without reading data)
-            self.array_paths: dict[int, Path] = {}
+            self._paths: dict[int, Path] | None = None
+            # The first (validating) decode keeps the tree with placeholders where arrays go,
+            # so that tree() only substitutes them instead of decoding the manifest again.
             self._skeleton = decode_node(
                 self.manifest.tree,
-                DecodeContext(self.manifest, self.path, self._array_ref, self._sharded_ref))
+                DecodeContext(self.manifest, self.path, _array_ref, _sharded_ref, _Ref))
+            #: the array entries as columns (what the batched reads work on)
+            self.arrays: ArrayTable = _as_table(self.manifest.arrays)
+            # entries stored big-endian or as numpy scalars: finished after their read
+            self._special = {i for i, (bo, sc) in enumerate(
+                zip(self.arrays.byteorder, self.arrays.scalar)) if bo == ">" or sc} \
+                if ">" in self.arrays.byteorder or True in self.arrays.scalar else set()
+            self._dtype_of: dict[str, np.dtype] | None = None
+            self._align_of: dict[str, int] = {}
 
-    # The first (validating) decode keeps the tree with placeholders where arrays go, so that
-    # tree() only substitutes them instead of decoding and validating the manifest again.
-    def _array_ref(self, i: int, p: Path) -> _Ref:
-        self.array_paths.setdefault(i, p)
-        return _Ref(i)
+    @property
+    def array_paths(self) -> dict[int, Path]:
+        """Array entry number -> its tree path (the first, if the tree refers to it twice).
 
-    def _sharded_ref(self, i: int, p: Path) -> _ShardedRef:
-        for k, (_, a) in enumerate(self.manifest.sharded[i].pieces):
-            self.array_paths.setdefault(a, (*p, f"<piece {k}>"))
-        return _ShardedRef(i)
+        Found on first use by walking the skeleton (no data is read): only errors, listings
+        and incremental saves need the paths, and a plain load makes none.
+        """
+        if self._paths is None:
+            self._paths = _array_paths(self._skeleton, self.manifest)
+        return self._paths
 
     # ---------------------------------------------------------------- files
     def _file(self, name: str) -> tuple[ReadHandle, memoryview | None]:
@@ -372,89 +413,100 @@ class CheckpointReader:
         verify = self._can_verify((not mmap) if verify is None else verify)
         return self._tree(mmap, verify, assemble, workers)
 
-    def _read_batch(self, batch: list[int], verify: bool) -> list[np.ndarray]:
-        """Read file-adjacent small arrays with one preadv; each result views the buffer."""
-        ents = [self.manifest.arrays[i] for i in batch]
-        fd, _mm = self._file(ents[0].file)
-        start = ents[0].offset
-        buf = np.empty(ents[-1].offset + ents[-1].nbytes - start, np.uint8)
-        mv = memoryview(buf)  # type: ignore[arg-type]  # numpy stubs: ndarray is a Buffer
-        pos = 0
-        while pos < len(buf):
-            n = fd.pread_into(mv[pos:], start + pos)
-            if n <= 0:
-                raise self._corrupt(batch[0], "unexpected end of file")
-            pos += n
-        out = []
-        digest = checksum.digest_function() if verify else None
-        dtypes: dict[str, np.dtype] = {}  # one lookup per distinct dtype name in the batch
-        for i, e in zip(batch, ents):
-            lo = e.offset - start
-            hi = lo + e.nbytes
-            if digest is not None and digest(mv[lo:hi]) != e.xxh3:  # a memoryview slice: the cheapest
-                raise self._corrupt(i, "checksum mismatch")
-            dt = dtypes.get(e.dtype)
-            if dt is None:
-                dt = dtypes[e.dtype] = dtype_from_name(e.dtype)
-            if not e.nbytes:
-                a = np.empty(e.shape, dt)
-            elif len(e.shape) == 1:  # the view is already of that shape: no reshape call
-                a = buf[lo:hi].view(dt)
-            else:
-                a = buf[lo:hi].view(dt).reshape(e.shape)
-            if not a.flags.aligned:  # after an odd-itemsize array (e.g. S3): own, aligned copy
-                a = a.copy()
-            if e.byteorder == ">":
-                a = a.astype(dt.newbyteorder(">"))
-            out.append(a[()] if e.scalar else a)
+    def _read_batch(self, batch: list[int], verify: bool, mmap: bool = False
+                    ) -> list[np.ndarray]:
+        """Read file-adjacent small arrays with one preadv; each result views the buffer
+        (with ``mmap``, views of the mapped file: nothing is read until used).
+
+        Column by column: the checksums, the arrays and their alignment are computed by
+        ``map`` over the batch (no Python-level loop per array), so 10^4 small arrays cost
+        about what their bytes cost.
+        """
+        t = self.arrays
+        fd, _mm = self._file(t.file[batch[0]])
+        offs = list(map(t.offset.__getitem__, batch))
+        sizes = list(map(t.nbytes.__getitem__, batch))
+        start = offs[0]
+        if mmap:  # the manifest was checked: the batch lies inside the file
+            buf = np.frombuffer(cast(memoryview, self._mapped(t.file[batch[0]])), np.uint8,
+                                offs[-1] + sizes[-1] - start, start)
+        else:
+            buf = self._pread(fd, batch[0], start, offs[-1] + sizes[-1] - start)
+        los = [o - start for o in offs]
+        names = list(map(t.dtype.__getitem__, batch))
+        dts = list(map(self._dtypes().__getitem__, names))
+        shapes = list(map(t.shape.__getitem__, batch))
+        runs = batches.runs(names, shapes)
+        if verify:
+            got = batches.digests(buf, los, sizes, runs)
+            if got != list(map(t.xxh3.__getitem__, batch)):
+                k = next(k for k, (g, i) in enumerate(zip(got, batch)) if g != t.xxh3[i])
+                raise self._corrupt(batch[k], "checksum mismatch")
+        out = batches.views(buf, los, sizes, dts, shapes, runs)
+        # numpy's buffer is 16-byte aligned; an array after an odd-itemsize one (e.g. S3)
+        # may not be: such arrays get an own, aligned copy
+        base, align = buf.ctypes.data, list(map(self._align_of.__getitem__, names))
+        if len(batch) > 64:  # vectorised; a short batch (between big arrays) in Python
+            bad = np.flatnonzero((base + np.array(los, np.int64)) % np.array(align)).tolist()
+        else:
+            bad = [k for k, (lo, al) in enumerate(zip(los, align)) if (base + lo) % al]
+        for k in bad:
+            if not mmap:  # a view of the map stays a view, as read_array(mmap=True) gives it
+                out[k] = out[k].copy()
+        if self._special:
+            for k, i in enumerate(batch):
+                if i in self._special:
+                    out[k] = self._finish(i, out[k])
         return out
 
+    def _pread(self, fd: ReadHandle, first: int, start: int, size: int) -> np.ndarray:
+        """``size`` bytes at ``start`` of ``fd`` (array ``first`` is named if they are not)."""
+        buf = np.empty(size, np.uint8)
+        mv = memoryview(buf)  # type: ignore[arg-type]  # numpy stubs: ndarray is a Buffer
+        pos = 0
+        while pos < size:
+            n = fd.pread_into(mv[pos:], start + pos)
+            if n <= 0:
+                raise self._corrupt(first, "unexpected end of file")
+            pos += n
+        return buf
+
+    def _dtypes(self) -> dict[str, np.dtype]:
+        """Manifest dtype name -> numpy dtype, for the names this checkpoint uses."""
+        if self._dtype_of is None:
+            self._dtype_of = {d: dtype_from_name(d) for d in set(self.arrays.dtype)}
+            self._align_of = {d: dt.alignment for d, dt in self._dtype_of.items()}
+        return self._dtype_of
+
+    def _finish(self, i: int, a: np.ndarray) -> Any:
+        """A read array as it was saved: big-endian again, or a numpy scalar."""
+        t = self.arrays
+        if t.byteorder[i] == ">":
+            a = a.astype(a.dtype.newbyteorder(">"))
+        return a[()] if t.scalar[i] else a
+
     def _small_batches(self, small: list[int]) -> list[list[int]]:
-        """Group small arrays that lie back to back in one file (no gap) into batches."""
-        arrs = self.manifest.arrays
-        ents = [arrs[i] for i in small]
-        # by (file, offset), stably; with one file (the common case) by offset alone
-        if len({e.file for e in ents}) <= 1:
-            keys: list[Any] = [e.offset for e in ents]
-        else:
-            keys = [(e.file, e.offset) for e in ents]
-        batches: list[list[int]] = []
-        cur: list[int] = []
-        size = 0
-        last: ArrayEntry | None = None
-        for k in sorted(range(len(small)), key=keys.__getitem__):
-            e = ents[k]
-            if last is not None and (last.file != e.file or last.offset + last.nbytes != e.offset
-                                     or size + e.nbytes > BATCH_READ):
-                batches.append(cur)
-                cur, size = [], 0
-            cur.append(small[k])
-            size += e.nbytes
-            last = e
-        if cur:
-            batches.append(cur)
-        return batches
+        """Group small arrays that lie back to back in one file (no gap) into batches of up
+        to BATCH_READ bytes, in file and offset order."""
+        return batches.plan(self.arrays, small, BATCH_READ)
 
     def _tree(self, mmap: bool, verify: bool, assemble: bool, workers: int) -> Any:
-        n = len(self.manifest.arrays)
+        n = len(self.arrays)
         arrays: list[Any] = [None] * n
-        big: list[int] = []
-        small: list[int] = []  # up to 1 MiB, one at a time (mmap) or above SMALL_READ
-        tiny: list[int] = []  # up to SMALL_READ: batched reads
-        for i, e in enumerate(self.manifest.arrays):  # one pass: 10^4 entries are common
-            nb = e.nbytes
-            (big if nb >= (1 << 20) else tiny if nb <= SMALL_READ and not mmap else small
-             ).append(i)
+        nb = np.array(self.arrays.nbytes, np.int64)
+        big = np.flatnonzero(nb >= (1 << 20)).tolist()
+        # up to SMALL_READ bytes (any size below 1 MiB with mmap): batched reads (views);
+        # empty arrays: own (empty) memory
+        is_tiny = (nb > 0) & (nb < (1 << 20) if mmap else nb <= SMALL_READ)
+        tiny = np.flatnonzero(is_tiny).tolist()
+        small = np.flatnonzero(~is_tiny & (nb < (1 << 20))).tolist()
         with gc_paused():  # many small objects; the big reads below run with gc on
-            if mmap:
-                for i in small:
-                    arrays[i] = self.read_array(i, mmap=mmap, verify=verify)
-            else:
-                for i in small:
-                    arrays[i] = self.read_array(i, verify=verify)
-                for batch in self._small_batches(tiny):
-                    for i, a in zip(batch, self._read_batch(batch, verify)):
-                        arrays[i] = a
+            for i in small:
+                arrays[i] = self.read_array(i, mmap=mmap, verify=verify)
+            for batch in (batches.plan(self.arrays, tiny, 1 << 62) if mmap else
+                          self._small_batches(tiny)):
+                for i, a in zip(batch, self._read_batch(batch, verify, mmap)):
+                    arrays[i] = a
         if len(big) > 1 and workers > 1 and not mmap:
             from concurrent.futures import ThreadPoolExecutor  # big arrays only
 

@@ -22,64 +22,34 @@ from typing import Any, cast
 import numpy as np
 
 from .. import __version__
-from ..errors import UnsupportedLeafError
 from ..storage import LocalStorage, Storage, WriteHandle, can_share
-from ..tree import LazyArray, Path, ShardedArray, format_path
+from ..tree import LazyArray, Path, format_path
 from . import checksum
-from .dtypes import UnsupportedDtype, dtype_name, safetensors_code
+from .dtypes import dtype_name
+from .flatten import HEADER_ALIGN, Job, dtype_info, flatten, plain_data
 from .gcpause import gc_paused
 from .groups import HEAD_BYTES, HEAD_MIN_BYTES, Plan, Previous, confirm_file, file_names, plan_files
 from .groups import read_previous as _read_previous
 from .manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
-    MAX_DEPTH,
     ArrayEntry,
     FileEntry,
     Manifest,
     ShardedEntry,
-    check_int_range,
-    encode_big_int,
 )
+
+__all__ = ["DATA_FILE", "WriteStats", "flatten", "layout", "write_tree", "write_jobs",
+           "plain_data", "default_workers", "Job"]
 
 DATA_FILE = "arrays.safetensors"
 CHUNK_BYTES = 16 << 20
-HEADER_ALIGN = 64
 # Arrays up to SMALL_BYTES are written in batches (one pwritev per batch of up to BATCH_BYTES
 # or IOV_MAX buffers) instead of one job each: with 10,000 small leaves the per-array Python
 # and syscall overhead, not the disk, is what a save would otherwise spend its time on.
 SMALL_BYTES = 64 << 10
 BATCH_BYTES = 4 << 20
 BATCH_IOVECS = 1024
-
-
-
-_UNSET_ENTRY = cast(ArrayEntry, None)  # _Job.entry before layout()
-
-
-class _Job:
-    """One array to write: where it sits in the tree and (after layout) its manifest entry.
-
-    A plain class with slots, not a dataclass: one is made per array, so with 10,000 small
-    leaves its construction is part of every save.
-    """
-
-    __slots__ = ("path", "array", "dtype", "shape", "scalar", "entry", "info", "nbytes",
-                 "prehash")
-
-    def __init__(self, path: Path, array: Any, dtype: np.dtype, shape: tuple[int, ...],
-                 scalar: bool, info: tuple | None = None, nbytes: int | None = None):
-        self.path = path
-        self.array = array  # np.ndarray, or a zero-arg callable returning one (lazy host copy)
-        self.dtype = dtype
-        self.shape = shape
-        self.scalar = scalar
-        # set by layout() before anything writes or reads it; typed as set so the writing code
-        # needs no per-array narrowing (a module constant: no call per array)
-        self.entry: ArrayEntry = _UNSET_ENTRY
-        self.info = info if info is not None else _dtype_info(dtype)
-        self.nbytes = nbytes if nbytes is not None else math.prod(shape) * dtype.itemsize
-        self.prehash: int | None = None  # full xxh3, when a sharing check already computed it
 
 
 @dataclass
@@ -103,144 +73,7 @@ class WriteStats:
             self.written = self.nbytes
 
 
-def flatten(tree: Any) -> tuple[Any, list[_Job], list]:
-    """Encode the structure of ``tree`` and collect its arrays, validating every leaf.
-
-    Returns ``(node, jobs, sharded)`` where ``sharded`` holds ``(ShardedArray, [job idx])``.
-    """
-    with gc_paused():
-        return _flatten(tree)
-
-
-def _flatten(tree: Any) -> tuple[Any, list[_Job], list]:
-    jobs: list[_Job] = []
-    sharded: list[tuple[ShardedArray, list[int]]] = []
-    seen: set[int] = set()
-
-    def add_array(arr: Any, path: Path, scalar: bool = False) -> int:
-        jobs.append(_job(arr, path, scalar))
-        return len(jobs) - 1
-
-    def enc(x: Any, path: Path) -> Any:
-        if type(x) is np.ndarray:  # the common leaf first: saves ~1 us per array
-            return ["a", add_array(x, path)]
-        # numpy scalars first: np.float64 / np.str_ / np.bytes_ subclass float / str / bytes,
-        # and must come back as the numpy type they are.
-        if isinstance(x, np.generic):
-            return ["a", add_array(np.asarray(x), path, scalar=True)]
-        if x is None or isinstance(x, (bool, bytes)):
-            return x
-        if isinstance(x, str):
-            _check_utf8(x, path)
-            return x
-        if isinstance(x, int):
-            if check_int_range(x):
-                return x
-            try:
-                return encode_big_int(x)
-            except ValueError as e:
-                raise UnsupportedLeafError(f"cannot save {format_path(path)}: {e}") from None
-        if isinstance(x, float):
-            return x
-        if isinstance(x, np.ndarray):
-            return ["a", add_array(x, path)]
-        if isinstance(x, LazyArray):
-            return ["a", add_array(x, path)]
-        if isinstance(x, ShardedArray):
-            idx = [add_array(p.data if isinstance(p.data, LazyArray) else np.asarray(p.data),
-                             (*path, f"<piece {i}>")) for i, p in enumerate(x.pieces)]
-            sharded.append((x, idx))
-            return ["s", len(sharded) - 1]
-        if isinstance(x, (dict, list, tuple)):
-            if len(path) >= MAX_DEPTH:
-                raise UnsupportedLeafError(f"cannot save {format_path(path[:8])}/...: the tree "
-                                           f"is nested deeper than {MAX_DEPTH} levels")
-            if id(x) in seen:
-                raise UnsupportedLeafError(f"cannot save {format_path(path)}: the tree "
-                                           "contains a reference cycle")
-            seen.add(id(x))
-            try:
-                if isinstance(x, dict):
-                    flat: list = []
-                    for k, v in x.items():
-                        if type(k) is str and k.isascii():  # the common key: valid UTF-8
-                            flat.append(k)
-                            # the common leaf, as enc and add_array would take it, inline
-                            if type(v) is np.ndarray and (info := _INFO.get(v.dtype)):
-                                jobs.append(_Job((*path, k), v, v.dtype, v.shape, False, info,
-                                                 v.nbytes))
-                                flat.append(["a", len(jobs) - 1])
-                            else:
-                                flat.append(enc(v, (*path, k)))
-                            continue
-                        _check_key(k, path)
-                        flat.append(k)
-                        flat.append(enc(v, (*path, k)))
-                    return ["d", flat]
-                if type(x) not in (list, tuple):
-                    raise _not_a_leaf(x, path)
-                return ["l" if isinstance(x, list) else "t",
-                        [enc(v, (*path, i)) for i, v in enumerate(x)]]
-            finally:
-                seen.discard(id(x))
-        raise _not_a_leaf(x, path)
-
-    try:
-        return enc(tree, ()), jobs, sharded
-    finally:  # enc's closure cell refers to enc: clear it, so refcounting frees the jobs
-        enc = add_array = cast(Any, None)  # noqa: F841
-
-
-def _job(arr: Any, path: Path, scalar: bool) -> _Job:
-    """The job of one array leaf (ndarray or LazyArray); refuses an unsupported dtype."""
-    dt = arr.dtype
-    info = _INFO.get(dt)  # per-dtype facts, cached: a dict lookup per array
-    if info is None:
-        try:
-            info = _dtype_info(dt)
-        except UnsupportedDtype as e:
-            raise UnsupportedLeafError(f"cannot save {format_path(path)}: {e}") from None
-    if type(arr) is np.ndarray:  # shape already a tuple of ints; nbytes = size * itemsize
-        return _Job(path, arr, dt, arr.shape, scalar, info, arr.nbytes)
-    return _Job(path, arr, dt, tuple(map(int, arr.shape)), scalar, info)
-
-
-def _not_a_leaf(x: Any, path: Path) -> UnsupportedLeafError:
-    """The error for a value nothing can save (a list/tuple subclass, an unknown object)."""
-    if isinstance(x, (list, tuple)):
-        return UnsupportedLeafError(
-            f"cannot save {format_path(path)}: {type(x).__name__} is a "
-            f"{'tuple' if isinstance(x, tuple) else 'list'} subclass; no adapter "
-            "claims it (convert it to a plain tuple/dict, or register an adapter)")
-    return UnsupportedLeafError(
-        f"cannot save {format_path(path)}: value of type {type(x).__module__}."
-        f"{type(x).__qualname__} is not a state-tree leaf and no adapter claims it. Use "
-        "numpy arrays / Python scalars, give the object state_dict()/load_state_dict(), or "
-        "install the adapter for its framework")
-
-
-def _check_key(k: Any, path: Path) -> None:
-    """Dict keys are str (valid Unicode) or 64-bit ints."""
-    if isinstance(k, bool) or not isinstance(k, (str, int)) or (
-            isinstance(k, int) and not check_int_range(k)):
-        raise UnsupportedLeafError(
-            f"cannot save {format_path(path)}: dict key {k!r} of type "
-            f"{type(k).__name__} (keys must be str or 64-bit int)")
-    if isinstance(k, str):
-        _check_utf8(k, path)
-
-
-def _check_utf8(s: str, path: Path) -> None:
-    """Strings are stored as UTF-8: refuse lone surrogates before anything is written."""
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        raise UnsupportedLeafError(
-            f"cannot save {format_path(path)}: string {s[:40]!r} is not valid Unicode (lone "
-            "surrogate); store it as bytes") from None
-
-
-def _tensor_names(jobs: list[_Job]) -> list[str]:
+def _tensor_names(jobs: list[Job]) -> list[str]:
     """Each array's safetensors name: its tree path joined with "/", made unique with "#n"."""
     bases = ["/".join(map(str, j.path)) or "<root>" for j in jobs]
     distinct = set(bases)
@@ -273,27 +106,7 @@ def _json_string(s: str) -> str:
 _NEEDS_ESCAPE = re.compile(r'[\x00-\x1f"\\]').search
 
 
-_INFO: dict[np.dtype, tuple[str, str, bool, str, int]] = {}
-
-
-def _dtype_info(dt: np.dtype) -> tuple[str, str, bool, str, int]:
-    """(manifest name, safetensors code, header keeps the shape, byte order, alignment)."""
-    info = _INFO.get(dt)
-    if info is None:
-        name = dtype_name(dt)  # raises UnsupportedDtype: nothing is cached then
-        code = safetensors_code(name)
-        info = (name, code, code != "U8" or name == "uint8", ">" if dt.byteorder == ">" else "<",
-                _align(dt.itemsize))
-        if len(_INFO) < 1024:  # bounded: structured/void dtypes can be many
-            _INFO[dt] = info
-    return info
-
-
-def _align(itemsize: int) -> int:
-    return min(itemsize & -itemsize, HEADER_ALIGN) if itemsize else HEADER_ALIGN
-
-
-def layout(jobs: list[_Job], file: str = DATA_FILE) -> tuple[bytes, int]:
+def layout(jobs: list[Job], file: str = DATA_FILE) -> tuple[bytes, int]:
     """Assign offsets and build the safetensors header.  Returns ``(header bytes, file size)``.
 
     Arrays are placed by decreasing alignment so every array starts at a multiple of its own
@@ -368,7 +181,7 @@ def _chunks(a: np.ndarray | LazyArray, path: Path) -> Iterable[memoryview]:
         yield memoryview(block)  # type: ignore[arg-type]  # numpy stubs: ndarray is a Buffer
 
 
-def _write_job(fh: WriteHandle, j: _Job) -> None:
+def _write_job(fh: WriteHandle, j: Job) -> None:
     h = checksum.hasher() if j.prehash is None else None
     # head_xxh3 for arrays over HEAD_MIN_BYTES, whatever path writes them (chunks may be short)
     head = checksum.hasher() if j.entry.nbytes > HEAD_MIN_BYTES else None
@@ -393,7 +206,7 @@ def _write_job(fh: WriteHandle, j: _Job) -> None:
         j.entry.head_xxh3 = head.intdigest()
 
 
-def _small_bytes(j: _Job) -> bytes:
+def _small_bytes(j: Job) -> bytes:
     """A small array's bytes, C order, little-endian (one C-level copy, at most SMALL_BYTES)."""
     a = j.array.materialize(j.path) if isinstance(j.array, LazyArray) else np.asarray(j.array)
     if a.dtype.byteorder == ">":
@@ -401,7 +214,7 @@ def _small_bytes(j: _Job) -> bytes:
     return a.tobytes()
 
 
-def _write_batch(fh: WriteHandle, batch: list[_Job]) -> None:
+def _write_batch(fh: WriteHandle, batch: list[Job]) -> None:
     """Write file-adjacent small arrays with one pwritev, hashing each array's bytes."""
     bufs = []
     digest = checksum.digest_function()  # the C function itself: one Python call per array
@@ -422,10 +235,10 @@ def _write_batch(fh: WriteHandle, batch: list[_Job]) -> None:
         fh.hint_written(start, end - start)
 
 
-def _work_items(jobs: list[_Job]) -> list[tuple[int, Callable[[WriteHandle], None]]]:
+def _work_items(jobs: list[Job]) -> list[tuple[int, Callable[[WriteHandle], None]]]:
     """``(bytes, write(handle))`` per big array and per batch of file-adjacent small arrays."""
     items: list[tuple[int, Callable[[WriteHandle], None]]] = []
-    batch: list[_Job] = []
+    batch: list[Job] = []
     size = 0
 
     def flush() -> None:
@@ -487,7 +300,7 @@ def write_tree(directory: str, tree: Any, *, metadata: dict | None = None,
         from concurrent.futures import ThreadPoolExecutor  # only when sharing is possible
 
         with ThreadPoolExecutor(nworkers, thread_name_prefix="unickpt-hash") as ex:
-            plan = plan_files(jobs, prev, lambda dt: _dtype_info(dt)[0], _hash_job, ex.map)
+            plan = plan_files(jobs, prev, lambda dt: dtype_info(dt)[0], _hash_job, ex.map)
     # a file that cannot be shared after all is written instead: the count stays the same
     names = file_names(len(plan.shared) + len(plan.new), DATA_FILE)
     files: list[FileEntry] = []
@@ -500,7 +313,7 @@ def write_tree(directory: str, tree: Any, *, metadata: dict | None = None,
         else:  # the checksums computed while planning are reused
             groups.append(sorted(i for i, _ in members))
     nshared = len(files)
-    pending: list[tuple[str, bytes, int, list[_Job]]] = []
+    pending: list[tuple[str, bytes, int, list[Job]]] = []
     with gc_paused():
         for g, name in zip(groups, names[nshared:]):
             fjobs = [jobs[i] for i in g]
@@ -528,7 +341,7 @@ def write_tree(directory: str, tree: Any, *, metadata: dict | None = None,
     return stats()
 
 
-def _hash_job(j: _Job) -> int:
+def _hash_job(j: Job) -> int:
     """Full xxh3 of a job's bytes, remembered on the job (a later write does not rehash)."""
     if j.prehash is None:
         h = checksum.hasher()
@@ -539,7 +352,7 @@ def _hash_job(j: _Job) -> int:
 
 
 def _share_file(storage: Storage, directory: str, prev: Previous, fe: FileEntry,
-                members: list[tuple[int, ArrayEntry]], jobs: list[_Job], name: str) -> bool:
+                members: list[tuple[int, ArrayEntry]], jobs: list[Job], name: str) -> bool:
     """Share ``prev``'s file ``fe`` as ``name`` and point its arrays' entries at it; False
     (nothing created) when the file is not what its manifest says or the storage declines."""
     if not confirm_file(storage, prev, fe) or not storage.share(  # type: ignore[attr-defined]
@@ -559,7 +372,7 @@ OPEN_FILES = 64
 
 
 def _write_files(storage: Storage, directory: str,
-                 pending: list[tuple[str, bytes, int, list[_Job]]], nworkers: int) -> None:
+                 pending: list[tuple[str, bytes, int, list[Job]]], nworkers: int) -> None:
     """Create, fill and sync the array files ``pending`` (name, header, size, jobs)."""
     for w in range(0, len(pending), OPEN_FILES):
         wave = pending[w:w + OPEN_FILES]
@@ -592,7 +405,7 @@ def _write_files(storage: Storage, directory: str,
                 fh.close()
 
 
-def _manifest_bytes(node: Any, jobs: list[_Job], sharded: list, files: list[FileEntry],
+def _manifest_bytes(node: Any, jobs: list[Job], sharded: list, files: list[FileEntry],
                     kinds: dict[Path, str] | None, metadata: dict | None,
                     info: dict | None) -> bytes:
     manifest = Manifest(
@@ -612,37 +425,7 @@ def _manifest_bytes(node: Any, jobs: list[_Job], sharded: list, files: list[File
     return manifest.to_bytes()
 
 
-def plain_data(x: Any, what: str, path: Path = ()) -> Any:
-    """Check that user metadata is plain msgpack data (no arrays, no objects); a copy."""
-    if x is None or isinstance(x, (bool, bytes, float)):
-        return x
-    if isinstance(x, str):
-        _check_utf8(x, path)
-        return x
-    if isinstance(x, int):
-        if not check_int_range(x):
-            raise UnsupportedLeafError(f"{what} at {format_path(path)}: int {x} exceeds 64 bits")
-        return x
-    if isinstance(x, (np.integer, np.floating, np.bool_)):
-        return x.item()
-    if isinstance(x, dict):
-        out = {}
-        for k, v in x.items():
-            if not isinstance(k, (str, int)) or isinstance(k, bool):
-                raise UnsupportedLeafError(f"{what} at {format_path(path)}: key {k!r} "
-                                           "must be str or int")
-            if isinstance(k, str):
-                _check_utf8(k, path)
-            out[k] = plain_data(v, what, (*path, k))
-        return out
-    if isinstance(x, (list, tuple)):
-        return [plain_data(v, what, (*path, i)) for i, v in enumerate(x)]
-    raise UnsupportedLeafError(
-        f"{what} at {format_path(path)}: {type(x).__name__} is not plain data "
-        "(use str, numbers, bool, None, bytes, lists and dicts)")
-
-
-def write_jobs(fh: WriteHandle, jobs: list[_Job]) -> None:
+def write_jobs(fh: WriteHandle, jobs: list[Job]) -> None:
     """Write ``jobs`` (laid out by :func:`layout`) through ``fh``, checksumming each array.
 
     The array-data part of :func:`write_tree`, for a writer that lays out its own file (each
