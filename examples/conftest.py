@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-QUICK_EXAMPLES = 3
+QUICK_EXAMPLES = 2
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import unickpt
 from unickpt import CheckpointManager
 from unickpt.testing.hardkill import run_and_kill
 
-MB = int(os.environ.get("UNICKPT_KILL_MB", "4"))  # kills are hooked, not timed: size-free
+MB = int(os.environ.get("UNICKPT_KILL_MB", "16"))
 KILLS = int(os.environ.get("UNICKPT_KILLS", "12"))
 KEEP_LAST = 2
 MOMENTS = ("torn_write", "mid_save", "after_save")
