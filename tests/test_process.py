@@ -70,6 +70,16 @@ def lease_root():
     return st, root
 
 
+def _take_over(st, root) -> None:
+    """Acquire the lease (it must now hold this lock's token), then release it."""
+    lock = st.lock(root)
+    lock.acquire()
+    try:
+        assert json.loads(st.read_bytes(root + "/.unickpt.lock"))["token"] == lock.token
+    finally:
+        lock.release()
+
+
 def _plant(st, root, body) -> None:
     st.write_atomic(root + "/.unickpt.lock",
                     body if isinstance(body, bytes) else json.dumps(body).encode())
@@ -93,12 +103,7 @@ def test_unknown_holder_keeps_its_lease_until_expiry(lease_root, dead_pid, holde
         st.lock(root).acquire()
     assert json.loads(st.read_bytes(root + "/.unickpt.lock"))["token"] == "x"  # untouched
     _plant(st, root, {**body, "expires": time.time() - 1})  # expired: taken over
-    lock = st.lock(root)
-    lock.acquire()
-    try:
-        assert json.loads(st.read_bytes(root + "/.unickpt.lock"))["token"] == lock.token
-    finally:
-        lock.release()
+    _take_over(st, root)
 
 
 @pytest.mark.parametrize("body", [
@@ -111,10 +116,5 @@ def test_dead_or_unreadable_lease_is_taken_over(lease_root, dead_pid, body):
         body = {"host": socket.gethostname(), "pid": dead_pid, "token": "x",
                 "expires": time.time() + 600}
     _plant(st, root, body)
-    lock = st.lock(root)
-    lock.acquire()
-    try:
-        assert json.loads(st.read_bytes(root + "/.unickpt.lock"))["token"] == lock.token
-    finally:
-        lock.release()
+    _take_over(st, root)
     assert not st.is_file(root + "/.unickpt.lock")
