@@ -142,7 +142,7 @@ configs = st.fixed_dictionaries({
 })
 
 
-@settings(max_examples=int(os.environ.get("UNICKPT_JAX_EXAMPLES", "12")), deadline=None,
+@settings(max_examples=int(os.environ.get("UNICKPT_JAX_EXAMPLES", "6")), deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=configs, seed=st.integers(0, 2**16), batch=st.sampled_from([4, 8]),
        total=st.integers(4, 9), data=st.data())

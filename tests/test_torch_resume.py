@@ -25,7 +25,8 @@ from hypothesis import strategies as st
 import unickpt
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RESUME_EXAMPLES = int(os.environ.get("UNICKPT_TORCH_RESUME_EXAMPLES", "300"))
+# 100 generated schedules in the default run (CI); UNICKPT_TORCH_RESUME_EXAMPLES=300+ nightly
+RESUME_EXAMPLES = int(os.environ.get("UNICKPT_TORCH_RESUME_EXAMPLES", "100"))
 
 
 @pytest.fixture(autouse=True)

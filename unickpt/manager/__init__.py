@@ -1,6 +1,7 @@
 """The checkpoint manager: where a run starts, when it saves, what it keeps.
 
 * :mod:`.core`: :class:`CheckpointManager`, the decisions and the schedule;
+* :mod:`.start`: where a run starts (``resolve_start``) and the restore of its checkpoint;
 * :mod:`.run_root`: :class:`RunRoot`, the root on its storage (scan, describe, lock,
   cleanup, archive, delete), also used by ``unickpt ls``;
 * :mod:`.records`: what the manager reports and records;

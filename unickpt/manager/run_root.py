@@ -38,6 +38,7 @@ from typing import Any
 from ..errors import CheckpointExistsError, CorruptCheckpointError, RunRootError
 from ..format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, read_manifest_bytes
 from ..policy.naming import LATEST_NAME, Listing, classify, format_run, format_step, parse_step
+from ..process import pid_alive
 from ..storage import (
     ARCHIVE_PREFIX,
     STALE_TEMP_SECONDS,
@@ -52,25 +53,12 @@ from ..storage import (
 from .records import CheckpointInfo
 
 __all__ = ["RunRoot", "scan", "read_info", "valid_info", "read_manifest", "write_pointer", "read_pointer",
-           "temp_is_stale", "pid_alive"]
+           "temp_is_stale"]
 
 log = logging.getLogger("unickpt")
 
 # ``step_<N>.damaged-<time>``: a damaged checkpoint set aside (never a step, never deleted)
 DAMAGED_INFIX = ".damaged-"
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether ``pid`` is a process on this host (a permission error means it exists)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def scan(storage: Storage, root: str) -> Listing:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import CheckpointExistsError, LockedError, RunRootError, UnickptError
+from ..process import holder_known_dead
 from .objio import ObjectStoreError, PartUploader, RangedReader, SpoolUploader
 from .protocol import LOCK_NAME, parse_temp_name, temp_name
 
@@ -475,14 +476,13 @@ class FsspecStorage:
         return LeaseLock(self, root)
 
 
-def pid_alive(pid: int) -> bool:
+def _expires(holder: dict) -> float:
+    """When a lease ends; one that does not say (or not as a number) names no usable holder,
+    like an unreadable lease, and is over."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return float(holder.get("expires", 0))
+    except (TypeError, ValueError):
+        return 0.0
 
 
 class LeaseLock:
@@ -503,9 +503,10 @@ class LeaseLock:
 
     def _holder(self) -> dict:
         try:
-            return json.loads(self.storage.read_bytes(self.path))
+            h = json.loads(self.storage.read_bytes(self.path))
         except Exception:  # noqa: BLE001 - unreadable or gone: no holder we can name
             return {}
+        return h if isinstance(h, dict) else {}
 
     def acquire(self) -> None:
         if self.token is not None:
@@ -516,14 +517,15 @@ class LeaseLock:
                 if self.storage.put_if_absent(self.path, self._body()):
                     break
                 h = self._holder()
-                dead = h.get("host") == socket.gethostname() and not pid_alive(int(h.get("pid", 0)))
-                if dead or float(h.get("expires", 0)) < time.time():
+                # a holder we cannot check (no pid, another host) keeps its lease until expiry
+                dead = holder_known_dead(h.get("host"), h.get("pid"), this_host=socket.gethostname())
+                if dead or _expires(h) < time.time():
                     self.storage.remove_file(self.path)  # stale lease: take it over
                     continue
                 raise LockedError(
                     f"run root {self.root} is locked by another CheckpointManager (pid="
                     f"{h.get('pid')} host={h.get('host')}, lease until "
-                    f"{time.strftime('%H:%M:%S', time.gmtime(float(h.get('expires', 0))))}Z);"
+                    f"{time.strftime('%H:%M:%S', time.gmtime(_expires(h)))}Z);"
                     " two writers in one root would corrupt its history. Stop the other job, "
                     "or give this one another root")
             else:
