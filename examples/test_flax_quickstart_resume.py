@@ -17,6 +17,7 @@ import unickpt
 
 pytest.importorskip("flax")
 import flax_quickstart  # noqa: E402  (examples/ is on sys.path when pytest runs this file)
+from _quick_examples import unickpt_examples  # noqa: E402, F401  (2 schedules unless asked)
 
 STEPS = flax_quickstart.STEPS  # 40; saves every 6 steps (flax_quickstart.SAVE_EVERY) and at 40
 

@@ -17,6 +17,7 @@ import unickpt
 
 pytest.importorskip("torch")
 import torch_quickstart  # noqa: E402  (examples/ is on sys.path when pytest runs this file)
+from _quick_examples import unickpt_examples  # noqa: E402, F401  (2 schedules unless asked)
 
 STEPS = 100  # saves every 40 steps (torch_quickstart.SAVE_EVERY) and at the end
 

@@ -1,4 +1,7 @@
-"""The examples' resume tests in the project's own suite.
+"""How many schedules the examples' resume tests try in the project's own suite.
+
+The two quickstart resume tests import :func:`unickpt_examples` from here (a conftest.py in
+`examples/` would clash with `tests/conftest.py` under `--doctest-modules`).
 
 Each schedule a hypothesis-driven check of a quickstart tries is one or two SIGKILLed
 subprocesses plus a resume (a torch or Flax import apiece: tens of seconds on a loaded CI
