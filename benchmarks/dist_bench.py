@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -34,6 +33,8 @@ import time
 import warnings
 from datetime import timedelta
 from typing import Any
+
+from unickpt.testing.multiprocess import ProcessGroup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SYSTEMS = ("unickpt", "dcp", "raw")
@@ -165,15 +166,11 @@ def run_job(cfg: dict, timeout: float) -> dict:
     """Run ``cfg["world"]`` ranks in one process group; SIGKILL the group on timeout."""
     cfg = {**cfg, "port": _free_port()}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    procs: list[subprocess.Popen] = []
-    pgid = 0
-    try:
+    with ProcessGroup() as group:
         for rank in range(cfg["world"]):
-            p = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(cfg),
-                                  str(rank)], env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, process_group=pgid)
-            pgid = pgid or p.pid
-            procs.append(p)
+            group.start([sys.executable, __file__, "--worker", json.dumps(cfg), str(rank)],
+                        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        procs = group.procs
         deadline = time.monotonic() + timeout
         for p in procs:
             p.wait(max(deadline - time.monotonic(), 0.01))
@@ -183,15 +180,6 @@ def run_job(cfg: dict, timeout: float) -> dict:
                                f"{[p.returncode for p in procs]}:\n" + "\n---\n".join(outs))
         with open(cfg["result"]) as f:
             return json.load(f)
-    finally:
-        if pgid:
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for p in procs:
-            if p.stdout:
-                p.stdout.close()
 
 
 def summarize(job: dict) -> dict:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
+
+from unickpt.testing.multiprocess import ProcessGroup
 
 WORKER = os.path.join(os.path.dirname(__file__), "_dist_worker.py")
 
@@ -29,22 +30,18 @@ def launch(cfg: dict, *, timeout: float = 90.0, worker: str = WORKER,
     """
     cfg = {"port": free_port(), **cfg}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
-    procs: list[subprocess.Popen] = []
-    pgid = 0
-    try:
+    with ProcessGroup() as group:
         for rank in range(cfg["world"]):
-            p = subprocess.Popen([sys.executable, worker, json.dumps(cfg), str(rank)], env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 process_group=pgid)
-            pgid = pgid or p.pid
-            procs.append(p)
+            group.start([sys.executable, worker, json.dumps(cfg), str(rank)], env=env,
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        procs = group.procs
         deadline = time.monotonic() + timeout
         for p in procs:
             left = deadline - time.monotonic()
             try:
                 p.wait(max(left, 0.01))
             except subprocess.TimeoutExpired:
-                os.killpg(pgid, signal.SIGKILL)
+                group.kill()
                 outs = [p.communicate()[0].decode(errors="replace")[-2000:] for p in procs]
                 raise AssertionError(f"job did not finish in {timeout}s; output:\n"
                                      + "\n---\n".join(outs)) from None
@@ -53,12 +50,3 @@ def launch(cfg: dict, *, timeout: float = 90.0, worker: str = WORKER,
             outs = [p.communicate()[0].decode(errors="replace")[-3000:] for p in procs]
             raise AssertionError(f"ranks exited with {codes}:\n" + "\n---\n".join(outs))
         return codes
-    finally:
-        if pgid:
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for p in procs:
-            if p.stdout:
-                p.stdout.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,8 @@ import time
 from dataclasses import dataclass
 
 from _dist_launch import free_port
+
+from unickpt.testing.multiprocess import ProcessGroup
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,7 @@ def launch_jax(script: str, cfg: dict, *, processes: int = 2, devices: int = 2,
     env = {**os.environ, **(env or {}), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
            "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    procs: list[subprocess.Popen] = []
     logs = [tempfile.TemporaryFile() for _ in range(processes)]  # a pipe could fill and block
-    pgid = 0
 
     def outputs() -> list[str]:
         out = []
@@ -51,36 +50,24 @@ def launch_jax(script: str, cfg: dict, *, processes: int = 2, devices: int = 2,
         return out
 
     try:
-        for pid in range(processes):
-            p = subprocess.Popen([sys.executable, script, json.dumps(cfg), str(pid)], env=env,
-                                 stdout=logs[pid], stderr=subprocess.STDOUT,
-                                 process_group=pgid)
-            pgid = pgid or p.pid
-            procs.append(p)
-        deadline = time.monotonic() + timeout
-        for p in procs:
-            while p.poll() is None:
-                if time.monotonic() >= deadline:
-                    os.killpg(pgid, signal.SIGKILL)
-                    raise AssertionError(f"job did not finish in {timeout}s; output:\n"
-                                         + "\n---\n".join(o[-3000:] for o in outputs()))
-                time.sleep(0.01)
-        codes = [p.wait(10) for p in procs]
+        with ProcessGroup() as group:
+            for pid in range(processes):
+                group.start([sys.executable, script, json.dumps(cfg), str(pid)], env=env,
+                            stdout=logs[pid], stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + timeout
+            for p in group.procs:
+                while p.poll() is None:
+                    if time.monotonic() >= deadline:
+                        group.kill()
+                        raise AssertionError(f"job did not finish in {timeout}s; output:\n"
+                                             + "\n---\n".join(o[-3000:] for o in outputs()))
+                    time.sleep(0.01)
+            codes = [p.wait(10) for p in group.procs]
         outs = outputs()
         if check and any(codes):
             raise AssertionError(f"processes exited with {codes}:\n"
                                  + "\n---\n".join(o[-3000:] for o in outs))
         return JobResult(codes, outs)
     finally:
-        if pgid:
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
         for f in logs:
             f.close()

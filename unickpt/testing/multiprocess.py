@@ -40,7 +40,7 @@ from typing import Any
 from ..errors import UnickptError
 from .hardkill import resolve_target
 
-__all__ = ["multiprocess_train", "run_job", "JobFailedError"]
+__all__ = ["multiprocess_train", "run_job", "JobFailedError", "ProcessGroup"]
 
 
 class JobFailedError(UnickptError, RuntimeError):
@@ -73,6 +73,51 @@ def _tail(path: str, n: int = 3000) -> str:
         return ""
 
 
+class ProcessGroup:
+    """Processes started in one new process group; leaving the ``with`` SIGKILLs the group.
+
+    A job's processes may hang on each other forever (a collective waiting for a dead rank),
+    so whoever launches them must be able to end all of them at once, children included.
+
+    >>> with ProcessGroup() as g:
+    ...     p = g.start([sys.executable, "-c", "import time; time.sleep(60)"])
+    >>> p.returncode == -signal.SIGKILL
+    True
+    """
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+        self.pgid = 0
+
+    def start(self, argv: list[str], **popen: Any) -> subprocess.Popen:
+        """``subprocess.Popen(argv, **popen)`` in the group (the first one founds it)."""
+        p = subprocess.Popen(argv, process_group=self.pgid, **popen)
+        self.pgid = self.pgid or p.pid
+        self.procs.append(p)
+        return p
+
+    def kill(self) -> None:
+        """SIGKILL every process of the group (those already gone are fine)."""
+        if self.pgid:
+            try:
+                os.killpg(self.pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def __enter__(self) -> ProcessGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:  # unkillable (D state): do not hang the caller
+                pass
+            if p.stdout:
+                p.stdout.close()
+
+
 def run_job(target: str, world_size: int, root: str | os.PathLike, total_steps: int,
             stop_at: int | None = None, *, timeout: float = 300.0) -> dict[str, Any]:
     """Run ``target(root, total_steps, stop_at)`` on ``world_size`` ranks; their states.
@@ -90,43 +135,33 @@ def run_job(target: str, world_size: int, root: str | os.PathLike, total_steps: 
     base = {**_rank_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
             "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size)}
     args = json.dumps([target, os.fspath(root), total_steps, stop_at, work])
-    procs: list[subprocess.Popen] = []
     logs = [os.path.join(work, f"rank{r}.log") for r in range(world_size)]
-    pgid = 0
     try:
-        for rank in range(world_size):
-            with open(logs[rank], "wb") as log:
-                p = subprocess.Popen(
-                    [sys.executable, "-m", "unickpt.testing.multiprocess", args],
-                    env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                    stdout=log, stderr=subprocess.STDOUT, process_group=pgid)
-            pgid = pgid or p.pid
-            procs.append(p)
-        deadline = time.monotonic() + timeout
-        codes = [p.poll() for p in procs]
-        # wait for every rank; stop at the first failure (the others may wait on it forever)
-        while None in codes and time.monotonic() < deadline and \
-                all(c in (None, 0) for c in codes):
-            time.sleep(0.05)
+        with ProcessGroup() as group:  # a hung or failed job: every rank killed
+            for rank in range(world_size):
+                with open(logs[rank], "wb") as log:
+                    group.start([sys.executable, "-m", "unickpt.testing.multiprocess", args],
+                                env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                                stdout=log, stderr=subprocess.STDOUT)
+            procs = group.procs
+            deadline = time.monotonic() + timeout
             codes = [p.poll() for p in procs]
-        if codes != [0] * world_size:
-            why = ("failed" if any(c not in (None, 0) for c in codes)
-                   else f"did not finish within {timeout:g}s")
-            outs = "\n".join(f"--- rank {r} (exit {c}):\n{_tail(logs[r])}"
-                             for r, c in enumerate(codes))
-            raise JobFailedError(
-                f"job {target} on {world_size} ranks (root {os.fspath(root)}, "
-                f"stop_at={stop_at}) {why}: exit codes {codes} (None: still running, "
-                f"killed). Output:\n{outs}")
-        return {f"rank_{r}": load(os.path.join(work, f"rank{r}")) for r in range(world_size)}
+            # wait for every rank; stop at the first failure (the others may wait on it forever)
+            while None in codes and time.monotonic() < deadline and \
+                    all(c in (None, 0) for c in codes):
+                time.sleep(0.05)
+                codes = [p.poll() for p in procs]
+            if codes != [0] * world_size:
+                why = ("failed" if any(c not in (None, 0) for c in codes)
+                       else f"did not finish within {timeout:g}s")
+                outs = "\n".join(f"--- rank {r} (exit {c}):\n{_tail(logs[r])}"
+                                 for r, c in enumerate(codes))
+                raise JobFailedError(
+                    f"job {target} on {world_size} ranks (root {os.fspath(root)}, "
+                    f"stop_at={stop_at}) {why}: exit codes {codes} (None: still running, "
+                    f"killed). Output:\n{outs}")
+            return {f"rank_{r}": load(os.path.join(work, f"rank{r}")) for r in range(world_size)}
     finally:
-        if pgid:
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for p in procs:
-            p.wait()
         shutil.rmtree(work, ignore_errors=True)
 
 
