@@ -34,8 +34,7 @@ S3_WORKER = _dist_launch.WORKER.replace("_dist_worker.py", "_dist_s3_worker.py")
 
 
 def launch(cfg: dict, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    monkeypatch.setattr(_dist_launch, "WORKER", S3_WORKER)
-    return _dist_launch.launch(cfg, timeout=90)
+    return _dist_launch.launch(cfg, timeout=90, worker=S3_WORKER)
 
 
 def job(tmp, url: str, opts: dict, mode: str = "fsdp", world: int = 2, **kw) -> dict:
