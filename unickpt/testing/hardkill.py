@@ -102,7 +102,8 @@ def dotted_path_of(fn: Callable[..., Any]) -> str:
     return f"{mod}:{qual}"
 
 
-def _child_env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
+    """This environment, with this process's import path (a child imports what we import)."""
     env = dict(os.environ)
     # The child must import what this process imports: the test's directory (added to
     # sys.path by pytest), editable installs, the user's package.
@@ -130,7 +131,7 @@ def run_and_kill(target: str, root: str, total_steps: int, stop: int, moment: st
         # workers...) with it, as a crash of the machine or the job would.
         proc = subprocess.Popen([sys.executable, "-c", _CHILD, args], pass_fds=(w,),
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                env=_child_env(), start_new_session=True)
+                                env=child_env(), start_new_session=True)
         os.close(w)
         event: dict | None = None
         buf = b""

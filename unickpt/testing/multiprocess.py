@@ -38,23 +38,13 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import UnickptError
-from .hardkill import resolve_target
+from .hardkill import child_env, resolve_target
 
 __all__ = ["multiprocess_train", "run_job", "JobFailedError", "ProcessGroup"]
 
 
 class JobFailedError(UnickptError, RuntimeError):
     """A rank of a launched job failed, or the job did not finish within its timeout."""
-
-
-def _rank_env() -> dict[str, str]:
-    """This environment, with this process's import path: the ranks import the target."""
-    env = dict(os.environ)
-    paths = [p for p in sys.path if p and os.path.isdir(p)]
-    if env.get("PYTHONPATH"):
-        paths.append(env["PYTHONPATH"])
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    return env
 
 
 def _free_port() -> int:
@@ -132,7 +122,7 @@ def run_job(target: str, world_size: int, root: str | os.PathLike, total_steps: 
     from ..api import load
 
     work = tempfile.mkdtemp(prefix="unickpt-job-")
-    base = {**_rank_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+    base = {**child_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
             "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size)}
     args = json.dumps([target, os.fspath(root), total_steps, stop_at, work])
     logs = [os.path.join(work, f"rank{r}.log") for r in range(world_size)]
