@@ -133,8 +133,8 @@ def section(doc: dict, policy: dict | None = None, results_dir: str = "benchmark
              "harness fsyncs what a peer leaves unsynced), materialized restores (from a cold "
              "page cache on the disk), systems alternating round-robin, each case on the disk "
              "and on tmpfs (the libraries' own cost, without the disk). Figures are best of "
-             f"{doc['repeats']}; ratios are unickpt's speed over the fastest peer's (> 1: "
-             "unickpt faster). Method and fairness rules: "
+             f"{_report.repeats_text(doc)}; ratios are unickpt's speed over the fastest "
+             "peer's (> 1: unickpt faster). Method and fairness rules: "
              "[benchmarks/README.md](benchmarks/README.md); medians, spreads and every system: "
              f"[{results_dir}/results.md]({results_dir}/results.md).")
     run = (f"This run{' (QUICK: shrunk states)' if doc.get('quick') else ''}: "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import pytest
 
@@ -89,3 +90,42 @@ def test_importtime_parsing_lists_whole_packages():
     assert "numpy" in names and "unickpt" not in names
     assert all("." not in n for n in names)
     assert all(c >= 0 for _, c in slow)
+
+
+def test_short_operations_get_extra_rounds_and_the_reports_say_so(tmp_path, monkeypatch):
+    """Systems whose save + restore are short get --fast-repeats rounds; slow ones keep N."""
+    import numpy as np
+    import run
+    from _systems import System
+
+    monkeypatch.setattr(run, "FAST_S", 0.05)
+    calls: list[str] = []
+
+    def system(name: str, pause: float) -> System:
+        def save(tree: dict, path: str) -> None:
+            calls.append(name)
+            with open(path, "wb") as f:
+                f.write(tree["a"].tobytes())
+            time.sleep(pause)
+
+        def load(path: str, _t: object) -> dict:
+            time.sleep(pause)
+            with open(path, "rb") as f:
+                return {"a": np.frombuffer(f.read(), dtype=np.int64)}
+
+        return System(name, prepare=lambda t: t, save=save, load=load, to_numpy=lambda d: d,
+                      fsync_added=False)
+
+    quick, slow = system("quick", 0.0), system("slow", 0.04)
+    res = run.bench_state("s", {"a": np.arange(4)}, [quick, slow], 3, str(tmp_path),
+                          drop=False, log=lambda m: None, fs="disk", fast_repeats=7)
+    assert len(res["runs"]["quick"]["save"]) == len(res["runs"]["quick"]["load"]) == 7
+    assert len(res["runs"]["slow"]["save"]) == len(res["runs"]["slow"]["load"]) == 3
+    # the first three rounds alternate both systems; the extra ones run the quick one only
+    assert calls[:6].count("quick") == calls[:6].count("slow") == 3
+    assert set(calls[6:]) == {"quick"} and not os.listdir(tmp_path)
+    doc = {"repeats": 3, "fast_repeats": 7, "fast_s": 0.05}
+    assert _report.repeats_text(doc) == ("3 (7 for the systems whose save + restore of a "
+                                         "state take under 0.05 s: short operations are the "
+                                         "ones noise swings most)")
+    assert _report.repeats_text({"repeats": 5}) == "5"
