@@ -4,8 +4,9 @@
                                  [--check]
 
 or, in one go, ``python benchmarks/run.py --out benchmarks/results --readme README.md``.
-Everything between the ``## Performance`` heading and the next ``## `` heading is replaced by
-text generated from ``results.json`` alone (plus ``policy_scale.json`` next to it, if
+Everything between the ``## Performance`` heading and the next ``## `` or ``### `` heading
+(hand-written subsections, such as the multi-process figures, are kept) is replaced by text
+generated from ``results.json`` alone (plus ``policy_scale.json`` next to it, if
 present): the machine, a table of best-of-N figures per state and filesystem with the ratio
 to the fastest peer (marked ``~`` where the run judged it unstable), the start-up, memory,
 mmap and async figures, and the targets.  Rewriting is idempotent: a second run on the same
@@ -156,12 +157,14 @@ def section(doc: dict, policy: dict | None = None, results_dir: str = "benchmark
 
 
 def rewrite(readme: str, new_section: str) -> str:
-    """``readme`` with its Performance section (heading to the next ``## ``) replaced."""
+    """``readme`` with its generated Performance text replaced: from the heading to the next
+    ``## `` or ``### `` heading, so hand-written subsections after it stay as they are."""
     start = readme.find(HEADING + "\n")
     if start < 0:
         raise ValueError(f"no {HEADING!r} heading in the README")
-    end = readme.find("\n## ", start + len(HEADING))
-    rest = "" if end < 0 else readme[end + 1:]
+    ends = [e for e in (readme.find(h, start + len(HEADING)) for h in ("\n## ", "\n### "))
+            if e >= 0]
+    rest = readme[min(ends) + 1:] if ends else ""
     return readme[:start] + new_section + rest
 
 

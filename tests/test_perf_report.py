@@ -81,11 +81,17 @@ def test_rewrite_replaces_only_the_section_and_is_idempotent(tmp_path):
     assert readme.read_text() == once
     assert _readme.update(str(readme), str(results), check=True)
     head, _, _ = before.partition("## Performance\n")
-    end = before.find("\n## ", len(head) + 5)  # the next section, if any
-    tail = "" if end < 0 else before[end + 1:]
+    ends = [e for e in (before.find(h, len(head) + 5) for h in ("\n## ", "\n### ")) if e >= 0]
+    tail = before[min(ends) + 1:] if ends else ""  # the next (sub)section, if any
     assert once.startswith(head) and once.endswith(tail)
-    assert _readme.rewrite(once + "## Next\n\ntext\n", "## Performance\n\nnew\n\n") == \
-        head + "## Performance\n\nnew\n\n## Next\n\ntext\n"
+    # the README's hand-written multi-process subsections survive the rewrite
+    for sub in ("### Multi-process (JAX)\n", "### Multi-process (PyTorch)\n"):
+        assert before.count(sub) == once.count(sub) == 1, sub
+    assert _readme.rewrite(head + "## Performance\n\nold\n\n### Mine\n\nkept\n\n## Next\n",
+                           "## Performance\n\nnew\n\n") == \
+        head + "## Performance\n\nnew\n\n### Mine\n\nkept\n\n## Next\n"
+    assert _readme.rewrite(head + "## Performance\n\nold\n", "## Performance\n\nnew\n") == \
+        head + "## Performance\n\nnew\n"
     assert once.count("## Performance") == 1
     assert "](results/results.md)" in once  # links relative to the README
 
