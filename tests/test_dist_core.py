@@ -77,6 +77,28 @@ def test_coordination_error_is_a_timeout_error():
     assert e.missing == [1, 2] and e.phase == "save step_1: plan"
 
 
+def test_a_transport_failure_inside_a_collective_becomes_a_coordination_error():
+    from unickpt.dist.coordinator import failures_as
+
+    with pytest.raises(CoordinationError) as got:
+        with failures_as("save step_4: gather", "rank 1 of 2"):
+            raise RuntimeError("Connection reset by peer\nat gloo/transport/tcp/pair.cc")
+    assert str(got.value) == ("unickpt: save step_4: gather: rank 1 of 2: "
+                              "Connection reset by peer")
+    assert got.value.phase == "save step_4: gather"
+    assert isinstance(got.value.__cause__, RuntimeError)
+    # An error that is already typed passes through untouched, and so does anything that is
+    # not a transport failure (a bug in the caller must not read as a dead peer).
+    mine = CoordinationError("m", phase="p", missing=[1])
+    with pytest.raises(CoordinationError) as again:
+        with failures_as("x", "y"):
+            raise mine
+    assert again.value is mine
+    with pytest.raises(ValueError, match="not a transport"):
+        with failures_as("x", "y"):
+            raise ValueError("not a transport failure")
+
+
 def test_per_rank_paths_outermost_only():
     kinds = {("a",): "unickpt.RNG", ("a", "x"): "torch:torch.Generator",
              ("m",): "torch:torch.nn.Module", ("d", 0): "stateful:x.Loader",

@@ -33,7 +33,7 @@ STEPS = 7
 S3_WORKER = _dist_launch.WORKER.replace("_dist_worker.py", "_dist_s3_worker.py")
 
 
-def launch(cfg: dict, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def launch(cfg: dict) -> list[int]:
     return _dist_launch.launch(cfg, timeout=90, worker=S3_WORKER)
 
 
@@ -62,12 +62,11 @@ def reference(tmp_path_factory, seaweed):
         fs.mkdir("unickpt-tests")
     url = f"s3://unickpt-tests/dist-{uuid.uuid4().hex[:10]}"
     cfg = job(tmp_path_factory.mktemp("ref"), url, seaweed.options())
-    with pytest.MonkeyPatch.context() as mp:
-        assert launch(cfg, mp) == [0, 0]
+    assert launch(cfg) == [0, 0]
     return cfg, finals(cfg)
 
 
-def test_fsdp2_on_s3_layout_and_restore_at_world_size_1(tmp_path, reference, monkeypatch):
+def test_fsdp2_on_s3_layout_and_restore_at_world_size_1(tmp_path, reference):
     ref, _ = reference
     opts = ref["storage_options"]
     st = storage_for(ref["root"], opts)
@@ -82,7 +81,7 @@ def test_fsdp2_on_s3_layout_and_restore_at_world_size_1(tmp_path, reference, mon
     assert sorted(st.list_dir(ck)) == ["arrays-r0.safetensors", "arrays-r1.safetensors",
                                        "manifest.msgpack"]
     cfg = {**job(tmp_path, ref["root"], opts, "restore", 1)}
-    assert launch(cfg, monkeypatch) == [0]
+    assert launch(cfg) == [0]
     got = unickpt.load(f"{cfg['out']}.r0")
     assert got["step"] == 6 and "written by 2 processes and is restored by 1" in got["refused"]
     saved = unickpt.load(ck, storage=st)
@@ -94,11 +93,10 @@ def test_fsdp2_on_s3_layout_and_restore_at_world_size_1(tmp_path, reference, mon
                                  got["opt"][name][k], ("opt", name, k))
 
 
-def test_rank_killed_mid_upload_nothing_committed_then_resumes(tmp_path, reference, s3_root,
-                                                              monkeypatch):
+def test_rank_killed_mid_upload_nothing_committed_then_resumes(tmp_path, reference, s3_root):
     url, opts = s3_root
     cfg = job(tmp_path, url, opts, kill_upload={"step": 6, "ranks": [1]})
-    assert launch(cfg, monkeypatch) == [3, -9]
+    assert launch(cfg) == [3, -9]
     with open(f"{cfg['out']}.r0.error.json") as f:
         err = json.load(f)
     assert err["type"] == "CoordinationError"
@@ -111,7 +109,7 @@ def test_rank_killed_mid_upload_nothing_committed_then_resumes(tmp_path, referen
     assert st.list_dir(root) == [".unickpt.lock", "latest", "step_2", "step_4"]
     assert st.read_bytes(root + "/latest").strip() == b"step_4"
     cfg.pop("kill_upload")
-    assert launch(cfg, monkeypatch) == [0, 0]  # resumes step_4 and finishes
+    assert launch(cfg) == [0, 0]  # resumes step_4 and finishes
     for rank, (want, got) in enumerate(zip(reference[1], finals(cfg))):
         assert_bitwise_equal(want, got, (f"rank {rank}",))
     # the resume read each rank's own shards, not the other rank's: ranged reads

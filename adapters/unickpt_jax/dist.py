@@ -29,7 +29,14 @@ from typing import Any
 
 import jax
 
-from unickpt.dist.coordinator import DEFAULT_TIMEOUT, CoordinationError, pack, unpack
+from unickpt.dist.coordinator import (
+    DEFAULT_TIMEOUT,
+    CoordinationError,
+    failures_as,
+    first_line,
+    pack,
+    unpack,
+)
 
 __all__ = ["JaxCoordinator"]
 
@@ -104,13 +111,13 @@ class JaxCoordinator:
             seq = self._seq
             self._seq += 1
             here = f"{self._base}/{seq}"
-            with self._errors(phase, t, here):
+            with self._errors(phase):
                 self._client.key_value_set_bytes(f"{here}/{self._rank}", raw)
             try:
                 self._client.wait_at_barrier(here, max(1, int(t * 1000)))
             except Exception as e:  # noqa: BLE001 - the runtime raises JaxRuntimeError
                 raise self._timed_out(phase, t, here, e) from e
-            with self._errors(phase, t, here):
+            with self._errors(phase):
                 if read is None:
                     out: list[Any] = []
                 elif read == "all":
@@ -158,30 +165,8 @@ class JaxCoordinator:
             f"{self._world}); a process died, hangs, or does not call the same checkpoint "
             "operation (every process must call save/restore/close). Raise the timeout with "
             "CheckpointManager(..., dist_timeout=SECONDS) if processes are merely slow. "
-            f"[{_first_line(e)}]", phase=phase, missing=missing)
+            f"[{first_line(e)}]", phase=phase, missing=missing)
 
-    def _errors(self, phase: str, t: float, here: str) -> Any:
-        return _Wrap(self, phase, t, here)
-
-
-class _Wrap:
-    """A failing key-value call (the service went away) becomes a typed error."""
-
-    def __init__(self, coord: JaxCoordinator, phase: str, t: float, here: str):
-        self.coord, self.phase, self.t, self.here = coord, phase, t, here
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, et: Any, e: Any, tb: Any) -> bool:
-        if e is not None and isinstance(e, RuntimeError) and not isinstance(
-                e, CoordinationError):
-            raise CoordinationError(
-                f"unickpt: {self.phase}: the coordination service failed on process "
-                f"{self.coord.rank} of {self.coord.world_size}: {_first_line(e)}",
-                phase=self.phase) from e
-        return False
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    def _errors(self, phase: str) -> Any:
+        return failures_as(phase, f"the coordination service failed on process {self._rank} "
+                                  f"of {self._world}")

@@ -19,7 +19,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from unickpt.dist.coordinator import DEFAULT_TIMEOUT, CoordinationError, pack, unpack
+from unickpt.dist.coordinator import (
+    DEFAULT_TIMEOUT,
+    CoordinationError,
+    failures_as,
+    first_line,
+    pack,
+    unpack,
+)
 
 __all__ = ["TorchCoordinator"]
 
@@ -110,33 +117,11 @@ class TorchCoordinator:
                 f"{self._world}); a rank died, hangs, or does not call the same checkpoint "
                 "operation (every rank must call save/restore/close). Raise the timeout with "
                 "CheckpointManager(..., dist_timeout=SECONDS) if ranks are merely slow. "
-                f"[{_first_line(e)}]", phase=phase, missing=missing) from e
+                f"[{first_line(e)}]", phase=phase, missing=missing) from e
 
     def _errors(self, phase: str) -> Any:
-        return _Wrap(phase, self._rank, self._world)
-
-
-class _Wrap:
-    """Turns a failure inside a collective (a peer vanished mid-transfer) into a typed error."""
-
-    def __init__(self, phase: str, rank: int, world: int):
-        self.phase, self.rank, self.world = phase, rank, world
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, et: Any, e: Any, tb: Any) -> bool:
-        if e is not None and isinstance(e, RuntimeError) and not isinstance(
-                e, CoordinationError):
-            raise CoordinationError(
-                f"unickpt: {self.phase}: a collective failed on rank {self.rank} of "
-                f"{self.world} (a peer died or left): {_first_line(e)}",
-                phase=self.phase) from e
-        return False
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        return failures_as(phase, f"a collective failed on rank {self._rank} of "
+                                  f"{self._world} (a peer died or left)")
 
 
 def _missing(msg: str, rank: int, global_ranks: list[int]) -> list[int]:

@@ -17,7 +17,8 @@ Every collective takes a *phase* name and a timeout in seconds; a wait that runs
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol, runtime_checkable
 
 import msgpack
@@ -25,7 +26,7 @@ import msgpack
 from ..errors import UnickptError
 
 __all__ = ["Coordinator", "SingleProcess", "CoordinationError", "DEFAULT_TIMEOUT", "pack",
-           "unpack"]
+           "unpack", "failures_as", "first_line"]
 
 #: Seconds a collective waits for the other ranks by default (a save of a large state by a
 #: slow rank must fit in it: the gather after the writes waits for the slowest writer).
@@ -104,3 +105,32 @@ def pack(value: Any, phase: str = "") -> bytes:
 
 def unpack(raw: bytes) -> Any:
     return msgpack.unpackb(raw, raw=False, strict_map_key=False)
+
+
+@contextmanager
+def failures_as(phase: str, where: str) -> Iterator[None]:
+    """Turn a ``RuntimeError`` raised inside a collective into a :class:`CoordinationError`.
+
+    A peer that vanishes mid-transfer, or a coordination service that goes away, surfaces as
+    a runtime error from deep inside the framework; a coordinator wraps its transport calls
+    in this so callers see one typed error naming the phase and ``where`` it failed.
+
+    >>> try:
+    ...     with failures_as("save step_3: gather", "rank 1 of 2"):
+    ...         raise RuntimeError("Connection closed by peer\\n(details)")
+    ... except CoordinationError as e:
+    ...     print(e, "|", e.phase)
+    unickpt: save step_3: gather: rank 1 of 2: Connection closed by peer | save step_3: gather
+    """
+    try:
+        yield
+    except CoordinationError:
+        raise
+    except RuntimeError as e:
+        raise CoordinationError(f"unickpt: {phase}: {where}: {first_line(e)}",
+                                phase=phase) from e
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an error's message (at most 300 characters), for a one-line report."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
