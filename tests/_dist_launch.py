@@ -50,3 +50,17 @@ def launch(cfg: dict, *, timeout: float = 90.0, worker: str = WORKER,
             outs = [p.communicate()[0].decode(errors="replace")[-3000:] for p in procs]
             raise AssertionError(f"ranks exited with {codes}:\n" + "\n---\n".join(outs))
         return codes
+
+
+def assert_gathered_equal_saved(saved: dict, got: dict) -> None:
+    """A world-size-1 restore (``got``: the worker's gathered ``params`` and ``opt``) equals
+    the checkpoint's model and optimizer state (``saved``), bit for bit, leaf by leaf."""
+    import numpy as np
+    from _bitwise import assert_bitwise_equal
+
+    for name, arr in saved["model"].items():
+        assert_bitwise_equal(np.asarray(arr), got["params"][name], ("params", name))
+    for name, st in saved["opt"]["state"].items():
+        for k, v in st.items():
+            assert_bitwise_equal(np.asarray(v).reshape(np.shape(got["opt"][name][k])),
+                                 got["opt"][name][k], ("opt", name, k))

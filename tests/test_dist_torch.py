@@ -23,7 +23,7 @@ import pytest
 pytest.importorskip("torch")
 
 from _bitwise import assert_bitwise_equal  # noqa: E402
-from _dist_launch import launch  # noqa: E402
+from _dist_launch import assert_gathered_equal_saved, launch  # noqa: E402
 
 import unickpt  # noqa: E402
 from unickpt.format.reader import CheckpointReader  # noqa: E402
@@ -124,10 +124,5 @@ def test_restores_at_other_world_sizes_and_layouts(tmp_path, reference, source, 
             assert got["refused"] == ""  # same world size: per-rank state restores
         # the gathered parameters and optimizer state equal the saved ones, bit for bit;
         # the uninterrupted run trained to step 7, so compare with the checkpoint itself
-        saved = unickpt.load(os.path.join(ref_cfg["root"], "step_6"))
-        for name, arr in saved["model"].items():
-            assert_bitwise_equal(np.asarray(arr), got["params"][name], ("params", name))
-        for name, st in saved["opt"]["state"].items():
-            for k, v in st.items():
-                assert_bitwise_equal(np.asarray(v).reshape(np.shape(got["opt"][name][k])),
-                                     got["opt"][name][k], ("opt", name, k))
+        assert_gathered_equal_saved(unickpt.load(os.path.join(ref_cfg["root"], "step_6")),
+                                    got)

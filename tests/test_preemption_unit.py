@@ -244,10 +244,16 @@ def test_a_dropped_manager_restores_its_handlers(tmp_path) -> None:
 
 
 def test_sigint_by_name_does_not_raise_keyboard_interrupt_mid_save(tmp_path) -> None:
-    with CheckpointManager(tmp_path, preemption=True, preemption_signals=["SIGINT"]) as mgr:
-        os.kill(os.getpid(), signal.SIGINT)  # Python's default would raise KeyboardInterrupt
-        assert mgr.save(3, {"w": np.ones(2)}) and mgr.preempted
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Python's own handler, whatever this process inherited (a job started in the background
+    # by a shell inherits SIGINT ignored)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with CheckpointManager(tmp_path, preemption=True, preemption_signals=["SIGINT"]) as mgr:
+            os.kill(os.getpid(), signal.SIGINT)  # the default would raise KeyboardInterrupt
+            assert mgr.save(3, {"w": np.ones(2)}) and mgr.preempted
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_a_manager_built_off_the_main_thread_is_a_config_error(tmp_path) -> None:
