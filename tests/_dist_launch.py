@@ -64,3 +64,14 @@ def assert_gathered_equal_saved(saved: dict, got: dict) -> None:
         for k, v in st.items():
             assert_bitwise_equal(np.asarray(v).reshape(np.shape(got["opt"][name][k])),
                                  got["opt"][name][k], ("opt", name, k))
+
+
+def assert_rank_missed_report(cfg: dict, step: int, missing: int) -> None:
+    """Rank 0 of the job ``cfg`` failed with a CoordinationError at ``save step_{step}:
+    report`` naming rank ``missing`` as the one that did not arrive."""
+    with open(f"{cfg['out']}.r0.error.json") as f:
+        err = json.load(f)
+    assert err["type"] == "CoordinationError"
+    assert f"save step_{step}: report" in err["message"] and \
+        f"rank(s) {missing} did not arrive" in err["message"], err["message"]
+    assert err["missing"] == [missing]

@@ -90,11 +90,7 @@ def test_rank_killed_mid_upload_nothing_committed_then_resumes(tmp_path, referen
     url, opts = s3_root
     cfg = job(tmp_path, url, opts, kill_upload={"step": 6, "ranks": [1]})
     assert launch(cfg) == [3, -9]
-    with open(f"{cfg['out']}.r0.error.json") as f:
-        err = json.load(f)
-    assert err["type"] == "CoordinationError"
-    assert "save step_6: report" in err["message"] and "rank(s) 1 did not arrive" in \
-        err["message"], err["message"]
+    _dist_launch.assert_rank_missed_report(cfg, step=6, missing=1)
     st = storage_for(url, opts)
     root = st.resolve(url)
     # rank 0's own file of step 6 and the staging marker are gone: nothing to mistake.  The

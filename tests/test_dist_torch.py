@@ -14,7 +14,6 @@ fails the test, it never stalls the suite.  What is checked, bit for bit, on eve
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -23,7 +22,11 @@ import pytest
 pytest.importorskip("torch")
 
 from _bitwise import assert_bitwise_equal  # noqa: E402
-from _dist_launch import assert_gathered_equal_saved, launch  # noqa: E402
+from _dist_launch import (  # noqa: E402
+    assert_gathered_equal_saved,
+    assert_rank_missed_report,
+    launch,
+)
 
 import unickpt  # noqa: E402
 from unickpt.format.reader import CheckpointReader  # noqa: E402
@@ -93,12 +96,7 @@ def test_whole_job_killed_resumes_bitwise(tmp_path, reference, mode, kills):
 def test_one_rank_killed_mid_save(tmp_path):
     cfg = job(tmp_path, "run", kill={"step": 6, "phase": "report", "ranks": [1]})
     assert launch(cfg) == [3, -9]
-    with open(f"{cfg['out']}.r0.error.json") as f:
-        err = json.load(f)
-    assert err["type"] == "CoordinationError"
-    assert "save step_6: report" in err["message"] and "rank(s) 1 did not arrive" in \
-        err["message"], err["message"]
-    assert err["missing"] == [1]
+    assert_rank_missed_report(cfg, step=6, missing=1)
     names = sorted(os.listdir(cfg["root"]))
     assert "step_6" not in names and "step_4" in names
     assert not [n for n in names if n.startswith(".unickpt-tmp")], names  # rank 0 cleaned up
