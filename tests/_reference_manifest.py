@@ -1,7 +1,11 @@
 """Reference (simple, slow) manifest codec: the manifest module as it was before its fast paths.
 
 Kept verbatim so tests can prove the fast encoder/decoder give the same bytes, the same
-decoded manifest and the same errors.  Not part of unickpt.
+decoded manifest and the same errors.  Not part of unickpt.  Version 3's array table
+(docs/FORMAT.md 4.1.2) is written and read by ``_reference_table``, from the spec alone: its
+structure is checked there and it is turned into the v2 entry maps, which the unchanged
+entry-by-entry validation here then checks.  The optional ``head_xxh3`` (4.1.1) is kept and
+checked too.
 
 The msgpack manifest: encoding of the tree structure and its validation on read.
 
@@ -22,6 +26,7 @@ from typing import Any, NoReturn
 
 import msgpack
 import numpy as np
+from _reference_table import decode_table, encode_table
 
 from unickpt.errors import CorruptCheckpointError, FormatVersionError
 from unickpt.format import checksum
@@ -29,8 +34,8 @@ from unickpt.format.bigint import MAX_BIG_INT_CHARS, decimal_to_int, encode_big_
 from unickpt.format.dtypes import UnsupportedDtype, dtype_from_name, has_byteorder
 from unickpt.tree import Path, format_path
 
-FORMAT_VERSION = 2  # written; v2 added the safetensors header checksum (header_xxh3)
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # written; v2 added the header checksum (header_xxh3), v3 the array table
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST_NAME = "manifest.msgpack"
 MAX_MANIFEST_BYTES = 1 << 30  # 1 GiB: far above any real manifest, bounds a hostile one
 MAX_NDIM = 64
@@ -52,6 +57,7 @@ class ArrayEntry:
     xxh3: int
     byteorder: str = "<"  # "<" or ">": the byte order of the array as the user gave it
     scalar: bool = False  # a numpy scalar (np.generic) rather than a 0-d array
+    head_xxh3: int | None = None  # xxh3-64 of the first 4096 bytes; optional
 
     def to_msg(self) -> dict:
         d = {"file": self.file, "name": self.name, "dtype": self.dtype, "shape": list(self.shape),
@@ -60,6 +66,8 @@ class ArrayEntry:
             d["byteorder"] = self.byteorder
         if self.scalar:
             d["scalar"] = True
+        if self.head_xxh3 is not None:
+            d["head_xxh3"] = self.head_xxh3
         return d
 
 
@@ -116,7 +124,8 @@ class Manifest:
             "library_version": self.library_version,
             "checksum": "xxh3_64",
             "tree": self.tree,
-            "arrays": [a.to_msg() for a in self.arrays],
+            "arrays": (encode_table(self.arrays, [f.name for f in self.files])
+                       if self.format_version >= 3 else [a.to_msg() for a in self.arrays]),
             "sharded": [s.to_msg() for s in self.sharded],
             "files": [f.to_msg() for f in self.files],
             "kinds": [[list(p), k] for p, k in self.kinds.items()],
@@ -300,9 +309,13 @@ def _validate_files(m: dict, fail: Callable[[str], NoReturn]) -> list[FileEntry]
 
 def _validate_arrays(m: dict, fail: Callable[[str], NoReturn],
                      file_by_name: dict[str, FileEntry]) -> list[ArrayEntry]:
+    if m["format_version"] >= 3:  # the array table: its structure, then every entry as in v2
+        raw_arrays = decode_table(m.get("arrays"), list(file_by_name), fail)
+    else:
+        raw_arrays = _need(fail, m, "arrays", list, "manifest")
     arrays = []
     spans: dict[str, list[tuple[int, int, int]]] = {}
-    for i, a in enumerate(_need(fail, m, "arrays", list, "manifest")):
+    for i, a in enumerate(raw_arrays):
         if not isinstance(a, dict):
             fail(f"array entry {i} is not a map")
         # Fast path for the common case (a manifest can hold 10^5 arrays): check every field's
@@ -335,8 +348,12 @@ def _validate_arrays(m: dict, fail: Callable[[str], NoReturn],
         scalar = a.get("scalar", False)
         if scalar is not False and (scalar is not True or shape != ()):
             fail(f"array {i}: 'scalar' must be a bool, true only for shape []")
+        head = a.get("head_xxh3")
+        if head is not None and (type(head) is not int or not 0 <= head <= _UINT64_MAX):
+            fail(f"array {i}: head_xxh3 is not a uint64")
         spans.setdefault(fname, []).append((offset, offset + nbytes, i))
-        arrays.append(ArrayEntry(fname, tname, dname, shape, offset, nbytes, xxh, bo, scalar))
+        arrays.append(ArrayEntry(fname, tname, dname, shape, offset, nbytes, xxh, bo, scalar,
+                                 head))
     for fname, sp in spans.items():
         sp.sort()
         for (_s0, e0, i0), (s1, _e1, i1) in zip(sp, sp[1:]):
