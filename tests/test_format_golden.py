@@ -18,7 +18,7 @@ from _bitwise import assert_bitwise_equal
 import unickpt
 
 GOLDEN_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
-VERSIONS = (1, 2)
+VERSIONS = (1, 2, 3)
 GOLDEN = os.path.join(GOLDEN_ROOT, "v1")
 
 
@@ -49,11 +49,11 @@ def _load(name: str, **kw):
     return unickpt.load(path, **kw)
 
 
-def test_golden_set_is_complete_and_small():
+def test_golden_set_is_complete_and_small(version):
     names = set(os.listdir(GOLDEN))
     assert {"tiny", "scalars", "numeric", "ml_dtypes", "layouts", "strings_times", "structure",
             "sharded", "metadata", "root_array", "root_scalar", "empty_tree",
-            "longdouble_x87"} <= names
+            "longdouble_x87"} | ({"incremental"} if version >= 2 else set()) <= names
     total = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(GOLDEN)
                 for f in fs)
     assert total < 200_000
@@ -174,6 +174,27 @@ def test_long_double_x87():
                          unickpt.load(path))
 
 
+def test_incremental(version):
+    """Step 2 of a manager run with sharing (v2 on): the frozen array's file (arrays-00000,
+    with a head_xxh3) was shared from step 1; the trained arrays are in arrays-00001."""
+    if version < 2:
+        pytest.skip("incremental saves write v2 on")
+    path = os.path.join(GOLDEN, "incremental")
+    assert sorted(os.listdir(path)) == ["arrays-00000.safetensors", "arrays-00001.safetensors",
+                                        "manifest.msgpack"]
+    exp = {"frozen": {"w": np.arange(16400, dtype=np.float32)},
+           "train": {"a": np.array([2, 4, 6], np.float32), "n": np.int64(2)}, "step": 2}
+    assert_bitwise_equal(exp, _load("incremental"))
+    assert_bitwise_equal(exp, unickpt.load(path, mmap=True))
+    assert_bitwise_equal(exp, _spec_reader(path))
+    ins = unickpt.inspect(path)
+    assert ins.format_version == version and ins.info["shared_files"] == 1
+    with unickpt.format.CheckpointReader(path) as r:
+        heads = [e.head_xxh3 for e in r.manifest.arrays]
+    assert heads[0] == xxhash.xxh3_64_intdigest(exp["frozen"]["w"].tobytes()[:4096])
+    assert heads[1:] == [None, None]
+
+
 # ------------------------------------------------------------------ the bytes themselves
 TINY_MANIFEST_HEX = (
     "83a7756e69636b707401a478786833cf48e8fdb65a886523a4626f6479c4fe8aae666f726d61745f76657273"
@@ -213,25 +234,35 @@ def _spec_reader(path: str) -> dict:
     """A minimal reader written from docs/FORMAT.md alone (msgpack + json + numpy, no unickpt)."""
     with open(os.path.join(path, "manifest.msgpack"), "rb") as f:
         outer = msgpack.unpackb(f.read(), raw=False)
-    assert outer["unickpt"] in VERSIONS
+    version = outer["unickpt"]
+    assert version in VERSIONS
     assert outer["xxh3"] == xxhash.xxh3_64_intdigest(outer["body"])
     body = msgpack.unpackb(outer["body"], raw=False, strict_map_key=False)
-    (fe,) = body["files"]
-    with open(os.path.join(path, fe["name"]), "rb") as f:
-        data = f.read()
-    assert len(data) == fe["size"]
-    hlen = int.from_bytes(data[:8], "little")
-    assert 8 + hlen == fe["data_start"] and fe["data_start"] % 64 == 0
-    if outer["unickpt"] >= 2:  # v2: the header (length prefix included) has its own checksum
-        assert fe["header_xxh3"] == xxhash.xxh3_64_intdigest(data[:fe["data_start"]])
-    else:
-        assert "header_xxh3" not in fe
-    header = json.loads(data[8:8 + hlen])
+    assert body["format_version"] == version
+    data = {}
+    for fe in body["files"]:
+        with open(os.path.join(path, fe["name"]), "rb") as f:
+            data[fe["name"]] = f.read()
+        blob = data[fe["name"]]
+        assert len(blob) == fe["size"]
+        hlen = int.from_bytes(blob[:8], "little")
+        assert 8 + hlen == fe["data_start"] and fe["data_start"] % 64 == 0
+        if version >= 2:  # v2: the header (length prefix included) has its own checksum
+            assert fe["header_xxh3"] == xxhash.xxh3_64_intdigest(blob[:fe["data_start"]])
+        else:
+            assert "header_xxh3" not in fe
+        fe["header"] = json.loads(blob[8:8 + hlen])
+        assert fe["header"]["__metadata__"] == {"format": "unickpt",
+                                                "unickpt_format": str(version)}
+    files = {fe["name"]: fe for fe in body["files"]}
     arrays = []
-    for e in body["arrays"]:
-        chunk = data[e["offset"]:e["offset"] + e["nbytes"]]
+    for e in _array_entries(body) if version >= 3 else body["arrays"]:
+        fe = files[e["file"]]
+        chunk = data[e["file"]][e["offset"]:e["offset"] + e["nbytes"]]
         assert xxhash.xxh3_64_intdigest(chunk) == e["xxh3"]
-        h = header[e["name"]]
+        if "head_xxh3" in e:
+            assert xxhash.xxh3_64_intdigest(chunk[:4096]) == e["head_xxh3"]
+        h = fe["header"][e["name"]]
         assert fe["data_start"] + h["data_offsets"][0] == e["offset"]
         dt = np.dtype(e["dtype"]).newbyteorder("<")
         a = np.frombuffer(chunk, dt).reshape(e["shape"])
@@ -266,8 +297,51 @@ def _spec_reader(path: str) -> dict:
     return node(body["tree"])
 
 
+def _index_width(k: int) -> int:
+    return 1 if k <= 256 else 2 if k <= 65536 else 4
+
+
+def _array_entries(body: dict) -> list[dict]:
+    """The entries of a v3 array table (4.1.2), as the v2 maps (4.1.3) would hold them."""
+    t = body["arrays"]
+    # the exact encoding writers use: required columns in this order, optional ones only
+    # when not empty, dtypes distinct in order of first use
+    req = ["name", "file", "dtypes", "dtype", "ndim", "shape", "offset", "nbytes", "xxh3"]
+    assert list(t)[:9] == req and set(t) <= {*req, "byteorder", "scalar", "head", "head_xxh3"}
+    assert all(t[k] for k in ("byteorder", "scalar", "head") if k in t)
+    assert ("head" in t) == ("head_xxh3" in t)
+    n = len(t["name"])
+    file = np.frombuffer(t["file"], f"<u{_index_width(len(body['files']))}")
+    dtype = np.frombuffer(t["dtype"], f"<u{_index_width(len(t['dtypes']))}")
+    first_use = list(dict.fromkeys(t["dtypes"][k] for k in dtype.tolist()))
+    assert t["dtypes"] == first_use
+    ndim = np.frombuffer(t["ndim"], np.uint8).astype(np.int64)
+    dims = np.frombuffer(t["shape"], "<i8")
+    offset, nbytes = np.frombuffer(t["offset"], "<i8"), np.frombuffer(t["nbytes"], "<i8")
+    xxh3 = np.frombuffer(t["xxh3"], "<u8")
+    assert len(file) == len(dtype) == len(ndim) == len(offset) == len(nbytes) == len(xxh3) == n
+    assert len(dims) == ndim.sum()
+    start = np.cumsum(ndim) - ndim
+    out = [{"file": body["files"][file[i]]["name"], "name": t["name"][i],
+            "dtype": t["dtypes"][dtype[i]], "shape": dims[start[i]:start[i] + ndim[i]].tolist(),
+            "offset": int(offset[i]), "nbytes": int(nbytes[i]), "xxh3": int(xxh3[i])}
+           for i in range(n)]
+    for key, value in (("byteorder", ">"), ("scalar", True)):
+        for i in t.get(key, []):
+            out[i][key] = value
+    heads = np.frombuffer(t.get("head_xxh3", b""), "<u8").tolist()
+    assert len(heads) == len(t.get("head", []))
+    for i, h in zip(t.get("head", []), heads):
+        out[i]["head_xxh3"] = h
+    for key in ("byteorder", "scalar", "head"):
+        assert t.get(key, []) == sorted(set(t.get(key, []))) and all(
+            0 <= i < n for i in t.get(key, []))
+    return out
+
+
 @pytest.mark.parametrize("name", ["tiny", "scalars", "numeric", "structure", "layouts",
-                                  "sharded"])
+                                  "sharded", "strings_times", "ml_dtypes", "metadata",
+                                  "root_array", "empty_tree"])
 def test_an_independent_reader_written_from_the_spec_agrees(name):
     path = os.path.join(GOLDEN, name)
     assert_bitwise_equal(unickpt.load(path), _spec_reader(path))

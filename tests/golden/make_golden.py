@@ -15,12 +15,14 @@ import os
 import shutil
 import struct
 import sys
+import tempfile
 
 import ml_dtypes
 import numpy as np
 
+import unickpt
 from unickpt.api import save_recorded
-from unickpt.format import FORMAT_VERSION
+from unickpt.format import FORMAT_VERSION, groups
 from unickpt.tree import LazyArray, Piece, ShardedArray
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"v{FORMAT_VERSION}")
@@ -132,6 +134,30 @@ def trees() -> dict[str, tuple[object, dict | None]]:
     return out
 
 
+def incremental_state(step: int) -> dict:
+    return {"frozen": {"w": np.arange(16400, dtype=np.float32)},  # over 64 KiB: a head_xxh3
+            "train": {"a": np.array([1, 2, 3], np.float32) * step, "n": np.int64(step)},
+            "step": step}
+
+
+def write_incremental(path: str) -> None:
+    """Step 2 of a manager run with sharing: its frozen array's file (arrays-00000) was
+    shared from step 1, the trained arrays are in arrays-00001."""
+    split, merge = groups.SPLIT_BYTES, groups.MERGE_BYTES
+    groups.SPLIT_BYTES = groups.MERGE_BYTES = 0  # split even this small state per subtree
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            with unickpt.CheckpointManager(tmp) as m:
+                for step in (1, 2):
+                    m.save(step, incremental_state(step))
+            step2 = os.path.join(tmp, "step_2")
+            if unickpt.inspect(step2).info["shared_files"] != 1:
+                raise RuntimeError("step 2 did not share the frozen array's file")
+            shutil.copytree(step2, path)
+    finally:
+        groups.SPLIT_BYTES, groups.MERGE_BYTES = split, merge
+
+
 def main(force: bool = False) -> None:
     os.makedirs(HERE, exist_ok=True)
     for name, (tree, metadata) in trees().items():
@@ -144,6 +170,14 @@ def main(force: bool = False) -> None:
         info = {"step": 7, "writer": "make_golden"} if name == "metadata" else None
         save_recorded(path, tree, metadata=metadata, info=info)
         print(f"wrote   {name}")
+    path = os.path.join(HERE, "incremental")
+    if os.path.exists(path) and force:
+        shutil.rmtree(path)
+    if os.path.exists(path):
+        print("keep    incremental")
+    else:
+        write_incremental(path)
+        print("wrote   incremental")
 
 
 if __name__ == "__main__":
