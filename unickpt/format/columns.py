@@ -59,9 +59,18 @@ def encode(entries: Sequence[ArrayEntry], files: Sequence[str]) -> dict:
     n = len(entries)
     file_no = {f: k for k, f in enumerate(files)}
     dtype_no: dict[str, int] = {}
-    names, fcol, dcol, ndim, dims = [], [], [], [], []
-    offset, nbytes, xxh3 = [], [], []
-    byteorder, scalar, head, head_xxh3 = [], [], [], []
+    names: list[str] = []
+    fcol: list[int] = []
+    dcol: list[int] = []
+    ndim: list[int] = []
+    dims: list[int] = []
+    offset: list[int] = []
+    nbytes: list[int] = []
+    xxh3: list[int] = []
+    byteorder: list[int] = []
+    scalar: list[int] = []
+    head: list[int] = []
+    head_xxh3: list[int] = []
     for i, e in enumerate(entries):
         names.append(e.name)
         fcol.append(file_no[e.file])
