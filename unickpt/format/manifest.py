@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import CorruptCheckpointError, FormatVersionError
 from ..tree import Path, format_path
-from . import checksum
+from . import checksum, columns
 from .bigint import MAX_BIG_INT_CHARS, decimal_to_int, encode_big_int, int_to_decimal
 from .dtypes import UnsupportedDtype, dtype_from_name, has_byteorder
 from .table import (
@@ -33,8 +33,8 @@ from .table import (
     optional_array_fields,
 )
 
-FORMAT_VERSION = 2  # written; v2 added the safetensors header checksum (header_xxh3)
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # written; v2 added the header checksum, v3 the columnar array table
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST_NAME = "manifest.msgpack"
 MAX_MANIFEST_BYTES = 1 << 30  # 1 GiB: far above any real manifest, bounds a hostile one
 MAX_DEPTH = 256  # tree nesting; the writer refuses deeper trees
@@ -90,12 +90,15 @@ class Manifest:
     info: dict = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
+        """The manifest file, in ``format_version``'s encoding (v3: the array table)."""
+        arrays: Any = (columns.encode(self.arrays, [f.name for f in self.files])
+                       if self.format_version >= 3 else [a.to_msg() for a in self.arrays])
         body = {
             "format_version": self.format_version,
             "library_version": self.library_version,
             "checksum": "xxh3_64",
             "tree": self.tree,
-            "arrays": [a.to_msg() for a in self.arrays],
+            "arrays": arrays,
             "sharded": [s.to_msg() for s in self.sharded],
             "files": [f.to_msg() for f in self.files],
             "kinds": [[list(p), k] for p, k in self.kinds.items()],
@@ -325,12 +328,26 @@ def _validate_files(m: dict, fail: Callable[[str], NoReturn]) -> list[FileEntry]
 
 def _validate_arrays(m: dict, fail: Callable[[str], NoReturn],
                      file_by_name: dict[str, FileEntry]) -> ArrayTable:
-    raw_arrays = _need(fail, m, "arrays", list, "manifest")
     # Column by column when every entry is valid (the common case); entry by entry, naming
     # the first bad one, otherwise: the same entries and the same errors either way.
-    table = fast_table(raw_arrays, {f.name: (f.data_start, f.size) for f in file_by_name.values()})
-    if table is not None:
-        return table
+    spans = {f.name: (f.data_start, f.size) for f in file_by_name.values()}
+    if m.get("format_version", 0) >= 3:  # the array table (v3): structure first
+        cols = columns.decode(m.get("arrays"), list(file_by_name), fail)
+        table = columns.table(cols, spans)
+        if table is not None:
+            return table
+        raw_arrays = columns.as_entries(cols)
+    else:
+        raw_arrays = _need(fail, m, "arrays", list, "manifest")
+        table = fast_table(raw_arrays, spans)
+        if table is not None:
+            return table
+    return _validate_entries(raw_arrays, fail, file_by_name)
+
+
+def _validate_entries(raw_arrays: list, fail: Callable[[str], NoReturn],
+                      file_by_name: dict[str, FileEntry]) -> ArrayTable:
+    """The entry-by-entry validation of v2 entry maps: names the first bad entry."""
     arrays: list[ArrayEntry] = []
     # Per-dtype facts, looked up once per distinct name (a manifest can hold 10^5 arrays of a
     # handful of dtypes): (dtype, item size, may be big-endian) or the refusal message.
