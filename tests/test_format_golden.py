@@ -219,10 +219,41 @@ TINY_MANIFEST_HEX_V2 = (
 )
 
 
+TINY_MANIFEST_HEX_V3 = (
+    "83a7756e69636b707403a478786833cf190513d545124037a4626f6479c501308aae666f726d61745f766572"
+    "73696f6e03af6c6962726172795f76657273696f6ea5302e312e30a8636865636b73756da7787868335f3634"
+    "a47472656592a16494a17792a16100a47374657007a661727261797389a46e616d6591a177a466696c65c401"
+    "00a664747970657391a7666c6f61743332a56474797065c40100a46e64696dc40101a57368617065c4080200"
+    "000000000000a66f6666736574c4088000000000000000a66e6279746573c4080800000000000000a4787868"
+    "33c408b7f434718fd7e84da77368617264656490a566696c65739184a46e616d65b26172726179732e736166"
+    "6574656e736f7273a473697a65cc88aa646174615f7374617274cc80ab6865616465725f78786833cf7d96ca"
+    "a1f0586236a56b696e647390a86d6574616461746180a4696e666f80"
+)
+
+
 def test_tiny_manifest_bytes_are_stable(version):
     """The worked example of docs/FORMAT.md, byte for byte (one per version)."""
     with open(os.path.join(GOLDEN, "tiny", "manifest.msgpack"), "rb") as f:
-        assert f.read().hex() == {1: TINY_MANIFEST_HEX, 2: TINY_MANIFEST_HEX_V2}[version]
+        assert f.read().hex() == {1: TINY_MANIFEST_HEX, 2: TINY_MANIFEST_HEX_V2,
+                                  3: TINY_MANIFEST_HEX_V3}[version]
+
+
+@pytest.mark.parametrize("codec", ["unickpt", "reference"])
+def test_every_golden_manifest_re_encodes_byte_for_byte(version, codec):
+    """Decoding a golden manifest and encoding it again in its own version gives its bytes:
+    the library's codec and the simple reference codec (tests/_reference_manifest.py, which
+    tests/test_fast_codec.py holds the fast one to) write every version as it was written."""
+    import _reference_manifest
+
+    from unickpt.format import manifest
+
+    mod = manifest if codec == "unickpt" else _reference_manifest
+    for name in sorted(os.listdir(GOLDEN)):
+        with open(os.path.join(GOLDEN, name, "manifest.msgpack"), "rb") as f:
+            raw_manifest = f.read()
+        m = mod.read_manifest_bytes(raw_manifest, name)
+        assert m.format_version == version
+        assert m.to_bytes() == raw_manifest, name
 
 
 def test_new_saves_write_the_newest_version(tmp_path):
