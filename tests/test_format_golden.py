@@ -238,6 +238,25 @@ def test_tiny_manifest_bytes_are_stable(version):
                                   3: TINY_MANIFEST_HEX_V3}[version]
 
 
+def test_the_worked_example_of_the_spec_is_the_newest_tiny_golden(version):
+    """docs/FORMAT.md 3.4 dumps tests/golden/v<newest>/tiny: its sizes and checksums."""
+    if version != max(VERSIONS):
+        pytest.skip("the worked example shows the newest version")
+    spec = os.path.join(os.path.dirname(GOLDEN_ROOT), os.pardir, "docs", "FORMAT.md")
+    with open(spec, encoding="utf-8") as f:
+        text = f.read().split("### 3.4 Worked example")[1].split("### 3.5")[0]
+    with open(os.path.join(GOLDEN, "tiny", "manifest.msgpack"), "rb") as f:
+        raw_manifest = f.read()
+    outer = msgpack.unpackb(raw_manifest, raw=False)
+    body = msgpack.unpackb(outer["body"], raw=False)
+    assert f"tests/golden/v{version}/tiny" in text
+    assert f"`manifest.msgpack` ({len(raw_manifest)} bytes)" in text
+    assert f"format version {version}" in text and f'"unickpt_format":"{version}"' in text
+    assert f"cf {outer['xxh3']:016x}" in text and f"<{len(outer['body'])} bytes>" in text
+    assert f"0x{body['files'][0]['header_xxh3']:016x}" in text
+    assert f"TINY_MANIFEST_HEX_V{version}" in text
+
+
 @pytest.mark.parametrize("codec", ["unickpt", "reference"])
 def test_every_golden_manifest_re_encodes_byte_for_byte(version, codec):
     """Decoding a golden manifest and encoding it again in its own version gives its bytes:
