@@ -36,15 +36,17 @@ def _unpack(raw: bytes, size: int, signed: bool) -> list[int]:
 
 def encode_table(arrays: list[Any], files: list[str]) -> dict:
     """The array table of ``arrays`` (``files``: the body's file names, in order)."""
-    dtypes: list[str] = []  # distinct, in order of first use
+    file_number = {name: k for k, name in enumerate(files)}
+    dtype_number: dict[str, int] = {}  # distinct dtype names, numbered in order of first use
     for a in arrays:
-        if a.dtype not in dtypes:
-            dtypes.append(a.dtype)
+        if a.dtype not in dtype_number:
+            dtype_number[a.dtype] = len(dtype_number)
     table: dict[str, Any] = {
         "name": [a.name for a in arrays],
-        "file": _pack([files.index(a.file) for a in arrays], _width(len(files)), False),
-        "dtypes": dtypes,
-        "dtype": _pack([dtypes.index(a.dtype) for a in arrays], _width(len(dtypes)), False),
+        "file": _pack([file_number[a.file] for a in arrays], _width(len(files)), False),
+        "dtypes": list(dtype_number),
+        "dtype": _pack([dtype_number[a.dtype] for a in arrays], _width(len(dtype_number)),
+                       False),
         "ndim": _pack([len(a.shape) for a in arrays], 1, False),
         "shape": _pack([d for a in arrays for d in a.shape], 8, True),
         "offset": _pack([a.offset for a in arrays], 8, True),

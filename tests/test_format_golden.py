@@ -395,3 +395,20 @@ def _array_entries(body: dict) -> list[dict]:
 def test_an_independent_reader_written_from_the_spec_agrees(name):
     path = os.path.join(GOLDEN, name)
     assert_bitwise_equal(unickpt.load(path), _spec_reader(path))
+
+
+def test_the_spec_reader_reads_wide_index_columns_of_a_new_save(version, tmp_path):
+    """257 distinct dtypes: the dtype index column takes 2 bytes per entry (4.1.2)."""
+    if version != max(VERSIONS):
+        pytest.skip("new saves write the newest version")
+    tree = {f"s{i}": np.frombuffer(pat(i + 1, i), f"S{i + 1}") for i in range(257)}
+    tree["be"] = np.array([1.5, -2.0], ">f8")
+    tree["scalar"] = np.int16(-3)
+    unickpt.save(tmp_path / "ck", tree)
+    with open(tmp_path / "ck" / "manifest.msgpack", "rb") as f:
+        table = msgpack.unpackb(msgpack.unpackb(f.read())["body"])["arrays"]
+    assert len(table["dtypes"]) == 259 and len(table["dtype"]) == 2 * 259
+    assert len(table["file"]) == 259 and table["byteorder"] == [257]
+    assert table["scalar"] == [258]
+    assert_bitwise_equal(tree, _spec_reader(str(tmp_path / "ck")))
+    assert_bitwise_equal(tree, unickpt.load(tmp_path / "ck"))
