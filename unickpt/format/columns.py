@@ -34,7 +34,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 from .dtypes import UnsupportedDtype, dtype_from_name, has_byteorder
-from .table import _BIG, MAX_NDIM, ArrayEntry, ArrayTable
+from .table import MAX_NDIM, SIZE_LIMIT, ArrayEntry, ArrayTable
 
 Fail = Callable[[str], NoReturn]
 _I8, _U8 = np.dtype("<i8"), np.dtype("<u8")
@@ -247,7 +247,7 @@ def _table(c: Columns, spans: dict[str, tuple[int, int]]) -> ArrayTable:
     if n and int(c.ndim.max()) > MAX_NDIM:
         raise _Doubt
     dims = c.shape
-    if len(dims) and (int(dims.min()) < 0 or int(dims.max()) >= _BIG):
+    if len(dims) and (int(dims.min()) < 0 or int(dims.max()) >= SIZE_LIMIT):
         raise _Doubt
     # Element counts: exact in int64 once a float64 estimate (relative error < 2**-40 here)
     # shows that the product of the non-zero dimensions times the item size stays far below
