@@ -63,7 +63,7 @@ def test_inspect_shows_tree_dtypes_shapes_sizes_metadata(ck, _run):
     r = _run("inspect", ck)
     assert r.exit_code == 0, r.output
     out = r.output
-    for text in ("format v2", "w: float32[2, 3] 24 B", "bf: bfloat16[3] 6 B", "step: int = 3",
+    for text in ("format v3", "w: float32[2, 3] 24 B", "bf: bfloat16[3] 6 B", "step: int = 3",
                  "when: datetime64[ns][1] 8 B", "s: float64[2, 4] 64 B sharded",
                  "\"[bold]\": bytes = b'\\x00\\xff'", "1 tuple(2)", "nan: float = nan",
                  "metadata", "lr: 0.1", "run: 'demo'", "info", "step: 3"):
@@ -74,7 +74,7 @@ def test_inspect_json(ck, _run):
     r = _run("inspect", "--json", ck)
     assert r.exit_code == 0, r.output
     doc = json.loads(r.output)
-    assert doc["format_version"] == 2 and doc["metadata"] == {"lr": 0.1, "run": "demo"}
+    assert doc["format_version"] == 3 and doc["metadata"] == {"lr": 0.1, "run": "demo"}
     leaves = {lf["path"]: lf for lf in doc["leaves"]}
     assert leaves["params/w"] == {"path": "params/w", "kind": "array", "dtype": "float32",
                                   "shape": [2, 3], "nbytes": 24, "value": None}

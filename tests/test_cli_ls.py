@@ -72,7 +72,7 @@ def test_ls_unknown_rules_and_stale_pointer(tmp_path, capsys):
     (tmp_path / "latest").write_text("step_1\n")
     assert ls(str(tmp_path)) == 0
     out = capsys.readouterr().out
-    assert _rows(out)["2"][2:] == ["445 B", "-", "-", "ok"]
+    assert _rows(out)["2"][2:] == ["474 B", "-", "-", "ok"]
     assert "latest pointer: step_1  (stale: the newest committed is 2; the scan wins)" in out
 
 

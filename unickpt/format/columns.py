@@ -27,12 +27,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import chain
+from operator import attrgetter
 from typing import Any, NoReturn
 
 import numpy as np
 
 from .dtypes import UnsupportedDtype, dtype_from_name, has_byteorder
-from .table import _BIG, MAX_NDIM, ArrayEntry, ArrayTable
+from .table import MAX_NDIM, SIZE_LIMIT, ArrayEntry, ArrayTable
 
 Fail = Callable[[str], NoReturn]
 _I8, _U8 = np.dtype("<i8"), np.dtype("<u8")
@@ -55,58 +57,46 @@ def _index_dtype(k: int) -> np.dtype:
 
 
 def encode(entries: Sequence[ArrayEntry], files: Sequence[str]) -> dict:
-    """The v3 array table of ``entries`` (``files``: the body's file names, in order)."""
+    """The v3 array table of ``entries`` (``files``: the body's file names, in order).
+
+    Column by column with ``map`` (no Python-level loop per entry: a save of 10^4 small
+    arrays encodes its table in a few milliseconds).
+    """
     n = len(entries)
     file_no = {f: k for k, f in enumerate(files)}
-    dtype_no: dict[str, int] = {}
-    names: list[str] = []
-    fcol: list[int] = []
-    dcol: list[int] = []
-    ndim: list[int] = []
-    dims: list[int] = []
-    offset: list[int] = []
-    nbytes: list[int] = []
-    xxh3: list[int] = []
-    byteorder: list[int] = []
-    scalar: list[int] = []
-    head: list[int] = []
-    head_xxh3: list[int] = []
-    for i, e in enumerate(entries):
-        names.append(e.name)
-        fcol.append(file_no[e.file])
-        dcol.append(dtype_no.setdefault(e.dtype, len(dtype_no)))
-        ndim.append(len(e.shape))
-        dims.extend(e.shape)
-        offset.append(e.offset)
-        nbytes.append(e.nbytes)
-        xxh3.append(e.xxh3)
-        if e.byteorder != "<":
-            byteorder.append(i)
-        if e.scalar:
-            scalar.append(i)
-        if e.head_xxh3 is not None:
-            head.append(i)
-            head_xxh3.append(e.head_xxh3)
+    dnames = list(map(_get_dtype, entries))
+    dtype_no = {d: k for k, d in enumerate(dict.fromkeys(dnames))}  # in order of first use
+    shapes = list(map(_get_shape, entries))
     cols: dict[str, Any] = {
-        "name": names,
-        "file": np.array(fcol, _index_dtype(len(files))).tobytes(),
+        "name": list(map(_get_name, entries)),
+        "file": np.fromiter(map(file_no.__getitem__, map(_get_file, entries)),
+                            _index_dtype(len(files)), n).tobytes(),
         "dtypes": list(dtype_no),
-        "dtype": np.array(dcol, _index_dtype(len(dtype_no))).tobytes(),
-        "ndim": np.array(ndim, np.uint8).tobytes(),
-        "shape": np.array(dims, _I8).tobytes(),
-        "offset": np.array(offset, _I8).tobytes(),
-        "nbytes": np.array(nbytes, _I8).tobytes(),
-        "xxh3": np.array(xxh3, _U8).tobytes(),
+        "dtype": np.fromiter(map(dtype_no.__getitem__, dnames), _index_dtype(len(dtype_no)),
+                             n).tobytes(),
+        "ndim": np.fromiter(map(len, shapes), np.uint8, n).tobytes(),
+        "shape": np.fromiter(chain.from_iterable(shapes), _I8).tobytes(),
+        "offset": np.fromiter(map(_get_offset, entries), _I8, n).tobytes(),
+        "nbytes": np.fromiter(map(_get_nbytes, entries), _I8, n).tobytes(),
+        "xxh3": np.fromiter(map(_get_xxh3, entries), _U8, n).tobytes(),
     }
-    assert len(cols["ndim"]) == n  # an ndim over 255 would have raised above
-    if byteorder:
-        cols["byteorder"] = byteorder
-    if scalar:
-        cols["scalar"] = scalar
-    if head:
-        cols["head"] = head
-        cols["head_xxh3"] = np.array(head_xxh3, _U8).tobytes()
+    orders = list(map(_get_byteorder, entries))
+    if ">" in orders:
+        cols["byteorder"] = [i for i, bo in enumerate(orders) if bo != "<"]
+    scalars = list(map(_get_scalar, entries))
+    if True in scalars:
+        cols["scalar"] = [i for i, sc in enumerate(scalars) if sc]
+    heads = list(map(_get_head, entries))
+    if heads.count(None) != n:
+        cols["head"] = [i for i, h in enumerate(heads) if h is not None]
+        cols["head_xxh3"] = np.array([h for h in heads if h is not None], _U8).tobytes()
     return cols
+
+
+_get_file, _get_name, _get_dtype, _get_shape = map(
+    attrgetter, ("file", "name", "dtype", "shape"))
+_get_offset, _get_nbytes, _get_xxh3 = map(attrgetter, ("offset", "nbytes", "xxh3"))
+_get_byteorder, _get_scalar, _get_head = map(attrgetter, ("byteorder", "scalar", "head_xxh3"))
 
 
 @dataclass
@@ -257,7 +247,7 @@ def _table(c: Columns, spans: dict[str, tuple[int, int]]) -> ArrayTable:
     if n and int(c.ndim.max()) > MAX_NDIM:
         raise _Doubt
     dims = c.shape
-    if len(dims) and (int(dims.min()) < 0 or int(dims.max()) >= _BIG):
+    if len(dims) and (int(dims.min()) < 0 or int(dims.max()) >= SIZE_LIMIT):
         raise _Doubt
     # Element counts: exact in int64 once a float64 estimate (relative error < 2**-40 here)
     # shows that the product of the non-zero dimensions times the item size stays far below

@@ -27,7 +27,7 @@ from .dtypes import UnsupportedDtype, dtype_from_name, has_byteorder
 
 MAX_NDIM = 64
 UINT64_MAX = (1 << 64) - 1
-_BIG = 1 << 62  # shape dimensions, and non-zero dimensions times the item size, stay below
+SIZE_LIMIT = 1 << 62  # dimensions, and non-zero dimensions times the item size, stay below
 REQUIRED = ("file", "name", "dtype", "shape", "offset", "nbytes", "xxh3")
 
 
@@ -190,11 +190,11 @@ def _fast_table(arrs: list, files: dict[str, tuple[int, int]]) -> ArrayTable:
         raise _Doubt
     dims = list(chain.from_iterable(shape))
     _only(dims, int)
-    if dims and (min(dims) < 0 or max(dims) >= _BIG):
+    if dims and (min(dims) < 0 or max(dims) >= SIZE_LIMIT):
         raise _Doubt
     count = list(map(math.prod, shape))
     nonzero = count if not dims or min(dims) else [math.prod(filter(None, s)) for s in shape]
-    if n and max(nonzero) * max(max(dt.itemsize, 1) for dt in facts.values()) >= _BIG:
+    if n and max(nonzero) * max(max(dt.itemsize, 1) for dt in facts.values()) >= SIZE_LIMIT:
         raise _Doubt
     if list(map(operator.mul, count, itemsize)) != nbytes:
         raise _Doubt
@@ -246,4 +246,4 @@ def _no_overlap(fname: list[str], offset: list[int], end: list[int], nfiles: int
 
 
 __all__ = ["ArrayEntry", "ArrayTable", "fast_table", "optional_array_fields", "MAX_NDIM",
-           "UINT64_MAX", "REQUIRED"]
+           "UINT64_MAX", "REQUIRED", "SIZE_LIMIT"]
