@@ -2,14 +2,17 @@
 
 The writer's per-array hot paths (flatten, layout, tensor names, manifest entries) and the
 reader's manifest decoding and validation were rewritten for speed with 10,000 small leaves.
-``_reference_writer`` and ``_reference_manifest`` keep the simple versions verbatim; here both
+``_reference_writer`` and ``_reference_manifest`` keep the simple versions; here both
 run on hypothesis-generated state trees (awkward keys, every dtype, scalars, lazy and sharded
 leaves) and must give byte-identical safetensors headers and manifests, the same decoded
-manifest and tree, and, on damaged manifests, the same error with the same message.
+manifest and tree, and, on damaged manifests, the same error with the same message.  Damage
+reaches both encodings of the array entries: the v3 table's columns, and the v2 entry maps
+(which the v3 reader also builds from the table to name a bad entry).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import _reference_manifest as ref_manifest
@@ -21,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from unickpt.errors import CorruptCheckpointError, UnickptError, UnsupportedLeafError
-from unickpt.format import checksum
+from unickpt.format import checksum, columns
 from unickpt.format import manifest as manifest_mod
 from unickpt.format import writer as writer_mod
 from unickpt.state import to_tree
@@ -135,10 +138,60 @@ def _decode_raw(mod, raw: bytes):
             [dataclasses.astuple(f) for f in m.files], m.kinds, m.metadata, m.info, tree)
 
 
-def _repack(body: dict, version: int = 2) -> bytes:
+def _repack(body: dict, version: int | None = None) -> bytes:
+    """The manifest file of ``body``, its outer version ``version`` (default: the body's)."""
     raw = msgpack.packb(body, use_bin_type=True)
+    if version is None:
+        version = body["format_version"]
     return msgpack.packb({"unickpt": version, "xxh3": checksum.digest(raw), "body": raw},
                          use_bin_type=True)
+
+
+def _refuse(msg: str):
+    raise AssertionError(msg)
+
+
+def _as_v2(body: dict, version: int = 2) -> dict:
+    """The same manifest body in version ``version`` (2 or 1): the array table as entry maps."""
+    body = copy.deepcopy(body)
+    table = columns.decode(body["arrays"], [f["name"] for f in body["files"]], _refuse)
+    body["arrays"] = columns.as_entries(table)
+    body["format_version"] = version
+    if version == 1:
+        for f in body["files"]:
+            f.pop("header_xxh3")
+    return body
+
+
+def _as_v3(body: dict) -> dict:
+    """A v2 body whose entries hold well-typed values, with its entries as the array table."""
+    body = copy.deepcopy(body)
+    for e in body["arrays"]:  # only what a column holds as it is (TypeError: it cannot)
+        if not (type(e["file"]) is str and type(e["name"]) is str and type(e["dtype"]) is str
+                and type(e["shape"]) is list and {type(x) for x in e["shape"]} <= {int}
+                and all(type(e[k]) is int for k in ("offset", "nbytes", "xxh3"))
+                and e.get("byteorder", "<") in ("<", ">")
+                and type(e.get("scalar", False)) is bool
+                and type(e.get("head_xxh3", 0)) is int):
+            raise TypeError("a value no column holds")
+    entries = [manifest_mod.ArrayEntry(e["file"], e["name"], e["dtype"], tuple(e["shape"]),
+                                       e["offset"], e["nbytes"], e["xxh3"],
+                                       e.get("byteorder", "<"), e.get("scalar", False),
+                                       e.get("head_xxh3")) for e in body["arrays"]]
+    body["arrays"] = columns.encode(entries, [f["name"] for f in body["files"]])
+    body["format_version"] = 3
+    return body
+
+
+# What a damaged v3 table column may hold instead: wrong types, bins of every length that
+# matters (empty, one item short, one item long), indices beyond their tables.
+def _hostile_columns(table: dict) -> list:
+    out: list = [*HOSTILE, [0, 0], [1, 0], [0, 1 << 40]]
+    for v in table.values():
+        if isinstance(v, bytes):
+            out += [v[:-1], v + b"\x00", v[:len(v) // 2], v + v, b"\xff" * len(v),
+                    bytes(len(v))]
+    return out
 
 
 HOSTILE = [None, True, False, -1, 0, 1, 7, 1 << 63, (1 << 64) - 1, 1.5, "", "x", "<", ">",
@@ -155,9 +208,25 @@ def test_fast_decoder_gives_the_reference_result_or_error(tree, data):
     # one damaged field, re-checksummed so that validation (not the checksum) must catch it
     body = msgpack.unpackb(msgpack.unpackb(raw, raw=False)["body"], raw=False,
                            strict_map_key=False)
+    version = data.draw(st.sampled_from([3, 3, 3, 2, 1]))
+    if version < 3:
+        body = _as_v2(body, version)
     where = data.draw(st.sampled_from(["arrays", "files", "sharded", "tree", "kinds", "top"]))
     value = data.draw(st.sampled_from(HOSTILE))
-    if where == "top":
+    if where == "arrays" and version == 3:
+        table = body["arrays"]
+        key = data.draw(st.sampled_from(sorted(table) + ["byteorder", "scalar", "head",
+                                                         "head_xxh3"]))
+        hostile = data.draw(st.sampled_from(_hostile_columns(table)))
+        if data.draw(st.booleans()) and key in table:
+            del table[key]
+        elif isinstance(table.get(key), bytes) and table[key] and data.draw(st.booleans()):
+            col = bytearray(table[key])  # one byte of one packed value changed
+            col[data.draw(st.integers(0, len(col) - 1))] ^= data.draw(st.integers(1, 255))
+            table[key] = bytes(col)
+        else:
+            table[key] = hostile
+    elif where == "top":
         body[data.draw(st.sampled_from(sorted(body)))] = value
     elif where == "tree":
         body["tree"] = _mutate_tree(body["tree"], value, data)
@@ -174,7 +243,7 @@ def test_fast_decoder_gives_the_reference_result_or_error(tree, data):
             items[k] = value
     else:
         body[where] = value
-    damaged = _repack(body, data.draw(st.sampled_from([2, 2, 1])))
+    damaged = _repack(body, data.draw(st.sampled_from([version] * 4 + [1, 2, 3])))
     assert _decode(manifest_mod, damaged) == _decode(ref_manifest, damaged)
 
 
@@ -197,10 +266,16 @@ def test_fast_decoder_on_a_uniform_state_of_many_small_arrays():
     fast = _decode(manifest_mod, raw)
     assert fast.startswith("('ok'") and fast == _decode(ref_manifest, raw)
     body = msgpack.unpackb(msgpack.unpackb(raw, raw=False)["body"], raw=False)
-    body["arrays"][1234]["offset"] = body["arrays"][1233]["offset"]  # overlap, deep inside
-    fast = _decode_raw(manifest_mod, _repack(body))
-    assert repr(fast) == _decode(ref_manifest, _repack(body))
-    assert fast[:2] == ("error", CorruptCheckpointError.__name__) and "overlap" in fast[2]
+    offsets = np.frombuffer(body["arrays"]["offset"], "<i8").copy()
+    offsets[1234] = offsets[1233]  # overlap, deep inside
+    v3 = copy.deepcopy(body)
+    v3["arrays"]["offset"] = offsets.tobytes()
+    v2 = _as_v2(v3)
+    for damaged in (v3, v2):
+        fast = _decode_raw(manifest_mod, _repack(damaged))
+        assert repr(fast) == _decode(ref_manifest, _repack(damaged))
+        assert fast[:2] == ("error", CorruptCheckpointError.__name__)
+        assert "arrays 1233 and 1234 overlap" in fast[2]
 
 
 def _small_body() -> dict:
@@ -213,17 +288,47 @@ def _small_body() -> dict:
 @pytest.mark.parametrize("field", ["file", "name", "dtype", "shape", "offset", "nbytes", "xxh3",
                                    "byteorder", "scalar"])
 def test_every_hostile_value_in_every_array_field_gives_the_reference_outcome(field):
-    n = len(_small_body()["arrays"])
+    """Each entry field set to each hostile value: in a v2 entry map as it is, and through the
+    v3 table wherever a column can hold it (the same error either way, or the same result)."""
+    n = len(_small_body()["arrays"]["name"])
+    through_table = 0
     for k in range(n):
         for value in [*HOSTILE, "<delete>", -(1 << 63), [1 << 61, 8], [0, 1 << 61],
                       [1] * 65, ">f4", "bfloat16", "U3", "S0"]:
-            body = _small_body()
+            body = _as_v2(_small_body())
             if value == "<delete>":
                 body["arrays"][k].pop(field, None)
             else:
                 body["arrays"][k][field] = value
             raw = _repack(body)
-            assert _decode(manifest_mod, raw) == _decode(ref_manifest, raw), (k, field, value)
+            v2 = _decode(manifest_mod, raw)
+            assert v2 == _decode(ref_manifest, raw), (k, field, value)
+            try:
+                v3 = _repack(_as_v3(body))
+            except (KeyError, TypeError, ValueError, OverflowError, AttributeError):
+                continue  # a value no column can hold (a str offset, a missing field)
+            through_table += 1
+            got = _decode(manifest_mod, v3)
+            assert got == _decode(ref_manifest, v3), (k, field, value)
+            # the same verdict as the entry maps (the version differs in an accepted result)
+            assert got.startswith("('ok'") == v2.startswith("('ok'"), (k, field, value)
+            if not got.startswith("('ok'"):
+                assert got == v2, (k, field, value)
+    assert through_table >= n  # every entry reached the v3 path at least once
+
+
+@pytest.mark.parametrize("key", ["name", "file", "dtypes", "dtype", "ndim", "shape", "offset",
+                                 "nbytes", "xxh3", "byteorder", "scalar", "head", "head_xxh3"])
+def test_every_hostile_value_in_every_table_column_gives_the_reference_outcome(key):
+    table = _small_body()["arrays"]
+    for value in ["<delete>", *_hostile_columns(table)]:
+        body = _small_body()
+        if value == "<delete>":
+            body["arrays"].pop(key, None)
+        else:
+            body["arrays"][key] = value
+        raw = _repack(body)
+        assert _decode(manifest_mod, raw) == _decode(ref_manifest, raw), (key, value)
 
 
 @pytest.mark.parametrize("depth", [manifest_mod.MAX_DEPTH - 1, manifest_mod.MAX_DEPTH,
@@ -282,15 +387,16 @@ def test_save_and_load_leave_nothing_for_the_cyclic_collector(tmp_path):
 
 @pytest.mark.parametrize("moved,offsets", [((1, 2), "same"), ((0, 2, 4), "same"),
                                            ((0, 1), "apart"), ((2,), "same")])
-def test_overlaps_across_several_files_give_the_reference_outcome(moved, offsets):
-    body = _small_body()
+@pytest.mark.parametrize("version", [2, 3])
+def test_overlaps_across_several_files_give_the_reference_outcome(moved, offsets, version):
+    body = _as_v2(_small_body())
     f0 = body["files"][0]
     body["files"].append({**f0, "name": "b.safetensors"})
     for n, k in enumerate(moved):
         e = body["arrays"][k]
         e["file"] = "b.safetensors"
         e["offset"] = f0["data_start"] + (0 if offsets == "same" else 16 * n)
-    raw = _repack(body)
+    raw = _repack(body if version == 2 else _as_v3(body))
     assert _decode(manifest_mod, raw) == _decode(ref_manifest, raw)
     # array numbers are the manifest's, not positions among the file's arrays
     overlap = "('ok'" if offsets == "apart" or len(moved) < 2 else \
