@@ -236,10 +236,13 @@ def _v2(mutate):
     (lambda b: b["sharded"][0]["pieces"][0].update(array=50), "refers to a missing array"),
     (lambda b: b["sharded"][0].update(dtype="object"), "unknown dtype 'object'"),
 ])
-def test_crafted_manifest_is_rejected(tmp_path, mutate, match):
+@pytest.mark.parametrize("version", [3, 2])
+def test_crafted_manifest_is_rejected(tmp_path, mutate, match, version):
     path = _sample(tmp_path)
+    if version == 2:  # a v2 checkpoint (still read): the same problems, the same messages
+        manifest_body.write_version(path, 2)
     # every problem the v3 array table can express is read through it
-    assert _rewrite_body(path, mutate) == (2 if getattr(mutate, "v2", False) else 3)
+    assert _rewrite_body(path, mutate) == (2 if getattr(mutate, "v2", False) else version)
     _all_readers_raise(path, unickpt.CorruptCheckpointError, match)
 
 
