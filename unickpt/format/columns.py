@@ -32,10 +32,11 @@ from typing import Any, NoReturn
 import numpy as np
 
 from .dtypes import UnsupportedDtype, dtype_from_name, has_byteorder
-from .table import _BIG, MAX_NDIM, ArrayEntry, ArrayTable
+from .table import MAX_NDIM, ArrayEntry, ArrayTable
 
 Fail = Callable[[str], NoReturn]
 _I8, _U8 = np.dtype("<i8"), np.dtype("<u8")
+_BIG = 1 << 62  # dimensions, and non-zero dimensions times the item size, stay below (4.1.1)
 # (key, item size) of the packed columns with one item per entry, in the order they are
 # checked and written; "shape" (int64, sum(ndim) items) follows "ndim"
 _PER_ENTRY = (("ndim", 1), ("offset", 8), ("nbytes", 8), ("xxh3", 8))
