@@ -9,7 +9,7 @@ import sys
 import time
 import tracemalloc
 
-import msgpack
+import _manifest_body as manifest_body
 import numpy as np
 import pytest
 import xxhash
@@ -18,26 +18,17 @@ from hypothesis import strategies as st
 
 import unickpt
 from unickpt.errors import CorruptCheckpointError
-from unickpt.format.manifest import MANIFEST_NAME, check_no_overlap, decimal_to_int, int_to_decimal
+from unickpt.format.manifest import check_no_overlap, decimal_to_int, int_to_decimal
 
 DATA = "arrays.safetensors"
 EMPTY = xxhash.xxh3_64_intdigest(b"")
 
 
-def _body(path: str) -> tuple[dict, dict]:
-    with open(os.path.join(path, MANIFEST_NAME), "rb") as f:
-        outer = msgpack.unpackb(f.read(), raw=False)
-    return outer, msgpack.unpackb(outer["body"], raw=False, strict_map_key=False)
-
-
-def _rewrite(path: str, mutate) -> None:
-    """Apply ``mutate(body)`` and store it with a valid checksum (a crafted, not damaged, file)."""
-    outer, body = _body(path)
-    mutate(body)
-    outer["body"] = msgpack.packb(body, use_bin_type=True)
-    outer["xxh3"] = xxhash.xxh3_64_intdigest(outer["body"])
-    with open(os.path.join(path, MANIFEST_NAME), "wb") as f:
-        f.write(msgpack.packb(outer, use_bin_type=True))
+def _rewrite(path: str, mutate) -> int:
+    """Apply ``mutate(body)`` (array entries as v2 maps) and store it with a valid checksum (a
+    crafted, not damaged, file); as the v3 table when the entries fit its columns, else as v2
+    (tests/_manifest_body.py).  Returns the version written."""
+    return manifest_body.rewrite_body(path, mutate)
 
 
 def _all_refuse(path: str, match: str) -> None:
@@ -133,7 +124,7 @@ def test_a_dtype_too_wide_for_numpy_is_a_typed_error(tmp_path, dtype):
         b["arrays"][0].update(dtype=dtype, shape=[0], nbytes=0, xxh3=EMPTY)
         b["sharded"] = []
         b["tree"] = ["a", 0]
-    _rewrite(path, mutate)
+    assert _rewrite(path, mutate) == 3
     _all_refuse(path, f"array 0: dtype '{dtype}' is too wide")
 
 
@@ -175,7 +166,7 @@ def test_empty_shape_numpy_cannot_build_is_refused_by_every_reader(tmp_path):
     def mutate(b):
         b["arrays"][0].update(dtype="float64", shape=[0, 2 ** 61], nbytes=0)
         b["sharded"], b["tree"] = [], ["a", 0]
-    _rewrite(path, mutate)
+    assert _rewrite(path, mutate) == 3
     _all_refuse(path, r"array 0: shape \[0, 2305843009213693952\] is absurdly large")
 
 
@@ -185,7 +176,7 @@ def test_a_large_but_buildable_empty_shape_loads(tmp_path):
     def mutate(b):
         b["arrays"][0].update(dtype="float64", shape=[0, 2 ** 50], nbytes=0, xxh3=EMPTY)
         b["sharded"], b["tree"] = [], ["a", 0]
-    _rewrite(path, mutate)
+    assert _rewrite(path, mutate) == 3
     for mmap in (False, True):
         a = unickpt.load(path, mmap=mmap)
         assert a.shape == (0, 2 ** 50) and a.dtype == np.float64
@@ -214,9 +205,11 @@ def test_a_changed_safetensors_header_is_detected(tmp_path):
     assert not report.ok and report.bad == [] and list(report.files) == [DATA]
 
 
-def test_a_v2_manifest_without_the_header_checksum_is_refused(tmp_path):
+@pytest.mark.parametrize("version", [2, 3])
+def test_a_v2_or_later_manifest_without_the_header_checksum_is_refused(tmp_path, version):
     path = _pieces_checkpoint(tmp_path, 1)
-    _rewrite(path, lambda b: b["files"][0].pop("header_xxh3"))
+    manifest_body.write_version(path, version)
+    assert _rewrite(path, lambda b: b["files"][0].pop("header_xxh3")) == version
     _all_refuse(path, "field 'header_xxh3' missing")
 
 

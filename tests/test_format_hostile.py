@@ -8,6 +8,7 @@ import shutil
 import time
 import tracemalloc
 
+import _manifest_body as manifest_body
 import msgpack
 import numpy as np
 import pytest
@@ -41,14 +42,11 @@ def _write_outer(path: str, outer: dict) -> None:
         f.write(msgpack.packb(outer, use_bin_type=True))
 
 
-def _rewrite_body(path: str, mutate) -> None:
-    """Apply ``mutate(body)`` and store it with a *valid* checksum (a crafted, not damaged, file)."""
-    outer = _outer(path)
-    body = msgpack.unpackb(outer["body"], raw=False, strict_map_key=False)
-    mutate(body)
-    outer["body"] = msgpack.packb(body, use_bin_type=True)
-    outer["xxh3"] = xxhash.xxh3_64_intdigest(outer["body"])
-    _write_outer(path, outer)
+def _rewrite_body(path: str, mutate) -> int:
+    """Apply ``mutate(body)`` (array entries as v2 maps) and store it with a *valid* checksum
+    (a crafted, not damaged, file): as the v3 table when the entries fit its columns, else as
+    a v2 manifest (tests/_manifest_body.py).  Returns the version written."""
+    return manifest_body.rewrite_body(path, mutate)
 
 
 def _all_readers_raise(path: str, typ: type, match: str) -> None:
@@ -105,7 +103,7 @@ def test_flipped_bit_in_manifest_body_fails_its_checksum(tmp_path):
                        r"manifest checksum mismatch \(the manifest file is damaged\)")
 
 
-@pytest.mark.parametrize("version", [0, 3, 99, -1])
+@pytest.mark.parametrize("version", [0, 4, 99, -1])
 def test_unknown_format_version(tmp_path, version):
     path = _sample(tmp_path)
     outer = _outer(path)
@@ -119,8 +117,9 @@ def test_unknown_format_version(tmp_path, version):
 
 def test_body_version_must_match_outer_version(tmp_path):
     path = _sample(tmp_path)
-    _rewrite_body(path, lambda b: b.update(format_version=1))
-    _all_readers_raise(path, unickpt.CorruptCheckpointError, "differs from the outer 2")
+    assert _rewrite_body(path, lambda b: b.update(format_version=2)) == 3
+    _all_readers_raise(path, unickpt.CorruptCheckpointError,
+                       "body format_version 2 differs from the outer 3")
 
 
 def test_manifest_is_a_directory(tmp_path):
@@ -172,6 +171,13 @@ def _arr(i, **kw):
     return lambda b: b["arrays"][i].update(**kw)
 
 
+def _v2(mutate):
+    """A mutation only the v2 list of maps can carry (a value of the wrong type or range for
+    every v3 column): the test expects a version-2 manifest, read by the v2 path."""
+    mutate.v2 = True
+    return mutate
+
+
 @pytest.mark.parametrize("mutate, match", [
     (lambda b: b["arrays"][1].update(offset=b["arrays"][0]["offset"]), "overlap in file"),
     (lambda b: b["arrays"][0].update(offset=b["files"][0]["size"]), r"lie outside file"),
@@ -180,8 +186,8 @@ def _arr(i, **kw):
     (_arr(0, shape=[1 << 40, 1 << 40], nbytes=4), "absurdly large"),
     (_arr(0, shape=[1] * 65), r"65 dimensions \(limit 64\)"),
     (_arr(0, shape=[-1, 2]), "not a list of non-negative integers"),
-    (_arr(0, shape=[2.0, 3]), "not a list of non-negative integers"),
-    (_arr(0, shape="2x3"), "field 'shape' missing or of the wrong type"),
+    (_v2(_arr(0, shape=[2.0, 3])), "not a list of non-negative integers"),
+    (_v2(_arr(0, shape="2x3")), "field 'shape' missing or of the wrong type"),
     (_arr(0, nbytes=4), "nbytes 4 does not match shape"),
     (_arr(0, dtype="object"), "unknown dtype 'object'"),
     (_arr(0, dtype="O"), "unknown dtype 'O'"),
@@ -189,19 +195,21 @@ def _arr(i, **kw):
     (_arr(0, dtype="float7"), "unknown dtype 'float7'"),
     (_arr(0, dtype="[('a', '<i4')]"), "unknown dtype"),
     (_arr(0, dtype="U0"), "zero-width dtype"),
-    (_arr(0, dtype=7), "field 'dtype' missing or of the wrong type"),
-    (_arr(0, file="../arrays.safetensors"), "unlisted file"),
+    (_v2(_arr(0, dtype=7)), "field 'dtype' missing or of the wrong type"),
+    (_v2(_arr(0, file="../arrays.safetensors")), "unlisted file"),
     (lambda b: b["files"][0].update(name="../x"), "not a plain file name"),
     (lambda b: b["files"][0].update(name="/etc/passwd"), "not a plain file name"),
     (lambda b: b["files"][0].update(name=".."), "not a plain file name"),
     (lambda b: b["files"][0].update(name="a\\b"), "not a plain file name"),
     (lambda b: b["files"].append(dict(b["files"][0])), "listed twice"),
     (lambda b: b["files"][0].update(data_start=b["files"][0]["size"] + 1), "outside its size"),
-    (_arr(0, xxh3=-1), "checksum out of range"),
-    (_arr(0, byteorder="|"), "byteorder"),
+    (_v2(_arr(0, xxh3=-1)), "checksum out of range"),
+    (_v2(_arr(0, byteorder="|")), "byteorder"),
     (_arr(0, byteorder=">", dtype="bfloat16", nbytes=12), "byteorder '>' for dtype bfloat16"),
-    (_arr(0, scalar=1), "'scalar' must be a bool"),
+    (_v2(_arr(0, scalar=1)), "'scalar' must be a bool"),
     (_arr(0, scalar=True), "true only for shape"),
+    (_v2(_arr(0, head_xxh3=-1)), "array 0: head_xxh3 is not a uint64"),
+    (_v2(_arr(0, head_xxh3="x")), "array 0: head_xxh3 is not a uint64"),
     (lambda b: b.update(checksum="md5"), "unknown checksum algorithm 'md5'"),
     (lambda b: b.update(tree=["i", "1_000"]), "malformed big int"),
     (lambda b: b.update(tree=["i", " 7"]), "malformed big int"),
@@ -228,10 +236,23 @@ def _arr(i, **kw):
     (lambda b: b["sharded"][0]["pieces"][0].update(array=50), "refers to a missing array"),
     (lambda b: b["sharded"][0].update(dtype="object"), "unknown dtype 'object'"),
 ])
-def test_crafted_manifest_is_rejected(tmp_path, mutate, match):
+@pytest.mark.parametrize("version", [3, 2])
+def test_crafted_manifest_is_rejected(tmp_path, mutate, match, version):
     path = _sample(tmp_path)
-    _rewrite_body(path, mutate)
+    if version == 2:  # a v2 checkpoint (still read): the same problems, the same messages
+        manifest_body.write_version(path, 2)
+    # every problem the v3 array table can express is read through it
+    assert _rewrite_body(path, mutate) == (2 if getattr(mutate, "v2", False) else version)
     _all_readers_raise(path, unickpt.CorruptCheckpointError, match)
+
+
+def test_an_entry_of_a_file_beyond_the_list_is_refused_in_v3(tmp_path):
+    # v3's counterpart of an unlisted file: a file number beyond the files listed
+    path = _sample(tmp_path)
+    manifest_body.rewrite_raw(path, lambda b: b["arrays"].update(file=b"\x00\x01\x00\x00"))
+    _all_readers_raise(path, unickpt.CorruptCheckpointError,
+                       "corrupt manifest: array table: entry 1 refers to file number 1, beyond "
+                       "the 1 listed")
 
 
 def test_deeply_nested_manifest_tree_is_rejected(tmp_path):
@@ -339,7 +360,7 @@ def test_claim_of_a_terabyte_array_fails_fast_without_allocating(tmp_path):
         b["arrays"][0].update(shape=[1 << 38], dtype="float32", nbytes=1 << 40)
         b["arrays"][0]["offset"] = b["files"][0]["size"]
         b["files"][0]["size"] += 1 << 40
-    _rewrite_body(path, claim)
+    assert _rewrite_body(path, claim) == 3
     truncated = r"the manifest says 1099511\d+ \(truncated or replaced\)"
     for fn, match in ((unickpt.load, truncated), (lambda p: unickpt.load(p, mmap=True), truncated),
                       (unickpt.verify, r"1 damaged leaves: w; array file")):

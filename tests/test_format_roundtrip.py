@@ -157,7 +157,7 @@ def test_a_leaf_named_like_the_safetensors_metadata_key_keeps_the_file_valid(tmp
             "a/b": np.zeros(1)}  # also two paths that join to the same tensor name
     unickpt.save(tmp_path / "ck", tree)
     with safetensors.safe_open(str(tmp_path / "ck/arrays.safetensors"), framework="np") as f:
-        assert f.metadata() == {"format": "unickpt", "unickpt_format": "2"}
+        assert f.metadata() == {"format": "unickpt", "unickpt_format": "3"}
         assert sorted(f.keys()) == ["__metadata__#2", "a/b", "a/b#2"]
         assert f.get_tensor("__metadata__#2").tolist() == [0, 1, 2]
     assert_bitwise_equal(tree, unickpt.load(tmp_path / "ck"))
@@ -277,7 +277,7 @@ def test_metadata_and_info_round_trip_and_must_be_plain(tmp_path):
     save_recorded(tmp_path / "ck", {"w": 1}, metadata=meta, info={"step": 7})
     info = unickpt.inspect(tmp_path / "ck")
     assert info.metadata == {"lr": 0.1, "tags": ["a", "b"], 3: {"nested": None}, "np": 5}
-    assert info.info == {"step": 7} and info.format_version == 2
+    assert info.info == {"step": 7} and info.format_version == 3
     with pytest.raises(unickpt.UnsupportedLeafError, match=r"metadata at x: ndarray"):
         unickpt.save(tmp_path / "ck2", {}, metadata={"x": np.ones(2)})
     assert _entries(tmp_path) == ["ck"]

@@ -42,6 +42,24 @@ def test_structure_mutations_keep_a_valid_checksum(tmp_path):
     assert {"delete", "duplicate", "wrap"} <= seen
 
 
+def test_structure_mutations_reach_every_column_of_the_array_table(tmp_path):
+    p = tmp_path / "c"
+    unickpt.save(p, {"w": np.arange(3.0), "be": np.arange(2, dtype=">i4"), "n": np.int64(1)})
+    body = read_body(p)
+    assert body["format_version"] == 3 and isinstance(body["arrays"], dict)
+    rng = random.Random(1)
+    packed: dict = {}
+    for _ in range(300):
+        mutated, what = mutate_body(body, rng)
+        if what.startswith("packed ('arrays', "):
+            col = what.split("'")[3]
+            packed[col] = packed.get(col, 0) + 1
+            assert mutated["arrays"][col] != body["arrays"][col]
+            assert {k: v for k, v in mutated["arrays"].items() if k != col} == \
+                {k: v for k, v in body["arrays"].items() if k != col}  # one column changed
+    assert set(packed) == {"file", "dtype", "ndim", "shape", "offset", "nbytes", "xxh3"}
+
+
 def test_verify_is_not_ok_when_a_file_does_not_load(tmp_path):
     # found by the fuzzer: every array checks out, but the array file was extended, so
     # load refuses it; verify said ok

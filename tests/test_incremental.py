@@ -349,20 +349,62 @@ def test_property_random_saves_changes_and_deletions(scenario):
 
 # ----------------------------------------------------------------- golden multi-file checkpoint
 
-GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "v2", "incremental")
+GOLDEN_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
+# tests/golden/<version>/incremental, for every format version that has one
+GOLDEN_VERSIONS = [v for v in ("v2", "v3")
+                   if os.path.isdir(os.path.join(GOLDEN_ROOT, v, "incremental"))]
 
 
 def golden_state(step: int) -> dict:
-    """What tests/golden/v2/incremental holds: step 2 of a manager run with sharing, whose
+    """What tests/golden/v*/incremental holds: step 2 of a manager run with sharing, whose
     frozen array file (arrays-00000) was shared with step 1 (written once, never again)."""
     return {"frozen": {"w": np.arange(16400, dtype=np.float32)},
             "train": {"a": np.array([1, 2, 3], np.float32) * step, "n": np.int64(step)},
             "step": step}
 
 
-def _spec_reader_multi(path: str) -> dict:
+def _spec_table_entries(t: dict, files: list) -> list[dict]:
+    """The entries of a v3 array table (docs/FORMAT.md 4.1.2) as v2 maps, decoded with numpy
+    from the spec alone: index columns sized by their table, packed little-endian columns,
+    sparse optional fields."""
+    n = len(t["name"])
+
+    def column(key: str, dtype: str, count: int = n) -> list:
+        a = np.frombuffer(t[key], np.dtype(dtype))
+        assert len(a) == count and len(t[key]) == count * a.itemsize, key
+        return a.tolist()
+
+    def index(key: str, k: int) -> list:
+        ix = column(key, f"<u{1 if k <= 256 else 2 if k <= 65536 else 4}")
+        assert all(x < k for x in ix)
+        return ix
+
+    file, dtype = index("file", len(files)), index("dtype", len(t["dtypes"]))
+    ndim = column("ndim", "u1")
+    dims = column("shape", "<i8", sum(ndim))
+    offset, nbytes, xxh3 = column("offset", "<i8"), column("nbytes", "<i8"), column("xxh3", "<u8")
+    head = t.get("head", [])
+    head_xxh3 = dict(zip(head, column("head_xxh3", "<u8", len(head)) if head else []))
+    out, pos = [], 0
+    for i in range(n):
+        e = {"file": files[file[i]]["name"], "name": t["name"][i], "dtype": t["dtypes"][dtype[i]],
+             "shape": dims[pos:pos + ndim[i]], "offset": offset[i], "nbytes": nbytes[i],
+             "xxh3": xxh3[i]}
+        pos += ndim[i]
+        if i in head_xxh3:
+            e["head_xxh3"] = head_xxh3[i]
+        if i in t.get("byteorder", []):
+            e["byteorder"] = ">"
+        if i in t.get("scalar", []):
+            e["scalar"] = True
+        out.append(e)
+    return out
+
+
+def _spec_reader_multi(path) -> dict:
     """Arrays by tensor name, read from docs/FORMAT.md alone: every file of ``files``, sizes
-    and header checksums checked, ``xxh3`` and (4.1) ``head_xxh3`` of every array."""
+    and header checksums checked, ``xxh3`` and (4.1) ``head_xxh3`` of every array; the array
+    entries as v2 maps or (v3) as the array table."""
     import json
 
     import msgpack
@@ -371,32 +413,66 @@ def _spec_reader_multi(path: str) -> dict:
     with open(os.path.join(path, "manifest.msgpack"), "rb") as f:
         outer = msgpack.unpackb(f.read(), raw=False)
     body = msgpack.unpackb(outer["body"], raw=False, strict_map_key=False)
+    assert body["format_version"] == outer["unickpt"] in (2, 3)
     data = {}
     for fe in body["files"]:
         with open(os.path.join(path, fe["name"]), "rb") as f:
             raw = f.read()
         assert len(raw) == fe["size"]
         assert xxhash.xxh3_64_intdigest(raw[:fe["data_start"]]) == fe["header_xxh3"]
-        assert json.loads(raw[8:fe["data_start"]])["__metadata__"]["unickpt_format"] == "2"
+        meta = json.loads(raw[8:fe["data_start"]])["__metadata__"]
+        assert meta == {"format": "unickpt", "unickpt_format": str(outer["unickpt"])}
         data[fe["name"]] = raw
+    entries = body["arrays"] if outer["unickpt"] < 3 else \
+        _spec_table_entries(body["arrays"], body["files"])
     out = {}
-    for e in body["arrays"]:
+    for e in entries:
         chunk = data[e["file"]][e["offset"]:e["offset"] + e["nbytes"]]
         assert xxhash.xxh3_64_intdigest(chunk) == e["xxh3"]
         if "head_xxh3" in e:
             assert xxhash.xxh3_64_intdigest(chunk[:4096]) == e["head_xxh3"]
         out[e["name"]] = np.frombuffer(chunk, np.dtype(e["dtype"])).reshape(e["shape"])
+        if e.get("byteorder") == ">":
+            out[e["name"]] = out[e["name"]].astype(out[e["name"]].dtype.newbyteorder(">"))
+        if e.get("scalar"):
+            out[e["name"]] = out[e["name"]][()]
     return out
 
 
-def test_golden_multi_file_checkpoint_reads_everywhere():
+def test_a_fresh_multi_file_checkpoint_reads_by_the_spec(tmp_path):
+    # the v3 array table as written now: several files, one shared, head_xxh3, flags
+    with unickpt.CheckpointManager(tmp_path) as m:
+        for step in (1, 2):
+            m.save(step, {**golden_state(step), "be": np.arange(3, dtype=">i4"),
+                          "sc": np.float32(step)})
+    path = tmp_path / "step_2"
+    assert RunRoot(tmp_path).read_info(2)["shared_files"] >= 1
+    assert unickpt.inspect(path).format_version == 3
+    import msgpack
+    with open(path / "manifest.msgpack", "rb") as f:
+        table = msgpack.unpackb(msgpack.unpackb(f.read())["body"])["arrays"]
+    assert {"head", "head_xxh3", "byteorder", "scalar"} <= table.keys()  # all read below
+    spec = _spec_reader_multi(path)
+    exp = golden_state(2)
+    assert len(os.listdir(path)) >= 3 and set(spec) == {
+        "frozen/w", "train/a", "train/n", "be", "sc"}
+    for name, want in (("frozen/w", exp["frozen"]["w"]), ("train/a", exp["train"]["a"]),
+                       ("train/n", exp["train"]["n"]), ("be", np.arange(3, dtype=">i4")),
+                       ("sc", np.float32(2))):
+        assert type(spec[name]) is type(want) and spec[name].dtype == want.dtype
+        assert spec[name].tobytes() == want.tobytes(), name
+
+
+@pytest.mark.parametrize("version", GOLDEN_VERSIONS)
+def test_golden_multi_file_checkpoint_reads_everywhere(version):
+    GOLDEN = os.path.join(GOLDEN_ROOT, version, "incremental")
     assert sorted(os.listdir(GOLDEN)) == ["arrays-00000.safetensors",
                                           "arrays-00001.safetensors", "manifest.msgpack"]
     assert same_tree(unickpt.load(GOLDEN), golden_state(2))
     assert same_tree(unickpt.load(GOLDEN, mmap=True), golden_state(2))
     assert unickpt.verify(GOLDEN).ok
     ins = unickpt.inspect(GOLDEN)
-    assert ins.format_version == 2 and ins.info["shared_files"] == 1
+    assert ins.format_version == int(version[1:]) and ins.info["shared_files"] == 1
     spec = _spec_reader_multi(GOLDEN)
     exp = golden_state(2)
     assert spec["frozen/w"].tobytes() == exp["frozen"]["w"].tobytes()

@@ -1,14 +1,15 @@
 """The fast load path gives what the simple one gives, and still catches every corruption.
 
 The load of many small arrays works on columns: the manifest's array entries are validated
-column by column (``table.fast_table``, falling back to the entry-by-entry validation when in
-doubt), dict nodes made only of array references are decoded at once, the tree paths of the
+column by column (``columns.table`` for the v3 array table, ``table.fast_table`` for a v2 list
+of maps; each falls back to the entry-by-entry validation when in doubt), dict nodes made only of array references are decoded at once, the tree paths of the
 arrays are found only when needed, and batched reads hash and build their arrays with ``map``.
 Each is checked here against the simple path it replaces, on hypothesis-generated states.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import msgpack
@@ -18,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import unickpt
+from unickpt.format import columns
 from unickpt.format import manifest as manifest_mod
 from unickpt.format import reader as reader_mod
 from unickpt.format import table as table_mod
@@ -36,12 +38,17 @@ def _body(path) -> dict:
     return msgpack.unpackb(outer["body"], raw=False, strict_map_key=False)
 
 
-def _slow_manifest(path, monkeypatch) -> manifest_mod.Manifest:
-    with open(os.path.join(path, manifest_mod.MANIFEST_NAME), "rb") as f:
-        raw = f.read()
+def _read(raw: bytes, path, monkeypatch, *, slow: bool) -> manifest_mod.Manifest:
+    """The manifest ``raw``, read with the column validations on, or (``slow``) both off."""
     with monkeypatch.context() as m:
-        m.setattr(manifest_mod, "fast_table", lambda *a: None)
+        if slow:
+            m.setattr(manifest_mod, "fast_table", lambda *a: None)
+            m.setattr(columns, "table", lambda *a: None)
         return manifest_mod.read_manifest_bytes(raw, path)
+
+
+def _fail(msg: str):
+    raise AssertionError(msg)
 
 
 def _same(a: object, b: object) -> None:
@@ -93,13 +100,25 @@ def _many(draw: st.DrawFn) -> dict:
 def test_fast_paths_equal_the_simple_ones(tree, tmp_path_factory, monkeypatch):
     d = tmp_path_factory.mktemp("ck") / "c"
     unickpt.save(d, tree)
+    with open(os.path.join(d, manifest_mod.MANIFEST_NAME), "rb") as f:
+        raw = f.read()
     with CheckpointReader(d) as r:
-        # the column validation accepts every valid manifest, and gives the entries the
-        # entry-by-entry validation gives
-        arrays_raw = _body(d)["arrays"]
+        # the column validation of the v3 table accepts every valid manifest, and gives the
+        # entries the entry-by-entry validation gives
+        body = _body(d)
+        assert body["format_version"] == 3 and type(body["arrays"]) is dict
         files = {f.name: (f.data_start, f.size) for f in r.manifest.files}
-        assert table_mod.fast_table(arrays_raw, files) is not None
-        assert list(r.manifest.arrays) == list(_slow_manifest(d, monkeypatch).arrays)
+        fast = columns.table(columns.decode(body["arrays"], list(files), _fail), files)
+        assert fast is not None
+        simple = list(_read(raw, d, monkeypatch, slow=True).arrays)
+        assert list(r.manifest.arrays) == list(fast) == simple
+        # the same for the v2 list of maps (fast_table) of the same manifest
+        raw2 = dataclasses.replace(r.manifest, format_version=2).to_bytes()
+        body2 = msgpack.unpackb(msgpack.unpackb(raw2)["body"], strict_map_key=False)
+        assert body2["format_version"] == 2 and type(body2["arrays"]) is list
+        assert table_mod.fast_table(body2["arrays"], files) is not None
+        assert list(_read(raw2, d, monkeypatch, slow=False).arrays) == simple
+        assert list(_read(raw2, d, monkeypatch, slow=True).arrays) == simple
         # paths found lazily = paths recorded while decoding
         assert r.array_paths == _paths_by_decoding(r)
         # batched reads = one read per array, bit for bit
@@ -169,6 +188,13 @@ def test_a_manifest_of_10000_entries_takes_the_column_path(tmp_path, monkeypatch
         return slow(*a)
 
     monkeypatch.setattr(manifest_mod, "optional_array_fields", spy)
+    as_entries = columns.as_entries  # the v3 table's way to that validation
+
+    def entries_spy(c):
+        calls.append("as_entries")
+        return as_entries(c)
+
+    monkeypatch.setattr(columns, "as_entries", entries_spy)
     with CheckpointReader(tmp_path / "c") as r:
         assert isinstance(r.manifest.arrays, table_mod.ArrayTable)
         assert r._paths is None  # no path made by a plain open

@@ -150,12 +150,48 @@ def _get(x: Any, path: tuple) -> Any:
     return x
 
 
+def _mutate_packed(raw: bytes, rng: random.Random) -> tuple[bytes, str]:
+    """One change inside a packed column of the v3 array table (msgpack ``bin``): a flipped
+    bit, an index byte set, a value of the 8-byte columns replaced, the column cut or
+    extended (by one item or by a byte: a length no item size divides)."""
+    b = bytearray(raw)
+    op = rng.randrange(5)
+    if op == 0 and b:
+        i = rng.randrange(len(b))
+        b[i] ^= 1 << rng.randrange(8)
+        return bytes(b), f"flip bit at {i}"
+    if op == 1 and b:
+        i = rng.randrange(len(b))
+        b[i] = rng.choice([0, 1, 0x7F, 0x80, 0xFF, rng.randrange(256)])
+        return bytes(b), f"set byte {i}"
+    if op == 2 and len(b) >= 8:
+        i = 8 * rng.randrange(len(b) // 8)
+        v = rng.choice(_INTS + [len(b), 64, 1 << 40]) % (1 << 64)
+        b[i:i + 8] = v.to_bytes(8, "little")
+        return bytes(b), f"item at {i} = {v}"
+    if op == 3:
+        cut = rng.choice([1, 8, len(b)])
+        return bytes(b[:max(0, len(b) - cut)]), f"cut {cut} bytes"
+    more = rng.choice([1, 2, 8])
+    return bytes(b) + bytes([rng.choice([0, 0xFF])]) * more, f"extend by {more} bytes"
+
+
 def mutate_body(body: dict, rng: random.Random) -> tuple[dict, str]:
-    """One structure-aware mutation of a manifest body (a deep copy); and what it did."""
+    """One structure-aware mutation of a manifest body (a deep copy); and what it did.
+
+    In a v3 body a third of the mutations go to the array table (``arrays``, a map of
+    columns), and a packed column (``bin``) is changed inside (:func:`_mutate_packed`) as
+    often as replaced: a random value there would mostly fail the length check alone.
+    """
     body = copy.deepcopy(body)
     paths = [p for p in _nodes(body) if p]
+    if isinstance(body.get("arrays"), dict) and rng.randrange(3) == 0:
+        paths = [p for p in paths if p[0] == "arrays"] or paths
     path = rng.choice(paths)
     parent, key = _get(body, path[:-1]), path[-1]
+    if isinstance(parent[key], bytes) and rng.randrange(2) == 0:
+        parent[key], what = _mutate_packed(parent[key], rng)
+        return body, f"packed {path}: {what}"
     op = rng.randrange(7)
     if op == 0 and isinstance(parent, dict):
         del parent[key]
