@@ -77,8 +77,10 @@ def test_coordinator_collectives_and_key_cleanup(saved):
         other = 1 - p
         assert c["mismatch"] and (f"t: op {p}: process {other} is at 't: op {other}' instead"
                                   in c["mismatch"])
-        # 45 collectives ran; each process keeps at most its last two messages
-        assert c["keys"] <= 4
+        # 45 collectives ran, one of them refused (the phase mismatch): left in the store are
+        # this process's last message, the other's, and at most the other's previous one (it
+        # deletes that after the last barrier, maybe after this read); nothing leaked
+        assert c["keys"] <= 3
 
 
 def test_each_region_written_once_by_the_process_holding_it(saved):

@@ -16,9 +16,10 @@ Every collective is the same three steps:
 
 A barrier that times out (a process died, hangs, or called another checkpoint operation)
 becomes :class:`~unickpt.dist.CoordinationError` naming the phase and the processes whose
-key is absent.  Each process deletes its key of collective ``seq - 1`` once collective
-``seq`` completed (every process has then finished reading it), so the store holds at most
-two messages per process per coordinator however long the run.
+key is absent.  Each process deletes its key of collective ``seq - 1`` once every process
+passed the barrier of collective ``seq`` (every process has then finished reading it), even
+when that collective then fails (a phase mismatch), so the store holds at most two messages
+per process per coordinator however long the run.
 """
 
 from __future__ import annotations
@@ -118,6 +119,11 @@ class JaxCoordinator:
             except Exception as e:  # noqa: BLE001 - the runtime raises JaxRuntimeError
                 raise self._timed_out(phase, t, here, e) from e
             with self._errors(phase):
+                # Everyone passed this barrier, so everyone finished reading collective
+                # seq - 1: its key goes now, before a read below can raise (a phase mismatch
+                # used to leave it in the store for good).
+                if seq:
+                    self._client.key_value_delete(f"{self._base}/{seq - 1}/{self._rank}")
                 if read is None:
                     out: list[Any] = []
                 elif read == "all":
@@ -127,8 +133,6 @@ class JaxCoordinator:
                 else:
                     out = [self._message(self._client.key_value_try_get_bytes(
                         f"{here}/{read}"), phase, read)]
-                if seq:  # every process finished reading collective seq - 1
-                    self._client.key_value_delete(f"{self._base}/{seq - 1}/{self._rank}")
             return out
 
     def _message(self, raw: bytes | None, phase: str, rank: int) -> Any:
