@@ -38,9 +38,6 @@ from .table import MAX_NDIM, SIZE_LIMIT, ArrayEntry, ArrayTable
 
 Fail = Callable[[str], NoReturn]
 _I8, _U8 = np.dtype("<i8"), np.dtype("<u8")
-# (key, item size) of the packed columns with one item per entry, in the order they are
-# checked and written; "shape" (int64, sum(ndim) items) follows "ndim"
-_PER_ENTRY = (("ndim", 1), ("offset", 8), ("nbytes", 8), ("xxh3", 8))
 
 
 def index_width(k: int) -> int:
