@@ -34,7 +34,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 from .dtypes import UnsupportedDtype, dtype_from_name, has_byteorder
-from .table import MAX_NDIM, SIZE_LIMIT, ArrayEntry, ArrayTable
+from .table import MAX_NDIM, SIZE_LIMIT, ArrayEntry, ArrayTable, any_overlap
 
 Fail = Callable[[str], NoReturn]
 _I8, _U8 = np.dtype("<i8"), np.dtype("<u8")
@@ -268,8 +268,8 @@ def _table(c: Columns, spans: dict[str, tuple[int, int]]) -> ArrayTable:
     off, nb = c.offset, c.nbytes
     if ((off < lo) | (off > hi) | (nb > hi - off)).any():
         raise _Doubt
-    end = off + nb
-    _no_overlap(c.file, off, end)
+    if any_overlap(c.file, off, off + nb):
+        raise _Doubt
     swappable = np.array([has_byteorder(dt) for dt in facts], bool)
     if c.byteorder and not swappable[c.dtype[c.byteorder]].all():
         raise _Doubt
@@ -288,17 +288,6 @@ def _table(c: Columns, spans: dict[str, tuple[int, int]]) -> ArrayTable:
         head[i] = h
     return ArrayTable(files, c.name, dtypes, c.shapes(groups), off.tolist(), nb.tolist(),
                       c.xxh3.tolist(), byteorder, scalar, head)
-
-
-def _no_overlap(file: np.ndarray, start: np.ndarray, end: np.ndarray) -> None:
-    """Doubt unless no two arrays of one file overlap (sorted by file, start, end: an empty
-    array where another starts overlaps nothing, as the entry-by-entry check sorts)."""
-    if len(start) < 2:
-        return
-    order = np.lexsort((end, start, file))
-    same = file[order[1:]] == file[order[:-1]]
-    if (same & (start[order[1:]] < end[order[:-1]])).any():
-        raise _Doubt
 
 
 def _fail(msg: str) -> NoReturn:  # for the doctest

@@ -225,25 +225,37 @@ def _fast_table(arrs: list, files: dict[str, tuple[int, int]]) -> ArrayTable:
 def _no_overlap(fname: list[str], offset: list[int], end: list[int], nfiles: int) -> None:
     """Doubt unless no two arrays of one file overlap (offsets and ends lie in their files,
     which were checked to fit in int64 by np.array raising OverflowError otherwise)."""
-    n = len(offset)
-    if n < 2:
+    if len(offset) < 2:
         return
-    s = np.array(offset, np.int64)
-    e = np.array(end, np.int64)
-    # by start, then end (an empty array where another starts overlaps nothing), as the
-    # entry-by-entry check sorts: an overlap it finds is found here too
-    if nfiles == 1:
-        order = np.lexsort((e, s))
-        if (s[order[1:]] < e[order[:-1]]).any():
-            raise _Doubt
-        return
-    codes = {f: k for k, f in enumerate(set(fname))}
-    c = np.array(list(map(codes.__getitem__, fname)), np.int64)
-    order = np.lexsort((e, s, c))
-    same = c[order[1:]] == c[order[:-1]]
-    if (same & (s[order[1:]] < e[order[:-1]])).any():
+    codes = None
+    if nfiles > 1:
+        numbers = {f: k for k, f in enumerate(set(fname))}
+        codes = np.array(list(map(numbers.__getitem__, fname)), np.int64)
+    if any_overlap(codes, np.array(offset, np.int64), np.array(end, np.int64)):
         raise _Doubt
 
 
+def any_overlap(file: np.ndarray | None, start: np.ndarray, end: np.ndarray) -> bool:
+    """Whether two arrays of one file overlap, ``file`` giving each array's file number
+    (None: all in one file).
+
+    Sorted by file, start, then end (an empty array where another starts overlaps nothing),
+    as the entry-by-entry check sorts: an overlap it finds is found here too.
+
+    >>> bool(any_overlap(None, np.array([0, 4]), np.array([8, 6])))
+    True
+    >>> bool(any_overlap(np.array([0, 1]), np.array([0, 4]), np.array([8, 6])))
+    False
+    """
+    if len(start) < 2:
+        return False
+    if file is None:
+        order = np.lexsort((end, start))
+        return bool((start[order[1:]] < end[order[:-1]]).any())
+    order = np.lexsort((end, start, file))
+    same = file[order[1:]] == file[order[:-1]]
+    return bool((same & (start[order[1:]] < end[order[:-1]])).any())
+
+
 __all__ = ["ArrayEntry", "ArrayTable", "fast_table", "optional_array_fields", "MAX_NDIM",
-           "UINT64_MAX", "REQUIRED", "SIZE_LIMIT"]
+           "UINT64_MAX", "REQUIRED", "SIZE_LIMIT", "any_overlap"]
