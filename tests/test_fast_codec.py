@@ -39,7 +39,11 @@ def _encode(mod, neutral, kinds, metadata=None, info=None):
     node, jobs, sharded = mod.flatten(neutral)
     header, size = mod.layout(jobs)
     for k, j in enumerate(jobs):  # what the data writes would fill in
-        j.entry.xxh3 = (k * 0x9E3779B97F4A7C15) % (1 << 64)
+        digest = (k * 0x9E3779B97F4A7C15) % (1 << 64)
+        if mod is writer_mod:  # the writer keeps each entry's fields on its job
+            j.xxh3 = digest
+        else:
+            j.entry.xxh3 = digest
     if mod is writer_mod:  # the writer lists its files itself (several, when incremental)
         files = [manifest_mod.FileEntry(writer_mod.DATA_FILE, size, len(header),
                                         checksum.digest(header))]

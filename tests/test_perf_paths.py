@@ -86,6 +86,50 @@ def test_batched_write_is_byte_identical_to_one_array_at_a_time(tree, tmp_path, 
     assert _files(str(fast)) == _files(str(slow))
 
 
+def _thread_pools(monkeypatch) -> list[int]:
+    """Record the worker count of every thread pool the writer starts."""
+    import concurrent.futures
+
+    started: list[int] = []
+    real = concurrent.futures.ThreadPoolExecutor
+
+    class Recording(real):  # type: ignore[misc, valid-type]
+        def __init__(self, n, *a, **k):
+            started.append(n)
+            super().__init__(n, *a, **k)
+
+    monkeypatch.setattr(concurrent.futures, "ThreadPoolExecutor", Recording)
+    return started
+
+
+@pytest.mark.parametrize(("n", "size", "threads"), [
+    (10_000, 256, False),  # 10 MB of 1 KiB arrays: the GIL-bound work per array dominates
+    (200, 15_000, True),   # 12 MB of 60 KiB arrays: copying and hashing bytes dominates
+    (2, 2_000_000, True),  # 16 MB in two big arrays
+    (100, 15_000, False),  # 6 MB: under the 8 MiB worth a pool
+])
+def test_writer_threads_only_where_bytes_outweigh_arrays(n, size, threads, tmp_path,
+                                                        monkeypatch):
+    tree = {f"p{i:05d}": np.full(size, i, np.float32) for i in range(n)}
+    started = _thread_pools(monkeypatch)
+    d = tmp_path / "c"
+    d.mkdir()
+    writer_mod.write_tree(str(d), tree, workers=2)
+    assert started == ([2] if threads else [])
+    # the same bytes whichever way it was written
+    one = tmp_path / "one"
+    one.mkdir()
+    writer_mod.write_tree(str(one), tree, workers=1)
+    assert _files(str(d)) == _files(str(one))
+    if not threads:  # and with a pool forced on, too
+        monkeypatch.setattr(writer_mod, "THREAD_MIN_MEAN", 0)
+        forced = tmp_path / "forced"
+        forced.mkdir()
+        writer_mod.write_tree(str(forced), tree, workers=2)
+        assert _files(str(forced)) == _files(str(one))
+        assert started[-1:] == ([2] if n * size * 4 >= 8 << 20 else [])
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
 @given(tree=trees)

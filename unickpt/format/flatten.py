@@ -26,32 +26,47 @@ from .manifest import MAX_DEPTH, ArrayEntry, check_int_range, encode_big_int
 
 HEADER_ALIGN = 64
 
-_UNSET_ENTRY = cast(ArrayEntry, None)  # Job.entry before layout()
-
-
 class Job:
-    """One array to write: where it sits in the tree and (after layout) its manifest entry.
+    """One array to write: where it sits in the tree and (after layout) where its bytes go.
 
     A plain class with slots, not a dataclass: one is made per array, so with 10,000 small
-    leaves its construction is part of every save.
+    leaves its construction is part of every save.  The writer keeps an array's manifest
+    entry as fields of its job (``name``, ``file`` and ``offset`` set by layout, ``xxh3`` and
+    ``head_xxh3`` by the write) and builds the manifest's columns from them, with no
+    :class:`ArrayEntry` object per array; :attr:`entry` makes one when asked.
     """
 
-    __slots__ = ("path", "array", "dtype", "shape", "scalar", "entry", "info", "nbytes",
-                 "prehash")
+    __slots__ = ("path", "array", "dtype", "shape", "scalar", "info", "nbytes", "prehash",
+                 "key", "name", "file", "offset", "xxh3", "head_xxh3")
 
     def __init__(self, path: Path, array: Any, dtype: np.dtype, shape: tuple[int, ...],
-                 scalar: bool, info: tuple | None = None, nbytes: int | None = None):
+                 scalar: bool, info: tuple | None = None, nbytes: int | None = None,
+                 key: str | None = None):
         self.path = path
         self.array = array  # np.ndarray, or a zero-arg callable returning one (lazy host copy)
         self.dtype = dtype
         self.shape = shape
         self.scalar = scalar
-        # set by layout() before anything writes or reads it; typed as set so the writing code
-        # needs no per-array narrowing (a module constant: no call per array)
-        self.entry: ArrayEntry = _UNSET_ENTRY
         self.info = info if info is not None else dtype_info(dtype)
         self.nbytes = nbytes if nbytes is not None else math.prod(shape) * dtype.itemsize
         self.prehash: int | None = None  # full xxh3, when a sharing check already computed it
+        # the path joined with "/" when flatten had it at hand (None: layout joins it)
+        self.key = key
+        # name, file, offset: set by layout() before anything reads them; xxh3 by the write
+        # (slots left unset until then: no stores per array here)
+        self.head_xxh3: int | None = None
+
+    # declared for type checkers; the values live in the slots above
+    name: str
+    file: str
+    offset: int
+    xxh3: int
+
+    @property
+    def entry(self) -> ArrayEntry:
+        """This array's manifest entry (a new object per call; after layout and write)."""
+        return ArrayEntry(self.file, self.name, self.info[0], self.shape, self.offset,
+                          self.nbytes, self.xxh3, self.info[3], self.scalar, self.head_xxh3)
 
 
 def flatten(tree: Any) -> tuple[Any, list[Job], list]:
@@ -113,13 +128,15 @@ def _flatten(tree: Any) -> tuple[Any, list[Job], list]:
             try:
                 if isinstance(x, dict):
                     flat: list = []
+                    # the tensor-name prefix of this dict's arrays, joined once per dict
+                    pre = "/".join(map(str, path)) + "/" if path else ""
                     for k, v in x.items():
                         if type(k) is str and k.isascii():  # the common key: valid UTF-8
                             flat.append(k)
                             # the common leaf, as enc and add_array would take it, inline
                             if type(v) is np.ndarray and (info := _INFO.get(v.dtype)):
                                 jobs.append(Job((*path, k), v, v.dtype, v.shape, False, info,
-                                                 v.nbytes))
+                                                 v.nbytes, pre + k))
                                 flat.append(["a", len(jobs) - 1])
                             else:
                                 flat.append(enc(v, (*path, k)))

@@ -82,7 +82,7 @@ class Manifest:
     format_version: int
     library_version: str
     tree: Any  # the encoded node (see encode_node)
-    arrays: Sequence[ArrayEntry]  # an ArrayTable when read, a list when being written
+    arrays: Sequence[ArrayEntry]  # an ArrayTable when read or written by the writer
     sharded: list[ShardedEntry]
     files: list[FileEntry]
     kinds: dict[Path, str] = field(default_factory=dict)
