@@ -293,3 +293,33 @@ def test_safetensors_header_is_exactly_json_dumps(names, tmp_path):
     with CheckpointReader(d) as r:
         for i, e in enumerate(r.manifest.arrays):
             _same(loaded[e.name], tree[r.array_paths[i][0]])
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(bufs=st.lists(st.binary(max_size=40), max_size=12),
+       limits=st.lists(st.integers(1, 50), min_size=1, max_size=8), at=st.integers(0, 9))
+def test_local_pwritev_completes_short_writes(bufs, limits, at, tmp_path, monkeypatch):
+    # the kernel may write less than asked (a signal, a full pipe of a FUSE mount); pwritev
+    # must write the rest, whichever buffer boundary (or middle) the short write ends in
+    real, calls = os.pwritev, []
+
+    def short(fd, buffers, offset):
+        calls.append(offset)
+        data = b"".join(bytes(b) for b in buffers)[:limits[(len(calls) - 1) % len(limits)]]
+        return real(fd, [data], offset)
+
+    monkeypatch.setattr(local_mod.os, "pwritev", short)
+    path = str(tmp_path / f"f{len(os.listdir(tmp_path))}")
+    fh = local_mod.LocalStorage().create(path, at)
+    try:
+        fh.pwritev(bufs, at)
+    finally:
+        fh.close()
+    total = b"".join(bufs)
+    with open(path, "rb") as f:
+        assert f.read() == bytes(at) + total
+    if total:  # one call per short write, each where the last one stopped
+        assert calls[0] == at and len(calls) >= -(-len(total) // max(limits))
+    else:
+        assert calls == []

@@ -14,6 +14,7 @@ True
 
 from __future__ import annotations
 
+import operator
 import os
 import time
 from collections.abc import Callable
@@ -28,6 +29,8 @@ from .format.reader import CheckpointReader, is_committed
 from .state import to_tree
 from .storage import Storage, storage_for
 from .tree import Path, format_path
+
+_nbytes = operator.attrgetter("nbytes")
 
 __all__ = ["save", "load", "inspect", "verify", "SaveInfo", "Inspection", "LeafInfo",
            "VerifyReport"]
@@ -89,7 +92,7 @@ def save_recorded(path: str | os.PathLike, tree: Any, *, info: dict | None = Non
                 f"cannot save {final}: the state contains a reference cycle or is nested far "
                 "too deeply to be a state tree") from None
         prepared = prepare(neutral, kinds)  # validates every leaf before anything is written
-        if sum(j.nbytes for j in prepared[0][1]) > WHOLE_CALL_BYTES:
+        if sum(map(_nbytes, prepared[0][1])) > WHOLE_CALL_BYTES:
             pause.end()
         stats = commit_checkpoint(storage, final, prepared, metadata=metadata, info=info,
                                   replace=overwrite)

@@ -40,18 +40,20 @@ class Job:
                  "key", "name", "file", "offset", "xxh3", "head_xxh3")
 
     def __init__(self, path: Path, array: Any, dtype: np.dtype, shape: tuple[int, ...],
-                 scalar: bool, info: tuple | None = None, nbytes: int | None = None,
+                 scalar: bool, info: tuple[str, str, bool, str, int], nbytes: int,
                  key: str | None = None):
+        # (every argument given by the caller, nothing computed here: flatten makes one
+        # job per array, inline for the common leaf, and _job for the others)
         self.path = path
         self.array = array  # np.ndarray, or a zero-arg callable returning one (lazy host copy)
         self.dtype = dtype
         self.shape = shape
         self.scalar = scalar
-        self.info = info if info is not None else dtype_info(dtype)
-        self.nbytes = nbytes if nbytes is not None else math.prod(shape) * dtype.itemsize
-        self.prehash: int | None = None  # full xxh3, when a sharing check already computed it
+        self.info = info  # dtype_info(dtype)
+        self.nbytes = nbytes
         # the path joined with "/" when flatten had it at hand (None: layout joins it)
         self.key = key
+        self.prehash: int | None = None  # full xxh3, when a sharing check already computed it
         # name, file, offset: set by layout() before anything reads them; xxh3 by the write
         # (slots left unset until then: no stores per array here)
         self.head_xxh3: int | None = None
@@ -170,7 +172,8 @@ def _job(arr: Any, path: Path, scalar: bool) -> Job:
             raise UnsupportedLeafError(f"cannot save {format_path(path)}: {e}") from None
     if type(arr) is np.ndarray:  # shape already a tuple of ints; nbytes = size * itemsize
         return Job(path, arr, dt, arr.shape, scalar, info, arr.nbytes)
-    return Job(path, arr, dt, tuple(map(int, arr.shape)), scalar, info)
+    shape = tuple(map(int, arr.shape))
+    return Job(path, arr, dt, shape, scalar, info, math.prod(shape) * dt.itemsize)
 
 
 def _not_a_leaf(x: Any, path: Path) -> UnsupportedLeafError:

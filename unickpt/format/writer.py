@@ -120,36 +120,36 @@ def layout(jobs: list[Job], file: str = DATA_FILE) -> tuple[bytes, int]:
     # One pass per array: this loop runs once per leaf, so with 10,000 small leaves it is a
     # visible part of a save.  Nothing per array but the header fragment and three stores.
     n = len(jobs)
+    names = _tensor_names(jobs)
     # By decreasing power-of-two alignment (the lowest set bit of the item size, at most 64):
     # every array's size is a multiple of its own alignment and of all that follow, so each
     # array starts naturally aligned even with odd item sizes such as U3 (12) or V3.
     aligns = [-j.info[4] for j in jobs]
-    order: Any = jobs
+    order: Any = zip(jobs, names)
     if n and min(aligns) != max(aligns):  # one alignment (the common case): already in order
-        order = [jobs[i] for i in sorted(range(n), key=aligns.__getitem__)]  # stable
-    names = _tensor_names(jobs)
+        order = [(jobs[i], names[i]) for i in sorted(range(n), key=aligns.__getitem__)]
     escape = _NEEDS_ESCAPE("".join(names)) is not None  # one scan instead of one per name
-    for j, name in zip(jobs, names):
-        j.name = name
     # The header is the JSON that json.dumps(..., ensure_ascii=False, separators=(",", ":"))
     # gives for {"__metadata__": ..., name: {"dtype", "shape", "data_offsets"}, ...}, built
     # with one f-string per array (a dict per array plus json.dumps costs 3x as much); the
-    # middle of each fragment is cached per (dtype, shape): states repeat a few many times.
+    # rest of each fragment after the name is cached per (dtype, shape): states repeat a few
+    # many times.
     parts = [_HEADER_START]
     middles: dict[tuple, str] = {}
     rel = 0
-    for j in order:
+    for j, name in order:
+        j.name = name
         info = j.info
         nbytes = j.nbytes
-        name = j.name
-        key = _json_string(name) if escape and _NEEDS_ESCAPE(name) else f'"{name}"'
         # the header keeps the shape, or (arrays stored as raw bytes) gives the byte count
         mk = (info, j.shape) if info[2] else (info, nbytes)
         mid = middles.get(mk)
         if mid is None:
             shape = ",".join(map(str, j.shape)) if info[2] else str(nbytes)
-            mid = middles[mk] = f':{{"dtype":"{info[1]}","shape":[{shape}],"data_offsets":['
-        parts.append(f"{key}{mid}{rel},{rel + nbytes}]}}")
+            mid = middles[mk] = f'":{{"dtype":"{info[1]}","shape":[{shape}],"data_offsets":['
+        if escape and _NEEDS_ESCAPE(name):
+            name = _json_string(name)[1:-1]  # escaped, without its quotes
+        parts.append(f'"{name}{mid}{rel},{rel + nbytes}]}}')
         j.offset = rel
         rel += nbytes
     raw = (",".join(parts) + "}").encode()

@@ -121,17 +121,20 @@ class LocalWriteHandle:
 
     def pwritev(self, bufs: Sequence[memoryview | bytes], offset: int) -> None:
         bufs = list(bufs)
-        end = offset + sum(len(b) for b in bufs)
+        end = offset + sum(map(len, bufs))
+        first = 0  # buffers before this one are written
         while offset < end:
-            n = os.pwritev(self.fd, bufs, offset)
+            n = os.pwritev(self.fd, bufs[first:] if first else bufs, offset)
             if n <= 0:
                 raise OSError(f"short write at offset {offset}")
             offset += n
-            while n and n >= len(bufs[0]):  # partial write (rare): drop what went out
-                n -= len(bufs[0])
-                bufs.pop(0)
+            if offset >= end:  # all of it (the common case): nothing to skip
+                return
+            while n >= len(bufs[first]):  # partial write (rare): skip what went out
+                n -= len(bufs[first])
+                first += 1
             if n:
-                bufs[0] = memoryview(bufs[0])[n:]
+                bufs[first] = memoryview(bufs[first])[n:]
 
     def hint_written(self, offset: int, nbytes: int) -> None:
         start = _writeback()
