@@ -136,8 +136,8 @@ class _Local:
 
     def plan(self) -> dict:
         return {"sig": self.signature(),
-                "own": sum(_nbytes(self.jobs[j]) for j in self.own),
-                "pieces": [[k, _nbytes(self.jobs[j])] for k, j in self.pieces.items()]}
+                "own": sum(self.jobs[j].nbytes for j in self.own),
+                "pieces": [[k, self.jobs[j].nbytes] for k, j in self.pieces.items()]}
 
 
 def _sharded_paths(node: Any, path: Path = (), out: dict | None = None) -> dict[int, str]:
@@ -154,10 +154,6 @@ def _sharded_paths(node: Any, path: Path = (), out: dict | None = None) -> dict[
             for i, v in enumerate(payload):
                 _sharded_paths(v, (*path, i), out)
     return out
-
-
-def _nbytes(job: Any) -> int:
-    return int(np.prod(job.shape, dtype=np.int64)) * job.dtype.itemsize
 
 
 def _node_at(node: Any, path: Path) -> Any:
@@ -267,7 +263,7 @@ def _plan_step(coord: Coordinator, storage: Storage, final: str,
     plan = local.plan()
     tmp = None
     if coord.rank == 0:
-        plan["rep"] = [[k, _nbytes(local.jobs[j])] for k, j in local.rep.items()]
+        plan["rep"] = [[k, local.jobs[j].nbytes] for k, j in local.rep.items()]
         try:
             tmp = plan["tmp"] = storage.make_temp_dir(final)
         except OSError as e:

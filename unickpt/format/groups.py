@@ -16,7 +16,6 @@ exactly those arrays in one file, the file is shared (:meth:`Storage.share
 
 from __future__ import annotations
 
-import math
 import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,10 +50,6 @@ HEAD_BYTES = 4096
 HEAD_MIN_BYTES = 64 << 10  # arrays over this size get a head_xxh3 (smaller ones hash fast)
 
 
-def _nbytes(job: Any) -> int:
-    return math.prod(job.shape) * job.dtype.itemsize
-
-
 def group_jobs(jobs: Sequence[Any], idx: Sequence[int] | None = None, *,
                split_bytes: int | None = None, group_bytes: int | None = None,
                alone_bytes: int | None = None,
@@ -66,7 +61,7 @@ def group_jobs(jobs: Sequence[Any], idx: Sequence[int] | None = None, *,
     alone = ALONE_BYTES if alone_bytes is None else alone_bytes
     merge = MERGE_BYTES if merge_bytes is None else merge_bytes
     idx = list(range(len(jobs))) if idx is None else list(idx)
-    sizes = {i: _nbytes(jobs[i]) for i in idx}
+    sizes = {i: jobs[i].nbytes for i in idx}
     if sum(sizes.values()) < split or len(idx) <= 1:
         return [idx] if idx or not jobs else []
     groups: list[list[int]] = []
@@ -163,7 +158,7 @@ def plan_files(jobs: Sequence[Any], prev: Previous | None, dtype_name: Any,
     for i, j in enumerate(jobs):
         e = prev.by_path.get(j.path)
         if (e is not None and e.dtype == dtype_name(j.dtype)
-                and tuple(e.shape) == tuple(j.shape) and e.nbytes == _nbytes(j)):
+                and tuple(e.shape) == tuple(j.shape) and e.nbytes == j.nbytes):
             cands.append((i, e))
 
     def same(c: tuple[int, ArrayEntry]) -> bool:
@@ -184,7 +179,7 @@ def plan_files(jobs: Sequence[Any], prev: Previous | None, dtype_name: Any,
             shared.append((fe, sorted(members, key=lambda m: m[1].offset)))
     taken = {i for _, members in shared for i, _ in members}
     rest = [i for i in range(len(jobs)) if i not in taken]
-    if not shared and sum(_nbytes(jobs[i]) for i in rest) < SPLIT_BYTES:
+    if not shared and sum(jobs[i].nbytes for i in rest) < SPLIT_BYTES:
         return Plan([], [rest])
     keep = [i for i in rest if i in unchanged]
     moved = [i for i in rest if i not in unchanged]
